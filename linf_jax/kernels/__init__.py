@@ -1,0 +1,1 @@
+"""Pallas kernels (GPU/TPU) for the ops in linf_jax.ops (issue 5)."""
