@@ -1,0 +1,195 @@
+"""Flax (Linen) layers of ℓ∞-dist nets (SPEC.md §1–§2).
+
+Every layer takes either an array or a :class:`Box` (an elementwise interval ``lo ≤ x ≤ hi``).
+Given a Box, a layer returns the exact (ℓ∞-dist layers, shifts, max-pooling, tanh) or sound
+(linear head) interval of its output, so bound propagation is the same network definition run
+on a different input type, never a second copy of the network. Boxes are propagated at p = ∞ in
+evaluation mode only (that is what certification needs).
+
+Parameter names are a contract with :mod:`linf_jax.optim` (weight-decay masks):
+``linf_weight`` (ℓ∞-dist weights, ``[out, in_per_group]`` or ``[out, C_per_group, k, k]``),
+``bias``, ``kernel`` (head weights ``[in, out]``), ``logit_scale``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from linf_jax import ops
+
+Array = jax.Array
+IDENTITY_WEIGHT = -10.0
+
+
+class Box(NamedTuple):
+    """An elementwise interval ``lo ≤ x ≤ hi`` (a pytree, so it passes through jit and vmap)."""
+
+    lo: Array
+    hi: Array
+
+    def map(self, fn) -> Box:
+        """Applies a monotone non-decreasing elementwise map to both ends."""
+        return Box(fn(self.lo), fn(self.hi))
+
+
+def _check_infinite_p(p) -> None:
+    ps = ops._static_number(p)
+    if ps != float("inf"):
+        raise ValueError(f"interval bounds are computed at p = inf only, got p = {p!r}")
+
+
+def linf_init(groups: int = 1, identity: bool = True):
+    """N(0, 1) weights; where ``in_per_group ≤ out_per_group`` unit o gets −10 at input coordinate
+    ``o % in_per_group`` (the centre tap for convolutions), SPEC §1 "identity" init."""
+
+    def init(key, shape, dtype=jnp.float32):
+        w = jax.random.normal(key, shape, dtype)
+        out = shape[0]
+        in_per_group = shape[1]
+        if identity and in_per_group <= out // groups:
+            rows = jnp.arange(out)
+            cols = rows % in_per_group
+            if w.ndim == 2:
+                w = w.at[rows, cols].set(IDENTITY_WEIGHT)
+            else:  # [out, C, k, k]: centre tap
+                kh, kw = w.shape[2] // 2, w.shape[3] // 2
+                w = w.at[rows, cols, kh, kw].set(IDENTITY_WEIGHT)
+        return w
+
+    return init
+
+
+class LinfDist(nn.Module):
+    """Dense (optionally grouped) ℓp-dist layer, ``y_o = ||x - w_o||_p (+ b_o)``, SPEC §1.
+
+    x ``[B, in]`` → ``[B, features]``. Output unit o sees input block ``o // (features // groups)``.
+    """
+
+    features: int
+    groups: int = 1
+    use_bias: bool = False
+    identity_init: bool = True
+
+    @nn.compact
+    def __call__(self, x, p=float("inf")):
+        n = (x.lo if isinstance(x, Box) else x).shape[-1]
+        if n % self.groups or self.features % self.groups:
+            raise ValueError(
+                f"LinfDist: in={n} and features={self.features} must be divisible by "
+                f"groups={self.groups}")
+        w = self.param("linf_weight", linf_init(self.groups, self.identity_init),
+                       (self.features, n // self.groups))
+        if isinstance(x, Box):
+            _check_infinite_p(p)
+            y = Box(*ops.grouped_bounds(x.lo, x.hi, w, self.groups))
+        else:
+            y = ops.grouped_dist(x, w, p, self.groups)
+        if self.use_bias:
+            b = self.param("bias", nn.initializers.zeros, (self.features,))
+            y = y.map(lambda v: v + b) if isinstance(y, Box) else y + b
+        return y
+
+
+class LinfDistConv(nn.Module):
+    """ℓp distance between every C·k·k patch of an NHWC input and every filter, SPEC §1."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    use_bias: bool = False
+    identity_init: bool = True
+
+    @nn.compact
+    def __call__(self, x, p=float("inf")):
+        c = (x.lo if isinstance(x, Box) else x).shape[-1]
+        if c % self.groups or self.features % self.groups:
+            raise ValueError(
+                f"LinfDistConv: channels={c} and features={self.features} must be divisible by "
+                f"groups={self.groups}")
+        k = self.kernel_size
+        w = self.param("linf_weight", linf_init(self.groups, self.identity_init),
+                       (self.features, c // self.groups, k, k))
+        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                  groups=self.groups)
+        if isinstance(x, Box):
+            _check_infinite_p(p)
+            y = Box(*ops.conv_bounds(x.lo, x.hi, w, **kw))
+        else:
+            y = ops.conv_dist(x, w, p, **kw)
+        if self.use_bias:
+            b = self.param("bias", nn.initializers.zeros, (self.features,))
+            y = y.map(lambda v: v + b) if isinstance(y, Box) else y + b
+        return y
+
+
+class MeanShift(nn.Module):
+    """Batch norm without variance or affine parameters (SPEC §1): subtract the per-unit batch
+    mean in training (running mean, momentum 0.1, in ``batch_stats``), the running mean in
+    evaluation. A constant shift, so 1-Lipschitz; a Box is shifted by the same mean."""
+
+    momentum: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        arr = x.lo if isinstance(x, Box) else x
+        running = self.variable("batch_stats", "mean", jnp.zeros, (arr.shape[-1],), arr.dtype)
+        if isinstance(x, Box):
+            if train:
+                raise ValueError("MeanShift: interval bounds are computed in evaluation mode only")
+            return x.map(lambda v: v - running.value)
+        if not train:
+            return x - running.value
+        mean = x.reshape(-1, x.shape[-1]).mean(axis=0)
+        if not self.is_initializing():
+            running.value = (1.0 - self.momentum) * running.value + self.momentum * mean
+        return x - mean
+
+
+def max_pool(x, window: int):
+    """2-D max-pooling (stride = window); monotone and 1-Lipschitz, so a Box passes through."""
+    pool = lambda v: nn.max_pool(v, (window, window), strides=(window, window))
+    return x.map(pool) if isinstance(x, Box) else pool(x)
+
+
+class BoundedLinear(nn.Module):
+    """Linear layer ``x @ (W/√fan_in) + b``, W ~ N(0, 1), b = 0 (SPEC §2).
+
+    On a Box it propagates centre ``W c + b`` and radius ``|W| r`` (interval bound propagation).
+    """
+
+    in_features: int
+    features: int
+
+    def setup(self):
+        self.kernel = self.param("kernel", nn.initializers.normal(1.0),
+                                 (self.in_features, self.features))
+        self.bias = self.param("bias", nn.initializers.zeros, (self.features,))
+
+    def _weight(self):
+        return self.kernel / jnp.sqrt(self.in_features)
+
+    def __call__(self, x):
+        w = self._weight()
+        if isinstance(x, Box):
+            c, r = (x.hi + x.lo) / 2, (x.hi - x.lo) / 2
+            c, r = c @ w + self.bias, r @ jnp.abs(w)
+            return Box(c - r, c + r)
+        return x @ w + self.bias
+
+    def margins(self, x: Box, labels: Array) -> Array:
+        """Upper bounds of ``z_j - z_y`` over the box, bounding ``(W_j - W_y)·h + (b_j - b_y)``
+        directly (tighter than subtracting logit bounds). ``[B, C]``, exactly 0 at j = y."""
+        w = self._weight()
+        c, r = (x.hi + x.lo) / 2, (x.hi - x.lo) / 2
+        w_y = jnp.take(w, labels, axis=1).T  # [B, n]
+        wd = w[None, :, :] - w_y[:, :, None]  # [B, n, C]
+        b_d = self.bias[None, :] - self.bias[labels][:, None]
+        m = jnp.einsum("bn,bnc->bc", c, wd) + jnp.einsum("bn,bnc->bc", r, jnp.abs(wd)) + b_d
+        return jnp.where(jax.nn.one_hot(labels, m.shape[-1], dtype=bool), 0.0, m)

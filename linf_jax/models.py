@@ -1,0 +1,182 @@
+"""ℓ∞-dist models of the papers (SPEC.md §2), built by name from a config.
+
+Every model is a trunk of ℓ∞-dist layers followed by a head:
+
+* ``head='none'`` — the pure ℓ∞-dist Net: logits are the NEGATED outputs of the last ℓ∞-dist
+  layer (a class is likely when its prototype is close), so interval bounds swap.
+* ``head='mlp'`` — ``BoundedLinear(width, 256) → tanh → BoundedLinear(256, C)``, certified by
+  interval bound propagation (the ℓ∞-dist Net + MLP of v1, and the EMA paper's LeNet).
+
+Layer order (SPEC §1): distance → MeanShift (hidden layers) → bias (last ℓ∞-dist layer only).
+
+Calls (all on NHWC inputs in normalised units):
+
+* ``model.apply(v, x, p=p, train=t)`` → logits ``[B, C]``.
+* ``model.apply(v, x, p=p, train=t, eps=eps, labels=y)`` → ``(logits, margins)``: the training
+  worst-case margins, ``r_j ≥ z_j − z_y`` over the ε-ball, from the Lipschitz box ``f ± ε`` on the
+  trunk's output pushed through the head (for the pure net ``r_j = z_j − z_y + 2ε``; SPEC §4).
+* ``model.apply(v, lo, hi, y, method='certify_margins')`` → exact interval bounds through the
+  trunk at p = ∞ in evaluation mode, then the head (SPEC §6). Certified iff every ``r_j < 0``
+  for ``j ≠ y``.
+* ``model.apply(v, lo, hi, method='logit_bounds')`` → ``Box`` of the logits.
+
+Every model also owns a scalar ``logit_scale`` (init 1), the learnable ``s`` of the v2 loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from linf_jax.layers import Box, BoundedLinear, LinfDist, LinfDistConv, MeanShift, max_pool
+
+INF = float("inf")
+HEADS = ("none", "mlp")
+
+
+def _flatten(x):
+    if isinstance(x, Box):
+        return Box(_flatten(x.lo), _flatten(x.hi))
+    return x.reshape(x.shape[0], -1)
+
+
+class _LinfModel(nn.Module):
+    """Shared head logic; subclasses define ``setup_trunk`` and ``trunk``."""
+
+    num_classes: int
+    head: str = "none"
+    head_hidden: int = 256
+
+    def setup(self):
+        if self.head not in HEADS:
+            raise ValueError(f"model.head={self.head!r} is not one of {HEADS}")
+        self.setup_trunk()
+        if self.head == "mlp":
+            self.fc1 = BoundedLinear(self.feature_dim, self.head_hidden)
+            self.fc2 = BoundedLinear(self.head_hidden, self.num_classes)
+        self.logit_scale = self.param("logit_scale", nn.initializers.ones, ())
+
+    @property
+    def feature_dim(self) -> int:
+        raise NotImplementedError
+
+    def _head_logits(self, f):
+        if self.head == "none":
+            return Box(-f.hi, -f.lo) if isinstance(f, Box) else -f
+        h = self.fc1(f)
+        return self.fc2(h.map(jnp.tanh) if isinstance(h, Box) else jnp.tanh(h))
+
+    def _head_margins(self, f: Box, labels):
+        if self.head == "none":
+            # z = -f: max z_j - min z_y = -f.lo_j + f.hi_y
+            m = f.hi[jnp.arange(labels.shape[0]), labels][:, None] - f.lo
+        else:
+            m = self.fc2.margins(self.fc1(f).map(jnp.tanh), labels)
+        return jnp.where(jax.nn.one_hot(labels, self.num_classes, dtype=bool), 0.0, m)
+
+    def __call__(self, x, p=INF, train: bool = False, eps=None, labels=None):
+        f = self.trunk(x, p, train)
+        logits = self._head_logits(f)
+        if eps is None:
+            return logits
+        return logits, self._head_margins(Box(f - eps, f + eps), labels)
+
+    def certify_margins(self, lo, hi, labels):
+        """Upper bounds of ``z_j − z_y`` over the box ``[lo, hi]`` (p = ∞, evaluation mode)."""
+        return self._head_margins(self.trunk(Box(lo, hi), INF, False), labels)
+
+    def logit_bounds(self, lo, hi) -> Box:
+        """Interval of the logits over the box ``[lo, hi]`` (p = ∞, evaluation mode)."""
+        return self._head_logits(self.trunk(Box(lo, hi), INF, False))
+
+
+class LinfDistNet(_LinfModel):
+    """ℓ∞-dist Net (``head='none'``, depth 5 for MNIST, 6 for CIFAR-10) or ℓ∞-dist Net + MLP
+    (``head='mlp'``, depth 4 / 5), hidden width 5120 in the papers."""
+
+    depth: int = 5
+    width: int = 5120
+
+    @property
+    def feature_dim(self) -> int:
+        return self.width
+
+    def setup_trunk(self):
+        last = self.num_classes if self.head == "none" else self.width
+        self.dists = [LinfDist(self.width) for _ in range(self.depth - 1)] + [
+            LinfDist(last, use_bias=True)]
+        self.norms = [MeanShift() for _ in range(self.depth - 1)]
+
+    def trunk(self, x, p, train):
+        x = _flatten(x)
+        for dist, norm in zip(self.dists[:-1], self.norms, strict=True):
+            x = norm(dist(x, p), train)
+        return self.dists[-1](x, p)
+
+
+class LinfLeNet(_LinfModel):
+    """The EMA paper's ℓ∞-dist LeNet: ℓ∞-dist convs with 2×2 max-pooling, then dense ℓ∞-dist
+    layers, then the head. Defaults: conv C→6 (5×5) + pool → conv 6→16 (5×5) + pool →
+    400→120 → 120→1024 → MLP head (for 32×32 inputs; other sizes follow from the shapes)."""
+
+    channels: Sequence[int] = (6, 16)
+    kernel_size: int = 5
+    dense: Sequence[int] = (120, 1024)
+    head: str = "mlp"
+
+    @property
+    def feature_dim(self) -> int:
+        return self.dense[-1]
+
+    def setup_trunk(self):
+        self.convs = [LinfDistConv(c, self.kernel_size) for c in self.channels]
+        self.conv_norms = [MeanShift() for _ in self.channels]
+        widths = list(self.dense)
+        if self.head == "none":
+            widths[-1] = self.num_classes
+        self.dists = [LinfDist(w) for w in widths[:-1]] + [LinfDist(widths[-1], use_bias=True)]
+        self.norms = [MeanShift() for _ in widths[:-1]]
+
+    def trunk(self, x, p, train):
+        for conv, norm in zip(self.convs, self.conv_norms, strict=True):
+            x = max_pool(norm(conv(x, p), train), 2)
+        x = _flatten(x)
+        for dist, norm in zip(self.dists[:-1], self.norms, strict=True):
+            x = norm(dist(x, p), train)
+        return self.dists[-1](x, p)
+
+
+MODELS = {
+    "linf_dist_net": LinfDistNet,
+    "linf_dist_net_mlp": LinfDistNet,  # alias: head='mlp'
+    "linf_lenet": LinfLeNet,
+}
+
+
+def build_model(model_config, num_classes: int) -> _LinfModel:
+    """Builds a model by ``model_config.name`` with the fields the class knows.
+
+    ``model_config`` is a mapping or ``ml_collections.ConfigDict`` with ``name`` and any of the
+    class's fields (``depth``, ``width``, ``head``, ``head_hidden``, ``channels``, ...).
+    """
+    cfg = dict(model_config)
+    name = cfg.pop("name", None)
+    if name not in MODELS:
+        raise ValueError(f"model.name={name!r} is not one of {sorted(MODELS)}")
+    cls = MODELS[name]
+    if name == "linf_dist_net_mlp":
+        cfg.setdefault("head", "mlp")
+    fields = set(cls.__dataclass_fields__) - {"parent", "name"}
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in fields}
+    for key in ("depth", "width", "head_hidden", "kernel_size"):
+        if key in kwargs and (not isinstance(kwargs[key], int) or kwargs[key] < 1):
+            raise ValueError(f"model.{key}={kwargs[key]!r} must be a positive integer")
+    for key in ("channels", "dense"):
+        if key in kwargs and (not kwargs[key] or any(int(c) < 1 for c in kwargs[key])):
+            raise ValueError(f"model.{key}={kwargs[key]!r} must be non-empty positive integers")
+    if kwargs.get("head", cls.head) not in HEADS:
+        raise ValueError(f"model.head={kwargs['head']!r} is not one of {HEADS}")
+    return cls(num_classes=num_classes, **kwargs)
