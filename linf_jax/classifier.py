@@ -1,0 +1,153 @@
+"""The Python entry point for notebooks and other tools.
+
+>>> clf = linf_jax.load_classifier("runs/default")            # EMA weights by default
+>>> logits = clf(x)                    # x: float32 pixels in [0, 1], shape (N, H, W, C)
+>>> mask = clf.certify(x, y, eps=0.1)  # certified at pixel radius 0.1 (interval certificate)
+>>> ens = linf_jax.load_classifier(["runs/a", "runs/b", "runs/c"])  # stacked, one vmapped call
+>>> [m(x) for m in ens.members]        # the single members, for comparison
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from functools import cached_property
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from linf_jax import certify as certify_lib
+from linf_jax import data as data_lib
+from linf_jax import ensemble as ensemble_lib
+from linf_jax import train_lib
+
+
+class InputError(ValueError):
+    """Inputs that do not fit the classifier (shape, range, labels, non-finite values)."""
+
+
+class Classifier:
+    """A trained model (or a stacked ensemble) with its data normalisation.
+
+    Inputs are pixels in [0, 1], ``(N, H, W, C)``; ε is in pixels. ``members`` is None for a
+    single model, else K and the variables carry a leading member axis.
+    """
+
+    def __init__(self, model, variables, meta: dict, weights: str = "ema",
+                 members: int | None = None):
+        self.model = model
+        self.variables = variables
+        self.meta = meta
+        self.weights = weights
+        self.num_members = members
+        self.input_shape = tuple(meta["input_shape"])
+        self.num_classes = int(meta["num_classes"])
+        self.std = float(meta["std"])
+        self._mean = jnp.asarray(meta["mean"], jnp.float32)
+        self._lo, self._hi = data_lib.pixel_bounds(meta["mean"], self.std)
+        self._logits_fn, self._margins_fn = train_lib.make_eval_fns(model, variables, members)
+        self._logits = jax.jit(lambda x: self._logits_fn(self._normalize(x)))
+        self._certify = jax.jit(self._certify_impl)
+
+    def _normalize(self, x):
+        return data_lib.normalize(x, self._mean, self.std)
+
+    def _check(self, x, y=None):
+        x = np.asarray(x, np.float32)
+        if x.ndim == 3 and len(self.input_shape) == 3 and x.shape[1:] == self.input_shape[:2]:
+            x = x[..., None]
+        if x.shape[1:] != self.input_shape:
+            raise InputError(f"x.shape={x.shape} does not match the model: expected "
+                             f"(N, {', '.join(map(str, self.input_shape))})")
+        if not np.isfinite(x).all():
+            raise InputError("x contains NaN or inf: pixels must be finite values in [0, 1]")
+        if x.min(initial=0) < 0 or x.max(initial=0) > 1:
+            raise InputError(f"x ranges over [{x.min():.3g}, {x.max():.3g}]: pixels must lie in "
+                             "[0, 1]")
+        if y is not None:
+            y = np.asarray(y)
+            if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+                raise InputError(f"y.shape={y.shape} dtype={y.dtype}: expected ({x.shape[0]},) "
+                                 "integer labels")
+            if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+                raise InputError(f"labels range over [{y.min()}, {y.max()}]: allowed 0.."
+                                 f"{self.num_classes - 1}")
+        return x, y
+
+    def __call__(self, x) -> jax.Array:
+        """Logits ``[N, C]`` (the member average for an ensemble)."""
+        x, _ = self._check(x)
+        return self._logits(jnp.asarray(x))
+
+    def _certify_impl(self, x, y, eps_norm):
+        xn = self._normalize(x)
+        lo, hi = certify_lib.input_box(xn, eps_norm, self._lo, self._hi)
+        correct = self._logits_fn(xn).argmax(-1) == y
+        return certify_lib.interval_certified(self._margins_fn(lo, hi, y), y) & correct
+
+    def certify(self, x, y, eps: float) -> jax.Array:
+        """Boolean mask of the examples certified at pixel radius ``eps`` (interval certificate,
+        SPEC §6, with the rounding margin of :data:`linf_jax.certify.DEFAULT_TOL`)."""
+        if not (isinstance(eps, (int, float)) and 0 <= eps <= 1 and np.isfinite(eps)):
+            raise InputError(f"eps={eps!r} is not allowed: a number of pixels in [0, 1]")
+        x, y = self._check(x, y)
+        return self._certify(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.float32(eps / self.std))
+
+    def certified_radius(self, x, y) -> jax.Array:
+        """Per-example ℓ∞ radius in pixels certified by the Lipschitz margin."""
+        x, y = self._check(x, y)
+        return certify_lib.certified_radius(self(x), jnp.asarray(y)) * self.std
+
+    def evaluate(self, x, y, eps=(0.1,), pgd_steps: int = 100, pgd_restarts: int = 1,
+                 batch_size: int = 500, progress: bool = False) -> dict:
+        """Clean / PGD / certified accuracy at every pixel ε (the JSON of certify.py)."""
+        x, y = self._check(x, y)
+        return certify_lib.evaluate_dataset(
+            self._logits_fn, self._margins_fn, x, y, mean=self.meta["mean"], std=self.std,
+            eps_pixels=list(eps), batch_size=min(batch_size, len(y)), pgd_steps=pgd_steps,
+            pgd_restarts=pgd_restarts, progress=progress)
+
+    @cached_property
+    def members(self) -> list[Classifier]:
+        """The single-member classifiers (``[self]`` for a single model)."""
+        if self.num_members is None:
+            return [self]
+        return [Classifier(self.model, v, self.meta, self.weights)
+                for v in ensemble_lib.unstack(self.variables)]
+
+    def __repr__(self) -> str:
+        kind = "single model" if self.num_members is None else f"ensemble of {self.num_members}"
+        return (f"Classifier({type(self.model).__name__}, {kind}, weights={self.weights!r}, "
+                f"input_shape={self.input_shape}, num_classes={self.num_classes})")
+
+
+def load_classifier(workdir: str | os.PathLike | Sequence[str | os.PathLike],
+                    weights: str = "ema") -> Classifier:
+    """Loads a run (a single model or an ensemble trained in one program), or several runs
+    stacked into one ensemble (members trained separately; they must share one architecture
+    and one data normalisation)."""
+    if weights not in ("ema", "raw"):
+        raise InputError(f"weights={weights!r} is not allowed: one of ('ema', 'raw')")
+    dirs = [workdir] if isinstance(workdir, (str, os.PathLike)) else list(workdir)
+    if not dirs:
+        raise InputError("workdir: at least one run directory is needed")
+    loaded = [train_lib.load_run(os.fspath(d)) for d in dirs]
+    _, meta, model, _ = loaded[0]
+    members, variables = [], []
+    for d, (cfg, m, mdl, state) in zip(dirs, loaded, strict=True):
+        if (m["input_shape"], m["num_classes"], m["mean"], m["std"]) != (
+                meta["input_shape"], meta["num_classes"], meta["mean"], meta["std"]):
+            raise ensemble_lib.EnsembleError(
+                f"ensemble member {os.fspath(d)!r}: data {m['source']} (shape {m['input_shape']},"
+                f" {m['num_classes']} classes) differs from member 0's {meta['source']}")
+        v = train_lib.variables_for(state, weights)
+        k = train_lib._members(cfg)
+        if k is None:
+            variables.append(v)
+        else:
+            variables.extend(ensemble_lib.unstack(v))
+    if len(variables) == 1:
+        return Classifier(model, variables[0], meta, weights)
+    stacked = ensemble_lib.stack(variables)
+    return Classifier(model, stacked, meta, weights, members=len(variables))

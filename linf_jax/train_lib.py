@@ -1,0 +1,561 @@
+"""Training: TrainState, the jitted train step, the loop, metrics and checkpoints (SPEC.md §4–§5).
+
+``train_step(state, images, labels, batch_idx, p_mode)`` is ONE jitted pure function: it reads
+p, ε, lr, λ and the EMA decay from :mod:`linf_jax.schedules` as functions of ``state.step``, runs
+the model, the loss and the Optax chain, and returns the new state and metrics. ``p_mode`` is
+static ('start' → the integer p = 8 fast path, 'ramp' → traced p, 'inf' → the exact ℓ∞ kernels),
+so each phase compiles once and the ramp never recompiles.
+
+Ensembles (``config.ensemble.size = K > 1``) are the same step over a stacked state (leading
+member axis): ``joint`` averages the members' logits and margins before one loss (the EMA
+paper), ``independent`` vmaps the whole single-member loss with member-specific data order and
+augmentation. The optimiser update and the EMA are vmapped over members in both modes.
+
+Randomness comes only from keys derived from ``(seed, step)`` (augmentation) and
+``(seed, epoch)`` (data order), so a resumed run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from linf_jax import certify as certify_lib
+from linf_jax import data as data_lib
+from linf_jax import ensemble as ensemble_lib
+from linf_jax import losses, optim
+from linf_jax.models import build_model
+from linf_jax.schedules import Schedule
+
+INF = float("inf")
+LOSSES = ("hinge", "kappa_ce", "v2")
+ENSEMBLE_MODES = ("joint", "independent")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; its message is one line naming the field."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example a non-finite loss)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    ema_batch_stats: Any
+    rng: jax.Array  # raw uint32 key data of PRNGKey(seed); all keys derive from it
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _field(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _require(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}={value!r} is not allowed: {allowed}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_config(config) -> None:
+    """Checks every field a user can get wrong; raises :class:`ConfigError` (one line)."""
+    t = config.train
+    _require(isinstance(config.seed, int), "seed", config.seed, "an integer")
+    _require(isinstance(t.batch_size, int) and t.batch_size >= 1, "train.batch_size",
+             t.batch_size, "a positive integer")
+    epochs = tuple(t.epochs)
+    _require(len(epochs) == 5 and all(isinstance(e, int) and e >= 0 for e in epochs),
+             "train.epochs", epochs, "five non-negative integers (e0, e1, e2, e3, T)")
+    e0, e1, e2, e3, total = epochs
+    _require(total >= 1 and e1 <= e3 <= total and e0 <= total, "train.epochs", epochs,
+             "e1 <= e3 <= T, e0 <= T and T >= 1")
+    for f in ("lr", "weight_decay", "ema_decay", "mix", "kappa", "lam_start", "lam_end"):
+        v = t[f]
+        _require(_is_number(v) and v >= 0, f"train.{f}", v, "a finite number >= 0")
+    _require(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "a number in [0, 1)")
+    _require(0 <= t.mix <= 1, "train.mix", t.mix, "a number in [0, 1]")
+    _require(0 <= t.kappa <= 1, "train.kappa", t.kappa, "a number in [0, 1]")
+    _require(_is_number(t.eps_train) and 0 <= t.eps_train <= 1, "train.eps_train", t.eps_train,
+             "a number of pixels in [0, 1]")
+    _require(_is_number(t.p_start) and t.p_start >= 1, "train.p_start", t.p_start,
+             "a finite number >= 1")
+    _require(_is_number(t.p_end) and t.p_end >= t.p_start, "train.p_end", t.p_end,
+             "a finite number >= train.p_start")
+    _require(t.loss in LOSSES, "train.loss", t.loss, f"one of {LOSSES}")
+    _require(not (t.loss == "v2" and t.eps_train == 0), "train.eps_train", t.eps_train,
+             "> 0 with the v2 loss (it divides margins by 2ε)")
+    _require(isinstance(t.checkpoint_every_epochs, int) and t.checkpoint_every_epochs >= 1,
+             "train.checkpoint_every_epochs", t.checkpoint_every_epochs, "a positive integer")
+    _require(isinstance(t.log_every, int) and t.log_every >= 1, "train.log_every", t.log_every,
+             "a positive integer")
+    e = config.ensemble
+    _require(isinstance(e.size, int) and e.size >= 1, "ensemble.size", e.size,
+             "a positive integer")
+    _require(e.mode in ENSEMBLE_MODES, "ensemble.mode", e.mode, f"one of {ENSEMBLE_MODES}")
+    validate_eval_config(config.eval)
+    try:
+        build_model(config.model, 2)
+    except ValueError as err:
+        raise ConfigError(f"config.{err}") from None
+
+
+def validate_eval_config(ev) -> None:
+    eps = ev.eps if isinstance(ev.eps, (list, tuple)) else (ev.eps,)
+    for v in eps:
+        _require(_is_number(v) and 0 <= v <= 1, "eval.eps", v, "numbers of pixels in [0, 1]")
+    _require(isinstance(ev.pgd_steps, int) and ev.pgd_steps >= 0, "eval.pgd_steps",
+             ev.pgd_steps, "an integer >= 0")
+    _require(isinstance(ev.pgd_restarts, int) and ev.pgd_restarts >= 0, "eval.pgd_restarts",
+             ev.pgd_restarts, "an integer >= 0")
+    _require(isinstance(ev.batch_size, int) and ev.batch_size >= 1, "eval.batch_size",
+             ev.batch_size, "a positive integer")
+
+
+def make_schedule(config, steps_per_epoch: int, std: float) -> Schedule:
+    t = config.train
+    return Schedule(
+        epochs=tuple(int(e) for e in t.epochs),
+        steps_per_epoch=steps_per_epoch,
+        lr=float(t.lr),
+        eps_train=float(t.eps_train) / std,
+        p_start=float(t.p_start),
+        p_end=float(t.p_end),
+        lam_start=float(t.lam_start),
+        lam_end=float(t.lam_end),
+        ema_decay=float(t.ema_decay),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# State and step
+# ----------------------------------------------------------------------------------------------
+
+
+def _members(config) -> int | None:
+    k = int(config.ensemble.size)
+    return None if k == 1 else k
+
+
+def _maybe_vmap(fn, k: int | None, in_axes=0):
+    return fn if k is None else jax.vmap(fn, in_axes=in_axes)
+
+
+def create_train_state(config, model: nn.Module, input_shape, tx) -> TrainState:
+    """Initial state; for an ensemble every leaf gains a leading member axis (own init each)."""
+    k = _members(config)
+    rng = jax.random.PRNGKey(config.seed)
+    dummy = jnp.zeros((1, *input_shape), jnp.float32)
+
+    def init_one(key):
+        variables = model.init(key, dummy, p=INF, train=False)
+        params = variables["params"]
+        batch_stats = variables.get("batch_stats", {})
+        return params, batch_stats, tx.init(params)
+
+    init_key = jax.random.fold_in(rng, 0)
+    if k is None:
+        params, batch_stats, opt_state = jax.jit(init_one)(init_key)
+    else:
+        params, batch_stats, opt_state = jax.jit(jax.vmap(init_one))(
+            jax.random.split(init_key, k))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+        opt_state=opt_state, ema_params=params, ema_batch_stats=batch_stats, rng=rng)
+
+
+def _keys(rng):
+    return {"data": jax.random.fold_in(rng, 1), "augment": jax.random.fold_in(rng, 2)}
+
+
+def epoch_order(rng, epoch: int, n: int, k: int | None) -> jax.Array:
+    """The data order of an epoch, from ``(seed, epoch)`` (and the member for independent
+    ensembles): ``[n]`` or ``[K, n]``."""
+    key = jax.random.fold_in(_keys(rng)["data"], epoch)
+    if k is None:
+        return jax.random.permutation(key, n)
+    return jax.vmap(lambda i: jax.random.permutation(jax.random.fold_in(key, i), n))(
+        jnp.arange(k))
+
+
+def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict) -> Callable:
+    """Builds the jitted ``train_step(state, images, labels, batch_idx, p_mode)``.
+
+    ``images``/``labels`` are the whole training split on the device; ``batch_idx`` is ``[B]``
+    (single model and joint ensembles: all members see the same batch) or ``[K, B]``
+    (independent ensembles).
+    """
+    t = config.train
+    k = _members(config)
+    mode = config.ensemble.mode
+    mean = jnp.asarray(meta["mean"], jnp.float32)
+    std = float(meta["std"])
+    augment_kind = meta["augment"] if t.augment else "none"
+
+    def prepare(images, labels, idx, key):
+        x = data_lib.as_pixels(images[idx])
+        x = data_lib.augment(key, x, augment_kind)
+        return data_lib.normalize(x, mean, std), labels[idx]
+
+    def member_apply(params, batch_stats, x, y, p, eps):
+        variables = {"params": params, "batch_stats": batch_stats}
+        (logits, margins), new = model.apply(
+            variables, x, p=p, train=True, eps=eps, labels=y, mutable=["batch_stats"])
+        return logits, margins, new.get("batch_stats", {})
+
+    def loss_value(logits, margins, y, eps, lam, scale):
+        if t.loss == "hinge":
+            return losses.hinge_loss(margins, t.mix)
+        if t.loss == "kappa_ce":
+            return losses.kappa_ce_loss(logits, margins, y, t.kappa)
+        return losses.v2_mixture_loss(logits, margins, y, eps, lam, scale)
+
+    def single_loss(params, batch_stats, x, y, p, eps, lam):
+        logits, margins, bs = member_apply(params, batch_stats, x, y, p, eps)
+        loss = loss_value(logits, margins, y, eps, lam, params["logit_scale"])
+        return loss, (logits, bs)
+
+    def joint_loss(params, batch_stats, x, y, p, eps, lam):
+        logits, margins, bs = jax.vmap(member_apply, in_axes=(0, 0, None, None, None, None))(
+            params, batch_stats, x, y, p, eps)
+        logits = logits.mean(0)
+        loss = loss_value(logits, margins.mean(0), y, eps, lam, params["logit_scale"].mean())
+        return loss, (logits, bs)
+
+    def train_step(state: TrainState, images, labels, batch_idx, p_mode: str):
+        step = state.step
+        if p_mode == "start":
+            p = schedule.p_start
+        elif p_mode == "inf":
+            p = INF
+        else:
+            p = schedule.p(step)
+        eps = schedule.eps(step)
+        lam = schedule.lam(step)
+        aug_key = jax.random.fold_in(_keys(state.rng)["augment"], step)
+        if k is None or mode == "joint":
+            x, y = prepare(images, labels, batch_idx, aug_key)
+            fn = single_loss if k is None else joint_loss
+            (loss, (logits, bs)), grads = jax.value_and_grad(fn, has_aux=True)(
+                state.params, state.batch_stats, x, y, p, eps, lam)
+            accuracy = (logits.argmax(-1) == y).mean()
+        else:  # independent: every member its own batch and augmentation
+            member_keys = jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(jnp.arange(k))
+            x, y = jax.vmap(prepare, in_axes=(None, None, 0, 0))(
+                images, labels, batch_idx, member_keys)
+            vg = jax.value_and_grad(single_loss, has_aux=True)
+            (loss_k, (logits, bs)), grads = jax.vmap(vg, in_axes=(0, 0, 0, 0, None, None, None))(
+                state.params, state.batch_stats, x, y, p, eps, lam)
+            loss = loss_k.mean()
+            accuracy = (logits.argmax(-1) == y).mean()
+        updates, opt_state = _maybe_vmap(tx.update, k)(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        alpha = schedule.ema_decay_at(step)
+        new_state = state.replace(
+            step=step + 1, params=params, batch_stats=bs, opt_state=opt_state,
+            ema_params=optim.ema_update(state.ema_params, params, alpha),
+            ema_batch_stats=optim.ema_update(state.ema_batch_stats, bs, alpha))
+        metrics = {"loss": loss, "accuracy": accuracy, "p": jnp.asarray(p, jnp.float32),
+                   "eps": eps * std, "lr": schedule.lr_at(step), "ema_decay": alpha}
+        return new_state, metrics
+
+    return jax.jit(train_step, static_argnames=("p_mode",), donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (Orbax; atomic: a step is written to a temporary folder and renamed when complete)
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
+    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(path, options=options)
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState) -> None:
+    step = int(state.step)
+    if step in mngr.all_steps():
+        return
+    mngr.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+    mngr.wait_until_finished()
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, target: TrainState,
+                       step: int | None = None) -> TrainState:
+    """Restores the latest complete step (or ``step``) into the structure of ``target``."""
+    step = mngr.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            flax.serialization.to_state_dict(target))
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    return flax.serialization.from_state_dict(target, restored)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata, evaluation and the loop
+# ----------------------------------------------------------------------------------------------
+
+
+def dataset_meta(ds: data_lib.Dataset) -> dict:
+    return {"source": ds.name, "input_shape": list(ds.input_shape),
+            "num_classes": int(ds.num_classes), "mean": [float(m) for m in ds.mean],
+            "std": float(ds.std), "augment": ds.augment}
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic JSON write (temporary file + rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the current step and exits."""
+
+    def __init__(self):
+        self.signum = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, frame):
+            self.signum = signum
+
+        old = {}
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                old[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread: no handlers
+            pass
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    model: nn.Module
+    meta: dict
+    preempted: bool
+    results: dict | None
+
+
+def _metrics_log(workdir: str, start_step: int):
+    """Opens metrics.jsonl for appending, first dropping lines at or after ``start_step`` (they
+    belong to steps that a resumed run recomputes)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) < start_step]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return open(path, "a")
+
+
+def variables_for(state: TrainState, weights: str) -> dict:
+    """Model variables of the EMA (default) or raw weights."""
+    if weights == "ema":
+        params, bs = state.ema_params, state.ema_batch_stats
+    elif weights == "raw":
+        params, bs = state.params, state.batch_stats
+    else:
+        raise ConfigError(f"weights={weights!r} is not allowed: one of ('ema', 'raw')")
+    return {"params": params, "batch_stats": bs} if bs else {"params": params}
+
+
+def train_and_evaluate(config, workdir: str, progress: bool = True,
+                       evaluate_at_end: bool = True) -> TrainResult:
+    """Trains from ``config`` in ``workdir`` (resuming from its latest checkpoint) and, at the
+    end, evaluates the EMA weights on the test split. Returns the final state and results."""
+    from tqdm.auto import tqdm  # local: keeps `import linf_jax` light
+
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    d = config.data
+    train_ds = data_lib.load(d.source, d.train_split, d.get("data_dir"))
+    meta = dataset_meta(train_ds)
+    model = build_model(config.model, train_ds.num_classes)
+    k = _members(config)
+    n = len(train_ds.labels)
+    steps_per_epoch = max(n // config.train.batch_size, 1)
+    if n < config.train.batch_size:
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not allowed: "
+                          f"at most the {n} training examples of {d.source}:{d.train_split}")
+    schedule = make_schedule(config, steps_per_epoch, meta["std"])
+    tx = optim.make_optimizer(schedule, config.train.weight_decay)
+    state = create_train_state(config, model, train_ds.input_shape, tx)
+    mngr = checkpoint_manager(workdir, config.train.keep_checkpoints)
+    if mngr.latest_step() is not None:
+        state = restore_checkpoint(mngr, state)
+    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    write_json(os.path.join(workdir, "meta.json"), meta)
+
+    train_step = make_train_step(config, model, tx, schedule, meta)
+    images = jnp.asarray(train_ds.images)
+    labels = jnp.asarray(train_ds.labels)
+    total = schedule.total_steps
+    start = int(state.step)
+    log = _metrics_log(workdir, start)
+    stop = _StopFlag()
+    bs = config.train.batch_size
+    order, order_epoch = None, -1
+    pending = None  # (step, metrics) read one step late so the host never stalls the device
+    t0 = time.time()
+
+    def check(step_metrics):
+        step, metrics = step_metrics
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss {loss} at step {step}; stopped, the last good checkpoint "
+                f"(step {mngr.latest_step()}) is kept")
+        return {key: float(v) for key, v in metrics.items()}
+
+    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    preempted = False
+    with stop.installed(), log:
+        for step in range(start, total):
+            epoch, pos = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(state.rng, epoch, n, k), epoch
+            idx = jax.lax.dynamic_slice_in_dim(order, pos * bs, bs, axis=-1)
+            state, metrics = train_step(state, images, labels, idx, schedule.p_phase(step))
+            if pending is not None:
+                values = check(pending)
+                if pending[0] % config.train.log_every == 0 or pending[0] == total - 1:
+                    record = {"step": pending[0], "epoch": pending[0] / steps_per_epoch,
+                              "time": round(time.time() - t0, 3), **values}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}",
+                                    p=f"{values['p']:.4g}", eps=f"{values['eps']:.3f}",
+                                    lr=f"{values['lr']:.2e}", refresh=False)
+            pending = (step, metrics)
+            bar.update(1)
+            done = step + 1
+            if done % (steps_per_epoch * config.train.checkpoint_every_epochs) == 0 \
+                    or done == total or stop.signum is not None:
+                check(pending)
+                save_checkpoint(mngr, state)
+            if stop.signum is not None:
+                preempted = True
+                break
+        if pending is not None and not preempted:
+            values = check(pending)
+            log.write(json.dumps({"step": pending[0], "epoch": pending[0] / steps_per_epoch,
+                                  "time": round(time.time() - t0, 3), **values}) + "\n")
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    results = None
+    if evaluate_at_end and not preempted:
+        test_ds = data_lib.load(d.source, d.test_split, d.get("data_dir"))
+        results = evaluate(model, variables_for(state, "ema"), test_ds, meta, config.eval,
+                           members=k, progress=progress, key=jax.random.fold_in(state.rng, 3))
+        results["weights"] = "ema"
+        write_json(os.path.join(workdir, "results.json"), results)
+    return TrainResult(state=state, model=model, meta=meta, preempted=preempted, results=results)
+
+
+def make_eval_fns(model: nn.Module, variables, members: int | None):
+    """``(logits_fn, margins_fn)`` in normalised units; for an ensemble both average over the
+    members in one vmapped call."""
+    if members is None:
+        logits_fn = lambda x: model.apply(variables, x)
+        margins_fn = lambda lo, hi, y: model.apply(variables, lo, hi, y, method="certify_margins")
+    else:
+        logits_fn = lambda x: ensemble_lib.apply(model, variables, x)
+        margins_fn = lambda lo, hi, y: ensemble_lib.apply(
+            model, variables, lo, hi, y, method="certify_margins")
+    return logits_fn, margins_fn
+
+
+def evaluate(model: nn.Module, variables, ds: data_lib.Dataset, meta: dict, eval_config,
+             members: int | None = None, progress: bool = True, key=None) -> dict:
+    """Clean, PGD and certified accuracy (interval and Lipschitz) for every ε in
+    ``eval_config.eps`` (pixels), plus per-example certified radii (pixels)."""
+    logits_fn, margins_fn = make_eval_fns(model, variables, members)
+    eps_pixels = [float(e) for e in (eval_config.eps if isinstance(eval_config.eps, (list, tuple))
+                                     else (eval_config.eps,))]
+    return certify_lib.evaluate_dataset(
+        logits_fn, margins_fn, ds.images, ds.labels, mean=meta["mean"], std=meta["std"],
+        eps_pixels=eps_pixels, batch_size=eval_config.batch_size,
+        pgd_steps=eval_config.pgd_steps, pgd_restarts=eval_config.pgd_restarts,
+        key=jax.random.PRNGKey(0) if key is None else key, progress=progress)
+
+
+class CheckpointError(RuntimeError):
+    """A workdir without a usable checkpoint (missing, truncated or unreadable)."""
+
+
+def load_run(workdir: str):
+    """``(config, meta, model, state)`` of a finished or interrupted run, from its latest complete
+    checkpoint. Raises :class:`CheckpointError` with one line when there is none."""
+    import ml_collections
+
+    cfg_path = os.path.join(workdir, "config.json")
+    meta_path = os.path.join(workdir, "meta.json")
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    for path in (cfg_path, meta_path, ckpt_dir):
+        if not os.path.exists(path):
+            raise CheckpointError(f"workdir={workdir!r} is not a linf-jax run: {path} is missing")
+    try:
+        with open(cfg_path) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"workdir={workdir!r}: unreadable run files ({err})") from None
+    model = build_model(config.model, meta["num_classes"])
+    tx = optim.make_optimizer(make_schedule(config, 1, meta["std"]), config.train.weight_decay)
+    state = create_train_state(config, model, tuple(meta["input_shape"]), tx)
+    mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        if mngr.latest_step() is None:
+            raise CheckpointError(f"workdir={workdir!r} has no complete checkpoint in {ckpt_dir}")
+        state = restore_checkpoint(mngr, state)
+    except CheckpointError:
+        raise
+    except Exception as err:  # orbax/tensorstore errors on truncated or damaged files
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"workdir={workdir!r}: checkpoint step {mngr.latest_step()} cannot be read "
+            f"({msg[:200]})") from None
+    finally:
+        mngr.close()
+    return config, meta, model, state
