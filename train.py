@@ -28,8 +28,11 @@ def main(argv) -> None:
     if len(argv) > 1:
         from linf_jax.cli import fail
         fail(f"unexpected arguments {argv[1:]}: use --flag=value")
+    from absl import logging
+
     from linf_jax import cli, train_lib
 
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     config = _CONFIG.value
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)

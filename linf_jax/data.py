@@ -274,7 +274,13 @@ def _select(split, names, get: Callable[[str], tuple[np.ndarray, np.ndarray]], s
 
     def fetch(name):
         if name not in cache:
-            cache[name] = get(name)
+            x, y = get(name)
+            if len(x) != len(y):  # else the slicing below would silently drop the extras
+                raise DataError(
+                    f"data.labels: {len(y)} labels for {len(x)} images in {source!r} ({name}); "
+                    "allowed: one label per image"
+                )
+            cache[name] = (x, y)
         return cache[name]
 
     pieces = _resolve_split(split, _Splits(names, lambda s: len(fetch(s)[1])), source)

@@ -116,13 +116,19 @@ def _max_abs_diff_argmax(x: Array, w: Array) -> tuple[Array, Array]:
 # --------------------------------------------------------------------------------------------
 
 
-@jax.custom_vjp
 def linf_dist(x: Array, w: Array) -> Array:
     """``y[b, o] = max_i |x[b, i] - w[o, i]|`` (SPEC §1). x ``[B, n]``, w ``[out, n]``.
 
     Backward: only the arg-max coordinate gets gradient, ``∂y/∂x_{i*} = sign(d_{i*}) = -∂y/∂w_{i*}``
     (first arg-max on ties; zero gradient where x equals w).
     """
+    # NumPy inputs are made JAX arrays first: a NumPy residual (a NumPy constant closed over
+    # inside jit) cannot be indexed by the traced arg-max in the backward pass.
+    return _linf_dist(jnp.asarray(x), jnp.asarray(w))
+
+
+@jax.custom_vjp
+def _linf_dist(x: Array, w: Array) -> Array:
     return _max_abs_diff(x, w)
 
 
@@ -143,7 +149,7 @@ def _linf_bwd(res, g):
     return gx, gw
 
 
-linf_dist.defvjp(_linf_fwd, _linf_bwd)
+_linf_dist.defvjp(_linf_fwd, _linf_bwd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,9 +200,10 @@ def _lp_backward(x, w, y, g, p, k):
     out = w.shape[0]
     pad = (-out) % _OUT_CHUNK
     wp = jnp.pad(w, ((0, pad), (0, 0)))
-    # Padded outputs get g = 0, so they add nothing to ∂x.
+    # Padded outputs get g = 0 and y = ∞ (so t = _TINY): they add exactly 0 to ∂x. (With y = 1,
+    # t = |x| overflowed t^(p-1) to ∞ for large p, and ∞ · 0 made ∂x NaN.)
     gp = jnp.pad(g, ((0, 0), (0, pad)))
-    yp = jnp.pad(y, ((0, 0), (0, pad)), constant_values=1.0)
+    yp = jnp.pad(y, ((0, 0), (0, pad)), constant_values=jnp.inf)
     inv_y = 1.0 / jnp.where(yp > 0, yp, 1.0)
     n_chunks = wp.shape[0] // _OUT_CHUNK
     w_c = wp.reshape(n_chunks, _OUT_CHUNK, -1)
@@ -251,6 +258,7 @@ def lp_dist(x: Array, w: Array, p) -> Array:
     equal to 8, the first training phase). Finite for p up to 1000 and large inputs; 0 (with
     zero gradient) where a row of x equals a row of w.
     """
+    x, w = jnp.asarray(x), jnp.asarray(w)  # see linf_dist
     dtype = jnp.result_type(x, w)
     ps = _static_number(p)
     if ps is not None:
@@ -323,6 +331,9 @@ def grouped_dist(x: Array, w: Array, p, groups: int = 1) -> Array:
     w ``[out, n // groups]``; output unit o sees block ``o // (out // groups)`` only."""
     if groups == 1:
         return dist(x, w, p)
+    # JAX arrays before the vmap: jax 0.10 asserts ("non-canonical constant") when a NumPy
+    # constant is batched into a custom_vjp under jit.
+    x, w = jnp.asarray(x), jnp.asarray(w)
     wg = w.reshape(groups, w.shape[0] // groups, -1)
     return _merge_groups(jax.vmap(dist, in_axes=(0, 0, None))(_split_groups(x, groups), wg, p))
 
@@ -331,6 +342,7 @@ def grouped_bounds(lower: Array, upper: Array, w: Array, groups: int = 1):
     """Grouped :func:`linf_dist_bounds`."""
     if groups == 1:
         return linf_dist_bounds(lower, upper, w)
+    lower, upper, w = jnp.asarray(lower), jnp.asarray(upper), jnp.asarray(w)  # see grouped_dist
     wg = w.reshape(groups, w.shape[0] // groups, -1)
     lo, hi = jax.vmap(linf_dist_bounds)(
         _split_groups(lower, groups), _split_groups(upper, groups), wg)

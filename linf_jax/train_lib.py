@@ -190,7 +190,8 @@ def create_train_state(config, model: nn.Module, input_shape, tx) -> TrainState:
             jax.random.split(init_key, k))
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-        opt_state=opt_state, ema_params=params, ema_batch_stats=batch_stats, rng=rng)
+        opt_state=opt_state, ema_params=jax.tree.map(jnp.copy, params),
+        ema_batch_stats=jax.tree.map(jnp.copy, batch_stats), rng=rng)
 
 
 def _keys(rng):
@@ -284,11 +285,15 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
             step=step + 1, params=params, batch_stats=bs, opt_state=opt_state,
             ema_params=optim.ema_update(state.ema_params, params, alpha),
             ema_batch_stats=optim.ema_update(state.ema_batch_stats, bs, alpha))
-        metrics = {"loss": loss, "accuracy": accuracy, "p": jnp.asarray(p, jnp.float32),
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+                   "param_norm": optax.global_norm(params), "p": jnp.asarray(p, jnp.float32),
                    "eps": eps * std, "lr": schedule.lr_at(step), "ema_decay": alpha}
         return new_state, metrics
 
-    return jax.jit(train_step, static_argnames=("p_mode",), donate_argnums=(0,))
+    # No buffer donation: with donate_argnums=(0,) jaxlib 0.10.2 on the CPU corrupted the
+    # parameters (NaN at step 1113 of configs/default.py, reproducibly; the same step replayed
+    # from a saved state without donation was finite and bit-stable over 60 repeats).
+    return jax.jit(train_step, static_argnames=("p_mode",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,9 +404,12 @@ def variables_for(state: TrainState, weights: str) -> dict:
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True,
-                       evaluate_at_end: bool = True) -> TrainResult:
+                       evaluate_at_end: bool = True, max_steps: int | None = None) -> TrainResult:
     """Trains from ``config`` in ``workdir`` (resuming from its latest checkpoint) and, at the
-    end, evaluates the EMA weights on the test split. Returns the final state and results."""
+    end, evaluates the EMA weights on the test split. Returns the final state and results.
+
+    ``max_steps`` stops after that many steps of this call (checkpoint saved, ``preempted`` set),
+    exactly as a SIGTERM would; calling again resumes."""
     from tqdm.auto import tqdm  # local: keeps `import linf_jax` light
 
     validate_config(config)
@@ -439,11 +447,12 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
 
     def check(step_metrics):
         step, metrics = step_metrics
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"non-finite loss {loss} at step {step}; stopped, the last good checkpoint "
-                f"(step {mngr.latest_step()}) is kept")
+        for name in ("loss", "grad_norm", "param_norm"):
+            value = float(metrics[name])
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"non-finite {name} {value} at step {step}; stopped, the last good "
+                    f"checkpoint (step {mngr.latest_step()}) is kept")
         return {key: float(v) for key, v in metrics.items()}
 
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
@@ -468,6 +477,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
             pending = (step, metrics)
             bar.update(1)
             done = step + 1
+            if max_steps is not None and done - start >= max_steps and done < total:
+                stop.signum = -1
             if done % (steps_per_epoch * config.train.checkpoint_every_epochs) == 0 \
                     or done == total or stop.signum is not None:
                 check(pending)

@@ -1,0 +1,111 @@
+"""End to end: a tiny run trains, checkpoints, resumes bit-identically and certifies; the CLIs
+write what they promise."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config
+
+from linf_jax import train_lib
+from linf_jax.classifier import load_classifier
+
+
+def leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("full"))
+    result = train_lib.train_and_evaluate(tiny_config(), workdir, progress=False)
+    return workdir, result
+
+
+def test_tiny_run_learns_and_certifies(full_run):
+    workdir, result = full_run
+    assert not result.preempted
+    r = result.results
+    assert r["num_examples"] == 360 and r["weights"] == "ema"
+    assert r["clean_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    rows = {row["eps"]: row for row in r["results"]}
+    assert set(rows) == {0.02, 0.1}
+    for row in rows.values():  # certified ≤ PGD ≤ clean, Lipschitz rule ≤ interval rule + tol
+        assert row["certified_accuracy"] <= row["pgd_accuracy"] + 1e-9
+        assert row["pgd_accuracy"] <= r["clean_accuracy"] + 1e-9
+    assert rows[0.02]["certified_accuracy"] > 0.1
+    assert rows[0.1]["certified_accuracy"] <= rows[0.02]["certified_accuracy"]
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == sorted({x["step"] for x in lines})
+    first, last = lines[0], lines[-1]
+    assert last["step"] == result.state.step - 1
+    assert last["accuracy"] > first["accuracy"] + 0.2  # ε grows from 0, so the loss may not fall
+    assert {"loss", "accuracy", "p", "eps", "lr", "grad_norm"} <= set(last)
+    assert last["p"] == float("inf") and first["p"] == 8.0
+    assert os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_resume_is_bit_identical(full_run, tmp_path):
+    _, full = full_run
+    workdir = str(tmp_path / "resumed")
+    cfg = tiny_config()
+    part = train_lib.train_and_evaluate(cfg, workdir, progress=False, max_steps=17)
+    assert part.preempted and int(part.state.step) == 17
+    part = train_lib.train_and_evaluate(cfg, workdir, progress=False, max_steps=20)
+    assert part.preempted and int(part.state.step) == 37
+    done = train_lib.train_and_evaluate(cfg, workdir, progress=False, evaluate_at_end=False)
+    assert not done.preempted
+    assert int(done.state.step) == int(full.state.step)
+    assert leaves_equal(done.state.params, full.state.params)
+    assert leaves_equal(done.state.ema_params, full.state.ema_params)
+    assert leaves_equal(done.state.opt_state, full.state.opt_state)
+    assert leaves_equal(done.state.ema_batch_stats, full.state.ema_batch_stats)
+    steps = [json.loads(x)["step"] for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == sorted(set(steps))  # no duplicated lines from the resumed segments
+
+
+def test_load_classifier_matches_training_state(full_run):
+    workdir, result = full_run
+    from linf_jax import data as data_lib
+
+    ds = data_lib.load("digits", "test")
+    x = np.asarray(data_lib.as_pixels(ds.images[:50]))
+    clf = load_classifier(workdir)
+    raw = load_classifier(workdir, weights="raw")
+    logits = np.asarray(clf(x))
+    assert logits.shape == (50, 10)
+    variables = train_lib.variables_for(result.state, "ema")
+    norm = data_lib.normalize(x, np.asarray(result.meta["mean"]), result.meta["std"])
+    np.testing.assert_allclose(logits, result.model.apply(variables, norm), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(logits, np.asarray(raw(x)))  # EMA and raw weights differ
+    cert = np.asarray(clf.certify(x, ds.labels[:50], 0.02))
+    assert cert.dtype == bool and cert.shape == (50,)
+    assert not np.any(cert & (logits.argmax(-1) != ds.labels[:50]))
+    radius = np.asarray(clf.certified_radius(x, ds.labels[:50]))
+    assert np.all(cert <= (radius >= 0.02))
+
+
+def test_certify_cli_writes_json_and_plot(full_run, tmp_path):
+    workdir, _ = full_run
+    out, png = tmp_path / "r.json", tmp_path / "curve.png"
+    cmd = [sys.executable, os.path.join(REPO, "certify.py"), f"--workdir={workdir}",
+           "--eps=0.02,0.1", f"--output={out}", f"--plot={png}", "--pgd_steps=5",
+           "--progress=false", "--limit=100"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    for key in ("clean_accuracy", "num_examples", "weights", "seconds", "results"):
+        assert key in r
+    assert r["num_examples"] == 100 and r["weights"] == "ema" and r["pgd_steps"] == 5
+    assert [row["eps"] for row in r["results"]] == [0.02, 0.1]
+    for row in r["results"]:
+        assert set(row) >= {"eps", "certified_accuracy", "lipschitz_certified_accuracy",
+                            "pgd_accuracy"}
+    assert len(r["radii"]) == 100
+    assert png.stat().st_size > 1000
