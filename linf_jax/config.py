@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.epochs = (0, 40, 40, 160, 180)  # (e0, e1, e2, e3, T), SPEC §4
     c.train.lr = 0.02
     c.train.weight_decay = 5e-3
+    c.train.adam_eps = 1e-10  # Adam(β = (0.9, 0.99), eps = 1e-10), SPEC §4
     c.train.eps_train = 0.15  # pixels; the certified target is 0.1
     c.train.loss = "hinge"
     c.train.mix = 0.75
@@ -54,4 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.ensemble.size = 1
     c.ensemble.mode = "joint"
     c.ensemble.shard = False
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.num_devices = 0  # 0: every device (data parallel; members too with ensemble.shard)
     return c

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from linf_jax import certify as certify_lib
 from linf_jax import data as data_lib
 from linf_jax import ensemble as ensemble_lib
-from linf_jax import losses, optim
+from linf_jax import losses, optim, parallel
 from linf_jax.models import build_model
 from linf_jax.schedules import Schedule
 
@@ -53,6 +53,10 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class CheckpointError(RuntimeError):
+    """A workdir without a usable checkpoint (missing, truncated or unreadable)."""
 
 
 @flax.struct.dataclass
@@ -90,7 +94,11 @@ def _is_number(v) -> bool:
 def validate_config(config) -> None:
     """Checks every field a user can get wrong; raises :class:`ConfigError` (one line)."""
     t = config.train
-    _require(isinstance(config.seed, int), "seed", config.seed, "an integer")
+    _require(isinstance(config.seed, int) and not isinstance(config.seed, bool), "seed",
+             config.seed, "an integer")
+    for f in ("source", "train_split", "test_split"):
+        v = config.data[f]
+        _require(isinstance(v, str) and v.strip() != "", f"data.{f}", v, "a non-empty string")
     _require(isinstance(t.batch_size, int) and t.batch_size >= 1, "train.batch_size",
              t.batch_size, "a positive integer")
     epochs = tuple(t.epochs)
@@ -99,6 +107,8 @@ def validate_config(config) -> None:
     e0, e1, e2, e3, total = epochs
     _require(total >= 1 and e1 <= e3 <= total and e0 <= total, "train.epochs", epochs,
              "e1 <= e3 <= T, e0 <= T and T >= 1")
+    _require(_is_number(t.adam_eps) and t.adam_eps > 0, "train.adam_eps", t.adam_eps,
+             "a finite number > 0")
     for f in ("lr", "weight_decay", "ema_decay", "mix", "kappa", "lam_start", "lam_end"):
         v = t[f]
         _require(_is_number(v) and v >= 0, f"train.{f}", v, "a finite number >= 0")
@@ -118,6 +128,9 @@ def validate_config(config) -> None:
              "train.checkpoint_every_epochs", t.checkpoint_every_epochs, "a positive integer")
     _require(isinstance(t.log_every, int) and t.log_every >= 1, "train.log_every", t.log_every,
              "a positive integer")
+    _require(isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1,
+             "train.keep_checkpoints", t.keep_checkpoints, "a positive integer")
+    _require(isinstance(t.augment, bool), "train.augment", t.augment, "True or False")
     e = config.ensemble
     _require(isinstance(e.size, int) and e.size >= 1, "ensemble.size", e.size,
              "a positive integer")
@@ -170,8 +183,26 @@ def _maybe_vmap(fn, k: int | None, in_axes=0):
     return fn if k is None else jax.vmap(fn, in_axes=in_axes)
 
 
-def create_train_state(config, model: nn.Module, input_shape, tx) -> TrainState:
-    """Initial state; for an ensemble every leaf gains a leading member axis (own init each)."""
+def make_mesh(config):
+    """The device mesh of a run (``config.parallel.num_devices``, ``config.ensemble.shard``);
+    the batch size must split evenly over its ``data`` axis."""
+    try:
+        mesh = parallel.make_mesh(config.parallel.num_devices, _members(config),
+                                  bool(config.ensemble.shard))
+    except ValueError as err:
+        raise ConfigError(f"config.{err}") from None
+    data = mesh.shape[parallel.DATA]
+    _require(config.train.batch_size % data == 0, "train.batch_size", config.train.batch_size,
+             f"a multiple of the {data} devices of the data axis")
+    return mesh
+
+
+def create_train_state(config, model: nn.Module, input_shape, tx, mesh=None) -> TrainState:
+    """Initial state; for an ensemble every leaf gains a leading member axis (own init each).
+
+    With a ``mesh`` the state is created directly with the shardings of
+    :func:`linf_jax.parallel.state_shardings` (member axis on ``members``, the rest replicated).
+    """
     k = _members(config)
     rng = jax.random.PRNGKey(config.seed)
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
@@ -182,16 +213,21 @@ def create_train_state(config, model: nn.Module, input_shape, tx) -> TrainState:
         batch_stats = variables.get("batch_stats", {})
         return params, batch_stats, tx.init(params)
 
-    init_key = jax.random.fold_in(rng, 0)
-    if k is None:
-        params, batch_stats, opt_state = jax.jit(init_one)(init_key)
-    else:
-        params, batch_stats, opt_state = jax.jit(jax.vmap(init_one))(
-            jax.random.split(init_key, k))
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-        opt_state=opt_state, ema_params=jax.tree.map(jnp.copy, params),
-        ema_batch_stats=jax.tree.map(jnp.copy, batch_stats), rng=rng)
+    def init(rng):
+        init_key = jax.random.fold_in(rng, 0)
+        if k is None:
+            params, batch_stats, opt_state = init_one(init_key)
+        else:
+            params, batch_stats, opt_state = jax.vmap(init_one)(jax.random.split(init_key, k))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+            opt_state=opt_state, ema_params=jax.tree.map(jnp.copy, params),
+            ema_batch_stats=jax.tree.map(jnp.copy, batch_stats), rng=rng)
+
+    if mesh is None:
+        return jax.jit(init)(rng)
+    shardings = parallel.state_shardings(jax.eval_shape(init, rng), mesh, k)
+    return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def _keys(rng):
@@ -208,12 +244,14 @@ def epoch_order(rng, epoch: int, n: int, k: int | None) -> jax.Array:
         jnp.arange(k))
 
 
-def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict) -> Callable:
+def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict,
+                    mesh=None, state_sharding=None) -> Callable:
     """Builds the jitted ``train_step(state, images, labels, batch_idx, p_mode)``.
 
     ``images``/``labels`` are the whole training split on the device; ``batch_idx`` is ``[B]``
     (single model and joint ensembles: all members see the same batch) or ``[K, B]``
-    (independent ensembles).
+    (independent ensembles). With a ``mesh`` the batch is constrained to the ``data`` axis and
+    the state keeps ``state_sharding``; the program is the global-batch program either way.
     """
     t = config.train
     k = _members(config)
@@ -226,6 +264,13 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
         x = data_lib.as_pixels(images[idx])
         x = data_lib.augment(key, x, augment_kind)
         return data_lib.normalize(x, mean, std), labels[idx]
+
+    def constrain(x, y, member_axis: bool):
+        if mesh is None:
+            return x, y
+        sharding = parallel.batch_sharding(mesh, member_axis)
+        return (jax.lax.with_sharding_constraint(x, sharding),
+                jax.lax.with_sharding_constraint(y, sharding))
 
     def member_apply(params, batch_stats, x, y, p, eps):
         variables = {"params": params, "batch_stats": batch_stats}
@@ -264,15 +309,15 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
         lam = schedule.lam(step)
         aug_key = jax.random.fold_in(_keys(state.rng)["augment"], step)
         if k is None or mode == "joint":
-            x, y = prepare(images, labels, batch_idx, aug_key)
+            x, y = constrain(*prepare(images, labels, batch_idx, aug_key), member_axis=False)
             fn = single_loss if k is None else joint_loss
             (loss, (logits, bs)), grads = jax.value_and_grad(fn, has_aux=True)(
                 state.params, state.batch_stats, x, y, p, eps, lam)
             accuracy = (logits.argmax(-1) == y).mean()
         else:  # independent: every member its own batch and augmentation
             member_keys = jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(jnp.arange(k))
-            x, y = jax.vmap(prepare, in_axes=(None, None, 0, 0))(
-                images, labels, batch_idx, member_keys)
+            x, y = constrain(*jax.vmap(prepare, in_axes=(None, None, 0, 0))(
+                images, labels, batch_idx, member_keys), member_axis=True)
             vg = jax.value_and_grad(single_loss, has_aux=True)
             (loss_k, (logits, bs)), grads = jax.vmap(vg, in_axes=(0, 0, 0, 0, None, None, None))(
                 state.params, state.batch_stats, x, y, p, eps, lam)
@@ -293,7 +338,10 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
     # No buffer donation: with donate_argnums=(0,) jaxlib 0.10.2 on the CPU corrupted the
     # parameters (NaN at step 1113 of configs/default.py, reproducibly; the same step replayed
     # from a saved state without donation was finite and bit-stable over 60 repeats).
-    return jax.jit(train_step, static_argnames=("p_mode",))
+    if mesh is None:
+        return jax.jit(train_step, static_argnames=("p_mode",))
+    return jax.jit(train_step, static_argnames=("p_mode",),
+                   out_shardings=(state_sharding, parallel.replicated(mesh)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +351,10 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
 
 def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
     path = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    # cleanup_tmp_directories: a save killed half-way (SIGKILL, power loss) leaves a
+    # `<step>.orbax-checkpoint-tmp-*` folder; it is never restored and is removed here.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(path, options=options)
 
 
@@ -321,8 +372,25 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, target: TrainState,
     step = mngr.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             flax.serialization.to_state_dict(target))
-    restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-    return flax.serialization.from_state_dict(target, restored)
+    try:
+        restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        return flax.serialization.from_state_dict(target, restored)
+    except Exception as err:  # noqa: BLE001 - orbax/tensorstore: truncated, missing, other shapes
+        raise CheckpointError(
+            f"checkpoint step {step} in {mngr.directory} cannot be restored "
+            f"({_root_cause_line(err)}); allowed: a complete checkpoint of this model and config"
+        ) from None
+
+
+def _root_cause_line(err: BaseException, limit: int = 240) -> str:
+    """The first line of the innermost exception of a chain (TensorStore's own words)."""
+    seen = set()
+    while id(err) not in seen and (err.__cause__ or err.__context__) is not None:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,23 +493,26 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
         raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not allowed: "
                           f"at most the {n} training examples of {d.source}:{d.train_split}")
     schedule = make_schedule(config, steps_per_epoch, meta["std"])
-    tx = optim.make_optimizer(schedule, config.train.weight_decay)
-    state = create_train_state(config, model, train_ds.input_shape, tx)
+    tx = optim.make_optimizer(schedule, config.train.weight_decay, config.train.adam_eps)
+    mesh = make_mesh(config)
+    state = create_train_state(config, model, train_ds.input_shape, tx, mesh)
+    state_sharding = jax.tree.map(lambda a: a.sharding, state)
     mngr = checkpoint_manager(workdir, config.train.keep_checkpoints)
     if mngr.latest_step() is not None:
         state = restore_checkpoint(mngr, state)
     write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     write_json(os.path.join(workdir, "meta.json"), meta)
 
-    train_step = make_train_step(config, model, tx, schedule, meta)
-    images = jnp.asarray(train_ds.images)
-    labels = jnp.asarray(train_ds.labels)
+    train_step = make_train_step(config, model, tx, schedule, meta, mesh, state_sharding)
+    images = parallel.global_array(train_ds.images, parallel.replicated(mesh))
+    labels = parallel.global_array(train_ds.labels, parallel.replicated(mesh))
     total = schedule.total_steps
     start = int(state.step)
     log = _metrics_log(workdir, start)
     stop = _StopFlag()
     bs = config.train.batch_size
     order, order_epoch = None, -1
+    order_k = k if config.ensemble.mode == "independent" else None  # joint: one shared order
     pending = None  # (step, metrics) read one step late so the host never stalls the device
     t0 = time.time()
 
@@ -461,8 +532,9 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
         for step in range(start, total):
             epoch, pos = divmod(step, steps_per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = epoch_order(state.rng, epoch, n, k), epoch
-            idx = jax.lax.dynamic_slice_in_dim(order, pos * bs, bs, axis=-1)
+                order, order_epoch = np.asarray(epoch_order(state.rng, epoch, n, order_k)), epoch
+            idx = parallel.global_array(order[..., pos * bs:(pos + 1) * bs],
+                                        parallel.replicated(mesh))
             state, metrics = train_step(state, images, labels, idx, schedule.p_phase(step))
             if pending is not None:
                 values = check(pending)
@@ -530,43 +602,99 @@ def evaluate(model: nn.Module, variables, ds: data_lib.Dataset, meta: dict, eval
         key=jax.random.PRNGKey(0) if key is None else key, progress=progress)
 
 
-class CheckpointError(RuntimeError):
-    """A workdir without a usable checkpoint (missing, truncated or unreadable)."""
-
-
-def load_run(workdir: str):
-    """``(config, meta, model, state)`` of a finished or interrupted run, from its latest complete
-    checkpoint. Raises :class:`CheckpointError` with one line when there is none."""
+def read_run_files(workdir: str):
+    """``(config, meta)`` from a run folder's config.json and meta.json; CheckpointError else."""
     import ml_collections
 
+    if not os.path.isdir(workdir):
+        raise CheckpointError(f"workdir={workdir!r} is not a linf-jax run: no such folder")
     cfg_path = os.path.join(workdir, "config.json")
     meta_path = os.path.join(workdir, "meta.json")
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    for path in (cfg_path, meta_path, ckpt_dir):
-        if not os.path.exists(path):
+    for path in (cfg_path, meta_path):
+        if not os.path.isfile(path):
             raise CheckpointError(f"workdir={workdir!r} is not a linf-jax run: {path} is missing")
     try:
         with open(cfg_path) as f:
             config = ml_collections.ConfigDict(json.load(f))
         with open(meta_path) as f:
             meta = json.load(f)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"workdir={workdir!r}: unreadable run files ({err})") from None
-    model = build_model(config.model, meta["num_classes"])
-    tx = optim.make_optimizer(make_schedule(config, 1, meta["std"]), config.train.weight_decay)
-    state = create_train_state(config, model, tuple(meta["input_shape"]), tx)
+        meta["num_classes"], meta["input_shape"], meta["std"]  # noqa: B018 - presence check
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"workdir={workdir!r}: unreadable run files ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    return config, meta
+
+
+# Fields a resumed run must share with the checkpoint it resumes (they fix the parameter shapes
+# and what the parameters mean).
+RESUME_FIELDS = ("model", "ensemble.size", "ensemble.mode", "data.source")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if hasattr(node, "items"):
+        out = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: list(node) if isinstance(node, (list, tuple)) else node}
+
+
+def check_resume(config, workdir: str) -> None:
+    """Raises :class:`ConfigError` (one line) when ``workdir`` holds a run whose model, ensemble
+    or data source differs from ``config``: resuming it would fail or mix two experiments."""
+    workdir = os.fspath(workdir)
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        return
+    try:
+        old, _ = read_run_files(workdir)
+    except CheckpointError:
+        if os.path.isdir(os.path.join(workdir, "checkpoints")):
+            raise
+        return  # an interrupted first start: nothing to resume
+    new_flat = _flat(json.loads(config.to_json()))
+    old_flat = _flat(old)
+    for key in sorted(set(new_flat) | set(old_flat)):
+        if not any(key == f or key.startswith(f + ".") for f in RESUME_FIELDS):
+            continue
+        if new_flat.get(key) != old_flat.get(key):
+            raise ConfigError(
+                f"config.{key}={new_flat.get(key)!r} is not allowed: the run in "
+                f"workdir={workdir!r} was trained with {old_flat.get(key)!r}; resume with the same "
+                "value or train into a new --workdir")
+
+
+def load_run(workdir: str):
+    """``(config, meta, model, state)`` of a finished or interrupted run, from its latest complete
+    checkpoint. Raises :class:`CheckpointError` with one line when there is none.
+
+    Only finalised steps count: a save that was killed leaves an ``*.orbax-checkpoint-tmp-*``
+    folder, which is ignored. Nothing in ``workdir`` is written, and nothing is unpickled (the
+    arrays are read with TensorStore from OCDBT, the metadata is JSON)."""
+    workdir = os.fspath(workdir)
+    config, meta = read_run_files(workdir)
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"workdir={workdir!r} is not a linf-jax run: {ckpt_dir} is missing")
+    try:
+        model = build_model(config.model, meta["num_classes"])
+        tx = optim.make_optimizer(make_schedule(config, 1, meta["std"]),
+                                  config.train.weight_decay)
+        state = create_train_state(config, model, tuple(meta["input_shape"]), tx)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(
+            f"workdir={workdir!r}: config.json/meta.json do not describe a model "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    # create=False and no garbage collection: this manager never writes.
     mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False))
     try:
-        if mngr.latest_step() is None:
+        step = mngr.latest_step()
+        if step is None:
             raise CheckpointError(f"workdir={workdir!r} has no complete checkpoint in {ckpt_dir}")
-        state = restore_checkpoint(mngr, state)
-    except CheckpointError:
-        raise
-    except Exception as err:  # orbax/tensorstore errors on truncated or damaged files
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(
-            f"workdir={workdir!r}: checkpoint step {mngr.latest_step()} cannot be read "
-            f"({msg[:200]})") from None
+        try:
+            state = restore_checkpoint(mngr, state, step)
+        except CheckpointError as err:
+            raise CheckpointError(f"workdir={workdir!r}: {err}") from None
     finally:
         mngr.close()
     return config, meta, model, state

@@ -1,0 +1,153 @@
+"""Ensembles as one stacked pytree: vmapped apply, Lipschitz, stacking errors, joint and
+independent training in one program, loading and certifying, member-axis sharding."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from linf_jax import data as data_lib
+from linf_jax import ensemble, train_lib
+from linf_jax.classifier import load_classifier
+from linf_jax.models import build_model
+
+CFG = dict(name="linf_dist_net", depth=3, width=24)
+
+
+def members(k, cfg=CFG, shape=(8, 4, 4, 1)):
+    model = build_model(cfg, 5)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    out = []
+    for s in range(k):
+        v = model.init(jax.random.key(s), x, p=8.0, train=True)
+        _, upd = model.apply(v, x, p=8.0, train=True, mutable=["batch_stats"])
+        out.append({**v, **upd})
+    return model, out
+
+
+def test_stack_unstack_roundtrip_and_vmapped_logits_equal_member_mean():
+    model, vs = members(4)
+    stacked = ensemble.stack(vs)
+    assert ensemble.size(stacked) == 4
+    for a, b in zip(ensemble.unstack(stacked), vs, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(16, 4, 4, 1)), jnp.float32)
+    one_by_one = np.mean([np.asarray(model.apply(v, x), np.float64) for v in vs], axis=0)
+    np.testing.assert_allclose(ensemble.apply(model, stacked, x), one_by_one, rtol=1e-5,
+                               atol=1e-5)
+    lo, hi, y = x - 0.1, x + 0.1, jnp.arange(16) % 5
+    margins = np.mean([np.asarray(model.apply(v, lo, hi, y, method="certify_margins"))
+                       for v in vs], axis=0)
+    np.testing.assert_allclose(ensemble.apply(model, stacked, lo, hi, y, method="certify_margins"),
+                               margins, rtol=1e-5, atol=1e-5)
+
+
+_MODEL, _VS = members(3)
+_STACKED = ensemble.stack(_VS)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-3, 3.0))
+def test_ensemble_is_1_lipschitz_at_p_inf(seed, scale):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(6, 4, 4, 1)).astype(np.float32)
+    delta = (rng.uniform(-1, 1, size=x.shape) * scale).astype(np.float32)
+    f = lambda z: np.asarray(ensemble.apply(_MODEL, _STACKED, jnp.asarray(z)), np.float64)
+    lhs = np.abs(f(x) - f(x + delta)).max(axis=1)
+    rhs = np.abs(delta.astype(np.float64)).reshape(6, -1).max(axis=1)
+    assert np.all(lhs <= rhs * (1 + 1e-5) + 1e-5)
+
+
+def test_stacking_mismatched_members_names_the_first_differing_leaf():
+    _, a = members(1)
+    _, b = members(1, cfg=dict(CFG, width=16))
+    with pytest.raises(ensemble.EnsembleError, match=r"batch_stats/norms_0/mean.*shape \(16,\)"):
+        ensemble.stack([a[0], b[0]])
+    _, c = members(1, cfg=dict(CFG, depth=4))
+    with pytest.raises(ensemble.EnsembleError, match="member 1: parameter"):
+        ensemble.stack([a[0], c[0]])
+    with pytest.raises(ensemble.EnsembleError, match="no members"):
+        ensemble.stack([])
+
+
+def fixed_p_config(mode, workdir_name):
+    """p = 8, constant ε and lr throughout: the loss is comparable from the first step to the
+    last."""
+    return tiny_config(**{"ensemble.size": 3, "ensemble.mode": mode,
+                          "train.epochs": (0, 4, 0, 4, 4), "train.log_every": 1,
+                          "eval.eps": (0.05,)})
+
+
+@pytest.fixture(scope="module", params=["joint", "independent"])
+def ensemble_run(request, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp(request.param))
+    result = train_lib.train_and_evaluate(fixed_p_config(request.param, workdir), workdir,
+                                          progress=False)
+    return request.param, workdir, result
+
+
+def test_ensemble_training_lowers_its_loss_in_one_program(ensemble_run):
+    mode, workdir, result = ensemble_run
+    leaves = jax.tree.leaves(result.state.params)
+    assert all(leaf.shape[0] == 3 for leaf in leaves)
+    w = np.asarray(result.state.params["dists_0"]["linf_weight"])
+    assert not np.allclose(w[0], w[1])  # members have their own init
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    first, last = np.mean([x["loss"] for x in lines[:3]]), np.mean([x["loss"] for x in lines[-3:]])
+    assert last < 0.7 * first, (mode, first, last)
+    assert result.results["clean_accuracy"] > 0.3
+
+
+def test_loaded_ensemble_evaluates_all_members_in_one_call(ensemble_run):
+    _, workdir, result = ensemble_run
+    clf = load_classifier(workdir)
+    assert clf.num_members == 3 and len(clf.members) == 3
+    ds = data_lib.load("digits", "test[:40]")
+    x = np.asarray(data_lib.as_pixels(ds.images))
+    mean = np.mean([np.asarray(m(x), np.float64) for m in clf.members], axis=0)
+    np.testing.assert_allclose(clf(x), mean, rtol=1e-5, atol=1e-5)
+    cert = np.asarray(clf.certify(x, ds.labels, 0.05))
+    assert not np.any(cert & (np.asarray(clf(x)).argmax(-1) != ds.labels))
+
+
+def test_several_workdirs_stack_into_one_ensemble(tmp_path_factory):
+    dirs = []
+    for seed in (1, 2):
+        d = str(tmp_path_factory.mktemp(f"member{seed}"))
+        cfg = tiny_config(**{"seed": seed, "train.epochs": (0, 1, 0, 1, 1)})
+        train_lib.train_and_evaluate(cfg, d, progress=False, evaluate_at_end=False)
+        dirs.append(d)
+    clf = load_classifier(dirs, weights="raw")
+    assert clf.num_members == 2
+    ds = data_lib.load("digits", "test[:20]")
+    x = np.asarray(data_lib.as_pixels(ds.images))
+    singles = [load_classifier(d, weights="raw") for d in dirs]
+    np.testing.assert_allclose(clf(x), np.mean([np.asarray(s(x)) for s in singles], axis=0),
+                               rtol=1e-5, atol=1e-5)
+
+
+SHARD_SCRIPT = os.path.join(os.path.dirname(__file__), "sharded_check.py")
+
+
+def test_sharding_over_four_host_devices_matches_one_device(tmp_path):
+    """Data parallelism and member-axis sharding over 4 forced CPU devices give the parameters
+    of one device; a checkpoint saved on 4 devices resumes on 2 (script: sharded_check.py)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, SHARD_SCRIPT, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4
+    for case, diff in report["max_abs_diff"].items():
+        assert diff < 1e-5, (case, diff)
+    assert report["sharded_member_axis"] is True
