@@ -24,6 +24,7 @@ Design (measured on a 2-core AVX-512 CPU, see MEASURED.md and BENCHMARKS.md):
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -112,6 +113,43 @@ def _max_abs_diff_argmax(x: Array, w: Array) -> tuple[Array, Array]:
 
 
 # --------------------------------------------------------------------------------------------
+# Kernel dispatch (GitHub issue 5): Pallas kernels (linf_jax/kernels) on request
+# (LINF_JAX_KERNELS=pallas, or =auto on GPU), this file's XLA code otherwise. Only linf_dist and lp_dist (and so dist, grouped_dist, conv_dist and the
+# layers) consult it; the interval bounds always use XLA.
+# --------------------------------------------------------------------------------------------
+
+KERNELS_ENV = "LINF_JAX_KERNELS"
+
+
+def kernel_backend() -> str:
+    """``'pallas'`` or ``'xla'``: the implementation :func:`linf_dist` / :func:`lp_dist` use.
+
+    ``LINF_JAX_KERNELS=xla`` (the default) or ``=pallas`` forces one (Pallas runs in interpret
+    mode on the CPU, slowly); ``=auto`` picks Pallas on GPU (``jax.default_backend() == 'gpu'``)
+    and XLA elsewhere (CPU, and TPU, which the kernels do not support; see
+    linf_jax/kernels/distance.py). The Pallas kernels are opt-in until they have been compiled
+    and timed on a GPU: so far they are verified in interpret mode and by cross-lowering only
+    (BENCHMARKS.md). Read at trace time: set it before the first call of a jitted function.
+    """
+    choice = os.environ.get(KERNELS_ENV, "").strip().lower() or "xla"
+    if choice in ("xla", "pallas"):
+        return choice
+    if choice == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    raise ValueError(f"{KERNELS_ENV}={choice!r} is not one of 'xla', 'pallas', 'auto' (or unset)")
+
+
+def _pallas():
+    """The Pallas kernels module and the interpret flag for this backend (lazy import)."""
+    from linf_jax.kernels import distance
+
+    return distance, jax.default_backend() == "cpu"
+
+
+# ------------------------------------------------------------------ end of kernel dispatch --
+
+
+# --------------------------------------------------------------------------------------------
 # ℓ∞ distance
 # --------------------------------------------------------------------------------------------
 
@@ -122,6 +160,9 @@ def linf_dist(x: Array, w: Array) -> Array:
     Backward: only the arg-max coordinate gets gradient, ``∂y/∂x_{i*} = sign(d_{i*}) = -∂y/∂w_{i*}``
     (first arg-max on ties; zero gradient where x equals w).
     """
+    if kernel_backend() == "pallas":  # kernel dispatch, see kernel_backend
+        kernels, interpret = _pallas()
+        return kernels.pallas_linf_dist(x, w, interpret=interpret)
     # NumPy inputs are made JAX arrays first: a NumPy residual (a NumPy constant closed over
     # inside jit) cannot be indexed by the traced arg-max in the backward pass.
     return _linf_dist(jnp.asarray(x), jnp.asarray(w))
@@ -258,6 +299,9 @@ def lp_dist(x: Array, w: Array, p) -> Array:
     equal to 8, the first training phase). Finite for p up to 1000 and large inputs; 0 (with
     zero gradient) where a row of x equals a row of w.
     """
+    if kernel_backend() == "pallas":  # kernel dispatch, see kernel_backend
+        kernels, interpret = _pallas()
+        return kernels.pallas_lp_dist(x, w, p, interpret=interpret)
     x, w = jnp.asarray(x), jnp.asarray(w)  # see linf_dist
     dtype = jnp.result_type(x, w)
     ps = _static_number(p)
