@@ -40,33 +40,65 @@ def parse_eps(text: str) -> list[float]:
         try:
             v = float(part)
         except ValueError:
-            fail(f"--eps={text!r}: {part.strip()!r} is not a number; give pixels in [0, 1], "
+            fail(f"--eps={text!r}: {part.strip()!r} is not a number; allowed: pixels in [0, 1], "
                  "comma-separated")
         if not math.isfinite(v) or not 0 <= v <= 1:
-            fail(f"--eps={text!r}: {v} is not allowed; ε is in pixels, in [0, 1]")
+            fail(f"--eps={text!r}: {v} is not allowed; allowed: pixels in [0, 1] (ε is in pixel "
+                 "units)")
         values.append(v)
     return values
 
 
+def check_flags() -> tuple[list[float], str]:
+    """Validates every flag before anything is loaded: ``(eps, output path)``."""
+    from linf_jax import cli
+
+    if not _WORKDIR.value:
+        cli.fail("--workdir is required (a run folder; repeat the flag to stack an ensemble)")
+    for name, flag in (("pgd_steps", _PGD_STEPS), ("pgd_restarts", _PGD_RESTARTS)):
+        if flag.value < 0:
+            cli.fail(f"--{name}={flag.value} is not allowed: an integer >= 0")
+    if _BATCH.value < 1:
+        cli.fail(f"--batch_size={_BATCH.value} is not allowed: a positive integer")
+    if _LIMIT.value is not None and _LIMIT.value < 1:
+        cli.fail(f"--limit={_LIMIT.value} is not allowed: a positive integer")
+    eps = parse_eps(_EPS.value)
+    output = _OUTPUT.value or os.path.join(_WORKDIR.value[0], "certify.json")
+    if os.path.isdir(_WORKDIR.value[0]) or _OUTPUT.value:
+        cli.check_writable_file(output, "--output")
+    if _PLOT.value:
+        cli.check_writable_file(_PLOT.value, "--plot")
+    return eps, output
+
+
+def check_data(meta: dict, ds, source: str) -> None:
+    """The data must fit the model: image shape and label range (one line naming --data)."""
+    from linf_jax.cli import fail
+
+    shape, num_classes = tuple(meta["input_shape"]), int(meta["num_classes"])
+    if tuple(ds.input_shape) != shape:
+        fail(f"--data={source!r}: images of shape {tuple(ds.input_shape)} do not fit the model; "
+             f"allowed: images of shape {shape} (H, W, C), as in training")
+    if len(ds.labels) and (ds.labels.min() < 0 or ds.labels.max() >= num_classes):
+        bad = int(ds.labels.min()) if ds.labels.min() < 0 else int(ds.labels.max())
+        fail(f"--data={source!r}: label {bad} is out of range; allowed: 0..{num_classes - 1}"
+             f" (the model has {num_classes} classes)")
+
+
 def run() -> dict:
+    eps, output = check_flags()
+
     from linf_jax import data as data_lib
     from linf_jax import plots, train_lib
     from linf_jax.classifier import load_classifier
-    from linf_jax.cli import fail
 
-    if not _WORKDIR.value:
-        fail("--workdir is required (a run folder; repeat the flag to stack an ensemble)")
-    for name, flag in (("pgd_steps", _PGD_STEPS), ("pgd_restarts", _PGD_RESTARTS)):
-        if flag.value < 0:
-            fail(f"--{name}={flag.value} is not allowed: an integer >= 0")
-    if _BATCH.value < 1:
-        fail(f"--batch_size={_BATCH.value} is not allowed: a positive integer")
-    eps = parse_eps(_EPS.value)
-    clf = load_classifier(_WORKDIR.value, weights=_WEIGHTS.value)
-    config, meta, _, _ = train_lib.load_run(_WORKDIR.value[0])
+    # The run's files and the data first (cheap), the checkpoint(s) last.
+    config, meta = train_lib.read_run_files(_WORKDIR.value[0])
     source = _SOURCE.value or meta["source"]
     split = _SPLIT.value or config.data.test_split
     ds = data_lib.load(source, split, _DATA_DIR.value or config.data.get("data_dir"))
+    check_data(meta, ds, source)
+    clf = load_classifier(_WORKDIR.value, weights=_WEIGHTS.value)
     images, labels = ds.images, ds.labels
     if _LIMIT.value is not None:
         images, labels = images[:_LIMIT.value], labels[:_LIMIT.value]
@@ -76,7 +108,6 @@ def run() -> dict:
                           progress=_PROGRESS.value)
     result.update(weights=_WEIGHTS.value, workdirs=list(_WORKDIR.value), data=source,
                   split=split, members=clf.num_members or 1)
-    output = _OUTPUT.value or os.path.join(_WORKDIR.value[0], "certify.json")
     train_lib.write_json(output, result)
     if _PLOT.value:
         label = "ensemble" if clf.num_members else "model"
@@ -92,15 +123,18 @@ def run() -> dict:
 
 
 def main(argv) -> None:
-    from linf_jax.cli import fail, run_guarded
+    from linf_jax.cli import fail, quiet_logging, run_guarded
 
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: use --flag=value")
+    quiet_logging()  # Orbax logs every restore at INFO
     run_guarded(run)
 
 
 if __name__ == "__main__":
+    from linf_jax.cli import parse_flags
+
     try:
-        app.run(main)
+        app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:
         sys.exit(130)

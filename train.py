@@ -17,27 +17,103 @@ from absl import app, flags
 from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(HERE, "configs", "default.py"), "Experiment config file.",
-    lock_config=True)
+try:  # without --config, ml_collections applies the --config.* overrides right here
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", os.path.join(HERE, "configs", "default.py"), "Experiment config file.",
+        lock_config=True)
+except Exception as _err:  # noqa: BLE001 - an override naming no config field
+    from linf_jax.cli import config_override_message, fail
+
+    fail(config_override_message(_err, sys.argv))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config name>).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() first (docs/SCALING.md).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --distributed: host:port of process 0 (default: the "
+    "cluster's own, or $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --distributed: the number of processes ($JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "With --distributed: this process's index ($JAX_PROCESS_ID).")
+
+
+def _env_int(name: str) -> int | None:
+    from linf_jax.cli import fail
+
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        fail(f"${name}={text!r} is not allowed: an integer")
+
+
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize`` from the flags, then the environment; on TPU pods, SLURM
+    and Open MPI everything left unset is detected by JAX itself."""
+    import jax
+
+    from linf_jax.cli import fail
+
+    num = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else _env_int(
+        "JAX_NUM_PROCESSES")
+    pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else _env_int("JAX_PROCESS_ID")
+    if num is not None and num < 1:
+        fail(f"--num_processes={num} is not allowed: a positive integer")
+    if pid is not None and (pid < 0 or (num is not None and pid >= num)):
+        fail(f"--process_id={pid} is not allowed: 0..{'num_processes-1' if num is None else num - 1}")
+    try:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=num,
+                                   process_id=pid)
+    except (ValueError, RuntimeError) as err:
+        fail(f"--distributed: jax.distributed.initialize failed ({str(err).splitlines()[0]}); "
+             "allowed: a cluster JAX detects (TPU pod, SLURM, Open MPI) or --coordinator_address,"
+             " --num_processes and --process_id (see docs/SCALING.md)")
+
+
+def _remove_empty_tree(path: str) -> None:
+    """Removes ``path`` if it holds nothing but empty folders (a run that never started)."""
+    for root, _, files in os.walk(path, topdown=False):
+        if files:
+            return
+        try:
+            os.rmdir(root)
+        except OSError:
+            return
 
 
 def main(argv) -> None:
+    from linf_jax import cli
+
     if len(argv) > 1:
-        from linf_jax.cli import fail
-        fail(f"unexpected arguments {argv[1:]}: use --flag=value")
-    from absl import logging
-
-    from linf_jax import cli, train_lib
-
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    config = _CONFIG.value
+        cli.fail(f"unexpected arguments {argv[1:]}: use --flag=value")
+    if _DISTRIBUTED.value:  # before anything touches the devices
+        initialize_distributed()
+    elif any(f.present for f in (flags.FLAGS["coordinator_address"], flags.FLAGS["num_processes"],
+                                 flags.FLAGS["process_id"])):
+        cli.fail("--coordinator_address, --num_processes and --process_id are only allowed "
+                 "with --distributed")
+    cli.quiet_logging()  # Orbax logs every save at INFO
+    config = cli.load_config(_CONFIG)
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)
-    result = cli.run_guarded(train_lib.train_and_evaluate, config, workdir,
-                             progress=_PROGRESS.value)
+    cli.check_writable_dir(workdir, "--workdir")
+
+    from linf_jax import train_lib
+
+    # Every check that needs no training data runs before anything is written.
+    cli.run_guarded(train_lib.validate_config, config)
+    cli.run_guarded(train_lib.check_resume, config, workdir)
+    created = not os.path.exists(workdir)
+    try:
+        result = cli.run_guarded(train_lib.train_and_evaluate, config, workdir,
+                                 progress=_PROGRESS.value)
+    except SystemExit:
+        if created:  # e.g. the data could not be loaded: leave no empty run folder behind
+            _remove_empty_tree(workdir)
+        raise
     if result.preempted:
         print(f"interrupted at step {int(result.state.step)}; checkpoint saved in {workdir}. "
               "Rerun the same command to resume.")
@@ -54,7 +130,9 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from linf_jax.cli import parse_flags
+
     try:
-        app.run(main)
+        app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:
         sys.exit(130)

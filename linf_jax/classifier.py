@@ -54,24 +54,31 @@ class Classifier:
         return data_lib.normalize(x, self._mean, self.std)
 
     def _check(self, x, y=None):
-        x = np.asarray(x, np.float32)
+        """Validates pixels ``x`` (and labels ``y``); raises :class:`InputError` (one line)."""
+        try:
+            x = np.asarray(x, np.float32)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"x: not an array of numbers ({err}); allowed: float32 pixels in "
+                             "[0, 1]") from None
         if x.ndim == 3 and len(self.input_shape) == 3 and x.shape[1:] == self.input_shape[:2]:
             x = x[..., None]
-        if x.shape[1:] != self.input_shape:
-            raise InputError(f"x.shape={x.shape} does not match the model: expected "
+        if x.ndim < 1 or x.shape[1:] != self.input_shape:
+            raise InputError(f"x.shape={x.shape} does not match the model; allowed: "
                              f"(N, {', '.join(map(str, self.input_shape))})")
-        if not np.isfinite(x).all():
-            raise InputError("x contains NaN or inf: pixels must be finite values in [0, 1]")
-        if x.min(initial=0) < 0 or x.max(initial=0) > 1:
-            raise InputError(f"x ranges over [{x.min():.3g}, {x.max():.3g}]: pixels must lie in "
+        bad = int(x.size - np.isfinite(x).sum())
+        if bad:
+            raise InputError(f"x: {bad} NaN or inf values; allowed: finite pixels in [0, 1]")
+        if x.size and (x.min() < 0 or x.max() > 1):
+            raise InputError(f"x: pixels range over [{x.min():.3g}, {x.max():.3g}]; allowed: "
                              "[0, 1]")
         if y is not None:
             y = np.asarray(y)
             if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
-                raise InputError(f"y.shape={y.shape} dtype={y.dtype}: expected ({x.shape[0]},) "
-                                 "integer labels")
+                raise InputError(f"y.shape={y.shape} dtype={y.dtype} is not allowed: "
+                                 f"({x.shape[0]},) integer labels")
             if y.size and (y.min() < 0 or y.max() >= self.num_classes):
-                raise InputError(f"labels range over [{y.min()}, {y.max()}]: allowed 0.."
+                bad_label = int(y.min()) if y.min() < 0 else int(y.max())
+                raise InputError(f"y: label {bad_label} is out of range; allowed: 0.."
                                  f"{self.num_classes - 1}")
         return x, y
 
@@ -89,7 +96,8 @@ class Classifier:
     def certify(self, x, y, eps: float) -> jax.Array:
         """Boolean mask of the examples certified at pixel radius ``eps`` (interval certificate,
         SPEC §6, with the rounding margin of :data:`linf_jax.certify.DEFAULT_TOL`)."""
-        if not (isinstance(eps, (int, float)) and 0 <= eps <= 1 and np.isfinite(eps)):
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool)
+                and np.isfinite(eps) and 0 <= eps <= 1):
             raise InputError(f"eps={eps!r} is not allowed: a number of pixels in [0, 1]")
         x, y = self._check(x, y)
         return self._certify(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.float32(eps / self.std))
@@ -133,14 +141,23 @@ def load_classifier(workdir: str | os.PathLike | Sequence[str | os.PathLike],
     if not dirs:
         raise InputError("workdir: at least one run directory is needed")
     loaded = [train_lib.load_run(os.fspath(d)) for d in dirs]
-    _, meta, model, _ = loaded[0]
-    members, variables = [], []
-    for d, (cfg, m, mdl, state) in zip(dirs, loaded, strict=True):
+    cfg0, meta, model, _ = loaded[0]
+    arch0 = train_lib._flat(cfg0.model)
+    variables = []
+    for d, (cfg, m, _, state) in zip(dirs, loaded, strict=True):
         if (m["input_shape"], m["num_classes"], m["mean"], m["std"]) != (
                 meta["input_shape"], meta["num_classes"], meta["mean"], meta["std"]):
             raise ensemble_lib.EnsembleError(
                 f"ensemble member {os.fspath(d)!r}: data {m['source']} (shape {m['input_shape']},"
-                f" {m['num_classes']} classes) differs from member 0's {meta['source']}")
+                f" {m['num_classes']} classes) differs from member 0's {meta['source']}; "
+                "allowed: members trained on one data set")
+        arch = train_lib._flat(cfg.model)
+        for key in sorted(set(arch) | set(arch0)):
+            if arch.get(key) != arch0.get(key):
+                raise ensemble_lib.EnsembleError(
+                    f"ensemble member {os.fspath(d)!r}: config.model.{key}={arch.get(key)!r} "
+                    f"differs from member 0 ({os.fspath(dirs[0])!r}: {arch0.get(key)!r}); "
+                    "allowed: members of one architecture")
         v = train_lib.variables_for(state, weights)
         k = train_lib._members(cfg)
         if k is None:

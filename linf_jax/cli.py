@@ -1,29 +1,179 @@
-"""Shared command-line plumbing: user mistakes become one line on stderr and exit code 2."""
+"""Shared command-line plumbing: user mistakes become ONE line on stderr and exit code 2.
+
+Every mistake a user can make on the command line (a bad flag, a bad config value, a data set or
+a checkpoint that cannot be used, a folder that cannot be written) ends the program with one line
+``error: <field>=<value> ...: <what is allowed>`` on stderr, exit code 2 and no traceback, before
+any file is changed. Programming errors keep their traceback.
+"""
 
 from __future__ import annotations
 
+import inspect
+import os
 import sys
-
-from linf_jax.classifier import InputError
-from linf_jax.data import DataError
-from linf_jax.ensemble import EnsembleError
-from linf_jax.train_lib import CheckpointError, ConfigError, TrainingError
-
-USER_ERRORS = (ConfigError, DataError, EnsembleError, CheckpointError, InputError,
-               TrainingError, PermissionError, FileNotFoundError, IsADirectoryError,
-               NotADirectoryError)
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """Prints ``error: message`` as one line on stderr and exits with ``code``."""
+    line = " ".join(str(message).split("\n")).strip()
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    if sys.stderr is not sys.__stderr__:  # captured (pytest, notebooks): change nothing else
+        raise SystemExit(code)
+    # A command line ends here: nothing may follow the one line, neither a log record nor
+    # anything a background thread prints while the interpreter shuts down (Orbax's asyncio
+    # reads of a damaged checkpoint).
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+        sys.stderr = open(os.devnull, "w")
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind stderr
+        pass
     raise SystemExit(code)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
+
+
+def parse_flags(argv):
+    """``app.run(main, flags_parser=parse_flags)``: absl's flag parsing, but a bad flag, a bad
+    ``--config.*`` override or a config file that cannot be loaded is one line and exit code 2
+    (absl's own parser prints two lines and exits 1; ml_collections raises with a traceback)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        fail(f"{_first_line(err)} (see --helpshort)")
+    except Exception as err:  # noqa: BLE001 - ml_collections: AttributeError, KeyError, IOError
+        fail(config_override_message(err, argv))
+
+
+def config_override_message(err: BaseException, argv) -> str:
+    """One line for an exception that ml_collections raised while applying ``--config.*``
+    (an override naming no field: ``AttributeError("'widht'\\nDid you mean 'width'...")``)."""
+    import re
+
+    text = str(err)
+    hint = re.search(r"Did you mean \W*(\w+)", text)
+    hint = f" (did you mean {hint.group(1)!r}?)" if hint else ""
+    for arg in argv[1:]:
+        name = arg.split("=", 1)[0].lstrip("-")
+        if not name.startswith("config."):
+            continue
+        for part in name.split(".")[1:]:
+            if re.search(rf"'{re.escape(part)}\\?'", text):
+                return (f"--{name}: the config has no field {part!r}{hint}; allowed: the fields "
+                        "of the config file (see configs/ and linf_jax/config.py)")
+    return f"bad --config override ({_first_line(err)}{hint})"
+
+
+def load_config(holder, flag_name: str = "config"):
+    """The ConfigDict of a ``DEFINE_config_file`` flag, or one line when the file cannot be
+    loaded (missing, not Python, no ``get_config()``)."""
+    from absl import flags
+
+    filename = getattr(flags.FLAGS[flag_name], "config_filename", None)
+    if filename is not None and not os.path.isfile(filename):
+        fail(f"--{flag_name}={filename!r}: no such file; allowed: a Python config file with "
+             "get_config(), e.g. configs/default.py")
+    try:
+        config = holder.value
+        config.keys()  # a config that failed to load raises on first use
+    except Exception as err:  # noqa: BLE001 - any failure to load the user's file
+        fail(f"--{flag_name}={filename!r} cannot be loaded: {_first_line(err)}")
+    return config
+
+
+def quiet_logging() -> None:
+    """Orbax and JAX log at INFO (every save, the TPU probe): keep stderr for errors."""
+    import logging as std_logging
+
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    # Orbax reads a checkpoint with asyncio tasks; when one read of a damaged checkpoint fails,
+    # the others end with "Task exception was never retrieved" and a traceback. The failure
+    # itself reaches the user as one line (CheckpointError).
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    # ... the coroutines of those reads, collected at exit, print "Exception ignored in
+    # <coroutine ...>" with the same traceback through sys.unraisablehook, and TensorStore's
+    # callbacks of the reads still in flight, reaching the asyncio loop that Orbax has closed,
+    # print "RuntimeError: Event loop is closed" the same way. Only these two are silenced.
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        if not (inspect.iscoroutine(unraisable.object) or closed_loop):
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_writable_dir(path: str, field: str) -> None:
+    """Fails (one line) unless ``path`` is, or can be created as, a writable folder."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            fail(f"{field}={path!r} is not allowed: it is a file; allowed: a writable folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            fail(f"{field}={path!r} is not allowed: the folder is not writable; allowed: a "
+                 "writable folder")
+        return
+    base = _nearest_existing(path)
+    if not os.path.isdir(base):
+        fail(f"{field}={path!r} is not allowed: {base!r} is a file, not a folder; allowed: a "
+             "writable folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        fail(f"{field}={path!r} is not allowed: {base!r} is not writable; allowed: a writable "
+             "folder")
+
+
+def check_writable_file(path: str, field: str) -> None:
+    """Fails (one line) unless a file can be written at ``path`` (its folder must exist)."""
+    if os.path.isdir(path):
+        fail(f"{field}={path!r} is not allowed: it is a folder; allowed: a writable file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        what = "is a file" if os.path.exists(parent) else "does not exist"
+        fail(f"{field}={path!r} is not allowed: the folder {parent!r} {what}; allowed: a file "
+             "in an existing, writable folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+            os.path.exists(path) and not os.access(path, os.W_OK)):
+        fail(f"{field}={path!r} is not allowed: not writable; allowed: a file in an existing, "
+             "writable folder")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from linf_jax.classifier import InputError
+    from linf_jax.data import DataError
+    from linf_jax.ensemble import EnsembleError
+    from linf_jax.train_lib import CheckpointError, ConfigError, TrainingError
+
+    return (ConfigError, DataError, EnsembleError, CheckpointError, InputError, TrainingError,
+            PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            FileExistsError)
 
 
 def run_guarded(fn, *args, **kwargs):
     """Calls ``fn``; a user error exits with its one-line message and no traceback."""
     try:
         return fn(*args, **kwargs)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         if isinstance(err, OSError) and err.filename is not None:
             fail(f"{err.strerror}: {err.filename}")
-        fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        fail(_first_line(err))

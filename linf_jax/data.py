@@ -303,8 +303,12 @@ def _as_images(x, field: str) -> np.ndarray:
         return x
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
-        if np.isnan(x).any():
-            raise DataError(f"{field}: {int(np.isnan(x).sum())} NaN values; allowed: finite pixels in [0, 1]")
+        bad = int(x.size - np.isfinite(x).sum())
+        if bad:
+            raise DataError(
+                f"{field}: {bad} NaN or inf values (the first at index "
+                f"{tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])}); allowed: finite pixels in [0, 1]"
+            )
         if x.size and (x.min() < 0.0 or x.max() > 1.0):
             raise DataError(
                 f"{field}: float pixels in [{x.min():g}, {x.max():g}]; allowed: [0, 1] (or uint8 0..255)"

@@ -164,19 +164,24 @@ def build_model(model_config, num_classes: int) -> _LinfModel:
     """
     cfg = dict(model_config)
     name = cfg.pop("name", None)
-    if name not in MODELS:
-        raise ValueError(f"model.name={name!r} is not one of {sorted(MODELS)}")
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"model.name={name!r} is not allowed: one of {sorted(MODELS)}")
     cls = MODELS[name]
     if name == "linf_dist_net_mlp":
         cfg.setdefault("head", "mlp")
     fields = set(cls.__dataclass_fields__) - {"parent", "name"}
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in fields}
+    def positive_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
     for key in ("depth", "width", "head_hidden", "kernel_size"):
-        if key in kwargs and (not isinstance(kwargs[key], int) or kwargs[key] < 1):
-            raise ValueError(f"model.{key}={kwargs[key]!r} must be a positive integer")
+        if key in kwargs and not positive_int(kwargs[key]):
+            raise ValueError(f"model.{key}={kwargs[key]!r} is not allowed: a positive integer")
     for key in ("channels", "dense"):
-        if key in kwargs and (not kwargs[key] or any(int(c) < 1 for c in kwargs[key])):
-            raise ValueError(f"model.{key}={kwargs[key]!r} must be non-empty positive integers")
+        if key in kwargs and (not isinstance(kwargs[key], tuple) or not kwargs[key]
+                              or not all(positive_int(c) for c in kwargs[key])):
+            raise ValueError(f"model.{key}={kwargs[key]!r} is not allowed: a non-empty list of "
+                             "positive integers")
     if kwargs.get("head", cls.head) not in HEADS:
-        raise ValueError(f"model.head={kwargs['head']!r} is not one of {HEADS}")
+        raise ValueError(f"model.head={kwargs['head']!r} is not allowed: one of {HEADS}")
     return cls(num_classes=num_classes, **kwargs)

@@ -500,15 +500,18 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
     mngr = checkpoint_manager(workdir, config.train.keep_checkpoints)
     if mngr.latest_step() is not None:
         state = restore_checkpoint(mngr, state)
-    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
-    write_json(os.path.join(workdir, "meta.json"), meta)
+    main_process = jax.process_index() == 0  # multi-host: one writer of the run's files
+    progress = progress and main_process
+    if main_process:
+        write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+        write_json(os.path.join(workdir, "meta.json"), meta)
 
     train_step = make_train_step(config, model, tx, schedule, meta, mesh, state_sharding)
     images = parallel.global_array(train_ds.images, parallel.replicated(mesh))
     labels = parallel.global_array(train_ds.labels, parallel.replicated(mesh))
     total = schedule.total_steps
     start = int(state.step)
-    log = _metrics_log(workdir, start)
+    log = _metrics_log(workdir, start) if main_process else open(os.devnull, "a")
     stop = _StopFlag()
     bs = config.train.batch_size
     order, order_epoch = None, -1
@@ -526,6 +529,19 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
                     f"checkpoint (step {mngr.latest_step()}) is kept")
         return {key: float(v) for key, v in metrics.items()}
 
+    def emit(step_metrics, last: bool = False):
+        """Checks one step's metrics and logs them every ``log_every`` steps and at the end."""
+        values = check(step_metrics)
+        step = step_metrics[0]
+        if step % config.train.log_every == 0 or step == total - 1 or last:
+            record = {"step": step, "epoch": step / steps_per_epoch,
+                      "time": round(time.time() - t0, 3), **values}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}",
+                            p=f"{values['p']:.4g}", eps=f"{values['eps']:.3f}",
+                            lr=f"{values['lr']:.2e}", refresh=False)
+
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     preempted = False
     with stop.installed(), log:
@@ -537,15 +553,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
                                         parallel.replicated(mesh))
             state, metrics = train_step(state, images, labels, idx, schedule.p_phase(step))
             if pending is not None:
-                values = check(pending)
-                if pending[0] % config.train.log_every == 0 or pending[0] == total - 1:
-                    record = {"step": pending[0], "epoch": pending[0] / steps_per_epoch,
-                              "time": round(time.time() - t0, 3), **values}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}",
-                                    p=f"{values['p']:.4g}", eps=f"{values['eps']:.3f}",
-                                    lr=f"{values['lr']:.2e}", refresh=False)
+                emit(pending)
             pending = (step, metrics)
             bar.update(1)
             done = step + 1
@@ -558,10 +566,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
             if stop.signum is not None:
                 preempted = True
                 break
-        if pending is not None and not preempted:
-            values = check(pending)
-            log.write(json.dumps({"step": pending[0], "epoch": pending[0] / steps_per_epoch,
-                                  "time": round(time.time() - t0, 3), **values}) + "\n")
+        if pending is not None:  # the last step (also when preempted: the resumed run goes on)
+            emit(pending, last=not preempted)
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
@@ -571,7 +577,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
         results = evaluate(model, variables_for(state, "ema"), test_ds, meta, config.eval,
                            members=k, progress=progress, key=jax.random.fold_in(state.rng, 3))
         results["weights"] = "ema"
-        write_json(os.path.join(workdir, "results.json"), results)
+        if main_process:
+            write_json(os.path.join(workdir, "results.json"), results)
     return TrainResult(state=state, model=model, meta=meta, preempted=preempted, results=results)
 
 
