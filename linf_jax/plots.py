@@ -1,12 +1,38 @@
-"""PNG plots: certified accuracy versus ε, training curves, certified-radius histograms."""
+"""PNG plots: certified accuracy versus ε, training curves, certified-radius histograms.
+
+Command line (matplotlib's Agg backend, no display needed)::
+
+    python -m linf_jax.plots curve OUT.png RESULT.json [RESULT.json ...] [--labels a,b,c]
+    python -m linf_jax.plots training OUT.png WORKDIR_or_metrics.jsonl
+    python -m linf_jax.plots radii OUT.png RESULT.json [RESULT.json ...] [--labels a,b,c]
+
+``RESULT.json`` is what certify.py writes (also a run's results.json, or the dict returned by
+``Classifier.evaluate``): ``results`` (one ``{eps, certified_accuracy,
+lipschitz_certified_accuracy, pgd_accuracy}`` per evaluated ε, pixels) and ``radii`` (the
+per-example Lipschitz certified radius, pixels; 0 for misclassified examples). Bad input ends
+with one line ``error: ...`` on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+OUT_EXTENSIONS = (".png", ".pdf", ".svg")
+RESULT_HELP = ("a JSON file written by certify.py (or a run's results.json) with 'results' "
+               "(eps, certified_accuracy, pgd_accuracy per ε) and per-example 'radii'")
+METRICS_HELP = "a run folder (train.py --workdir) or its metrics.jsonl"
+TRAINING_KEYS = (("loss", "loss", False), ("accuracy", "clean batch accuracy", False),
+                 ("p", "p (∞ drawn at the top)", True), ("eps", "training ε (pixels)", False),
+                 ("lr", "learning rate", False))
+
+
+class PlotInputError(ValueError):
+    """Input that cannot be plotted; the message is one line naming the argument and value."""
 
 
 def _pyplot():
@@ -18,64 +44,207 @@ def _pyplot():
     return plt
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and loading
+# ----------------------------------------------------------------------------------------------
+
+
+def check_result(result, field: str, need: str = "any") -> Mapping:
+    """Checks a certify summary. ``need``: 'any' (``results`` or ``radii``), 'radii'.
+
+    Every key that is present must be well formed (``results``: a list of rows with a number
+    ``eps`` >= 0 and accuracies in [0, 1]; ``radii``: finite numbers >= 0). Raises
+    :class:`PlotInputError` naming ``field``."""
+    if not isinstance(result, Mapping):
+        raise PlotInputError(f"{field}: a JSON {type(result).__name__}, not an object; allowed: "
+                             f"{RESULT_HELP}")
+    keys = sorted(result)
+    if "results" in result:
+        rows = result["results"]
+        if not isinstance(rows, list):
+            raise PlotInputError(f"{field}: 'results' is a {type(rows).__name__}; allowed: a "
+                                 "list of {eps, certified_accuracy, pgd_accuracy} rows")
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping) or not _is_number(row.get("eps")) or row["eps"] < 0:
+                raise PlotInputError(f"{field}: results[{i}]={_short(row)} has no number 'eps' "
+                                     ">= 0; allowed: rows {eps, certified_accuracy, "
+                                     "pgd_accuracy} (pixels, fractions in [0, 1])")
+            if "certified_accuracy" not in row:
+                raise PlotInputError(f"{field}: results[{i}]={_short(row)} has no "
+                                     "'certified_accuracy'; allowed: rows {eps, "
+                                     "certified_accuracy, pgd_accuracy}")
+            for key in ("certified_accuracy", "lipschitz_certified_accuracy", "pgd_accuracy"):
+                if key in row and not (_is_number(row[key]) and 0 <= row[key] <= 1):
+                    raise PlotInputError(f"{field}: results[{i}].{key}={row[key]!r} is not "
+                                         "allowed: a fraction in [0, 1]")
+    if "radii" in result:
+        radii = result["radii"]
+        if not isinstance(radii, list) or not all(_is_number(r) and r >= 0 for r in radii):
+            raise PlotInputError(f"{field}: 'radii'={_short(radii)} is not allowed: a list of "
+                                 "finite per-example radii >= 0 (pixels)")
+    if need == "radii":
+        if not result.get("radii"):
+            what = "an empty 'radii' list" if "radii" in result else f"no key 'radii' (keys: " \
+                f"{', '.join(keys) or 'none'})"
+            raise PlotInputError(f"{field}: {what}; allowed: {RESULT_HELP}")
+    elif not result.get("radii") and not result.get("results"):
+        raise PlotInputError(f"{field}: neither 'results' nor 'radii' (keys: "
+                             f"{', '.join(keys) or 'none'}); allowed: {RESULT_HELP}")
+    return result
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def load_result(path: str, field: str = "RESULT.json", need: str = "any") -> dict:
+    """Reads and checks one certify JSON (see :func:`check_result`)."""
+    where = f"{field}={path!r}"
+    if os.path.isdir(path):
+        raise PlotInputError(f"{where} is a folder; allowed: {RESULT_HELP}")
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except FileNotFoundError:
+        raise PlotInputError(f"{where}: no such file; allowed: {RESULT_HELP}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise PlotInputError(f"{where} cannot be read ({type(err).__name__}); allowed: "
+                             f"{RESULT_HELP}") from None
+    except json.JSONDecodeError as err:
+        raise PlotInputError(f"{where} is not JSON (line {err.lineno}: {err.msg}); allowed: "
+                             f"{RESULT_HELP}") from None
+    return check_result(result, where, need)
+
+
+def read_metrics(path: str, field: str = "METRICS") -> list[dict]:
+    """The records of a metrics.jsonl file (a workdir or the file itself), checked: every line a
+    JSON object with a number ``step``, and at least one record with a plotted key."""
+    where = f"{field}={path!r}"
+    if os.path.isdir(path):
+        file = os.path.join(path, "metrics.jsonl")
+        if not os.path.isfile(file):
+            raise PlotInputError(f"{where}: the folder has no metrics.jsonl; allowed: "
+                                 f"{METRICS_HELP}")
+        path = file
+    records = []
+    try:
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise PlotInputError(f"{where}: line {lineno} is not JSON ({err.msg}); "
+                                         f"allowed: {METRICS_HELP}") from None
+                if not isinstance(record, dict) or not _is_number(record.get("step")):
+                    raise PlotInputError(f"{where}: line {lineno} has no number 'step'; allowed: "
+                                         f"{METRICS_HELP} (one JSON record per logged step)")
+                records.append(record)
+    except FileNotFoundError:
+        raise PlotInputError(f"{where}: no such file or folder; allowed: {METRICS_HELP}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise PlotInputError(f"{where} cannot be read ({type(err).__name__}); allowed: "
+                             f"{METRICS_HELP}") from None
+    _check_records(records, where)
+    return records
+
+
+def _check_records(records: Sequence, where: str) -> None:
+    if not records:
+        raise PlotInputError(f"{where}: no records; allowed: {METRICS_HELP} with at least one "
+                             "logged step")
+    if not any(key in r for r in records for key, _, _ in TRAINING_KEYS):
+        names = ", ".join(key for key, _, _ in TRAINING_KEYS)
+        raise PlotInputError(f"{where}: no record has any of {names}; allowed: {METRICS_HELP}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+
 def certified_curve(radii, eps_grid) -> np.ndarray:
-    """Fraction of examples whose certified radius exceeds each ε (non-increasing in ε)."""
-    r = np.asarray(radii, np.float64)
-    return np.array([(r > e).mean() if r.size else 0.0 for e in eps_grid])
+    """Fraction of examples whose certified radius exceeds each ε (non-increasing in ε).
+
+    ``radii`` are per-example radii (pixels) or a certify summary with a ``radii`` key. A radius
+    ``r`` certifies exactly the ε < r (the Lipschitz rule ``margin > 2ε + tol``)."""
+    if isinstance(radii, Mapping):
+        radii = radii.get("radii", [])
+    r = np.sort(np.asarray(radii, np.float64).ravel())
+    eps = np.asarray(eps_grid, np.float64)
+    if not r.size:
+        return np.zeros(eps.shape)
+    return 1.0 - np.searchsorted(r, eps, side="right") / r.size
+
+
+def _eps_top(runs: Mapping[str, Mapping], eps_max: float | None) -> float:
+    if eps_max:
+        return float(eps_max)
+    all_eps = [row["eps"] for r in runs.values() for row in r.get("results", [])]
+    top = max([*all_eps, 0.05]) * 1.5
+    for r in runs.values():  # show the Lipschitz curve until (nearly) every radius is passed
+        if r.get("radii"):
+            top = max(top, float(np.quantile(r["radii"], 0.995)) * 1.05)
+    return min(top, 1.0)
 
 
 def plot_certified_accuracy(runs: Mapping[str, Mapping], path: str, eps_max: float | None = None,
                             title: str = "Certified accuracy versus ε") -> str:
-    """One chart, one line per run. ``runs[label]`` is a certify.py/evaluate summary: its
+    """One chart, one colour per run. ``runs[label]`` is a certify.py/evaluate summary: its
     ``radii`` (pixels) give the Lipschitz curve, its ``results`` the interval-certified and
     PGD points at the evaluated ε."""
+    for label, r in runs.items():
+        check_result(r, f"runs[{label!r}]")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    all_eps = [row["eps"] for r in runs.values() for row in r.get("results", [])]
-    top = eps_max or max([*all_eps, 0.05]) * 1.5
-    grid = np.linspace(0, top, 200)
+    top = _eps_top(runs, eps_max)
+    grid = np.linspace(0, top, 400)
     for i, (label, r) in enumerate(runs.items()):
         color = f"C{i}"
         if r.get("radii"):
             ax.plot(grid, 100 * certified_curve(r["radii"], grid), color=color,
                     label=f"{label} (Lipschitz radius)")
-        rows = r.get("results", [])
+        rows = sorted(r.get("results", []), key=lambda row: row["eps"])
         if rows:
-            ax.plot([row["eps"] for row in rows], [100 * row["certified_accuracy"] for row in rows],
-                    "o", color=color, label=f"{label} (interval certificate)")
-            ax.plot([row["eps"] for row in rows], [100 * row["pgd_accuracy"] for row in rows],
-                    "x", color=color, label=f"{label} (PGD accuracy)")
+            eps = [row["eps"] for row in rows]
+            ax.plot(eps, [100 * row["certified_accuracy"] for row in rows], "o", color=color,
+                    label=f"{label} (interval certificate)")
+            pgd = [(row["eps"], row["pgd_accuracy"]) for row in rows if "pgd_accuracy" in row]
+            if pgd:
+                ax.plot([e for e, _ in pgd], [100 * a for _, a in pgd], "x", color=color,
+                        label=f"{label} (PGD accuracy)")
     ax.set_xlabel("ε (pixels, ℓ∞)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_xlim(0, top)
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    if runs:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl file (a workdir or the file itself)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def plot_training_curves(metrics: str | Sequence[dict], path: str) -> str:
-    """Loss, clean batch accuracy, p, ε and learning rate against steps (from metrics.jsonl)."""
+    """Loss, clean batch accuracy, p, ε and learning rate against steps (from metrics.jsonl:
+    a run folder, the file, or its records)."""
+    if isinstance(metrics, (str, os.PathLike)):
+        records = read_metrics(os.fspath(metrics))
+    else:
+        records = list(metrics)
+        _check_records(records, "metrics")
     plt = _pyplot()
-    records = read_metrics(metrics) if isinstance(metrics, str) else list(metrics)
-    steps = np.array([r["step"] for r in records])
-    keys = [("loss", "loss", False), ("accuracy", "clean batch accuracy", False),
-            ("p", "p (∞ drawn at the top)", True), ("eps", "training ε (pixels)", False),
-            ("lr", "learning rate", False)]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(6.4, 9), dpi=110, sharex=True)
-    for ax, (key, label, log) in zip(axes, keys, strict=True):
+    steps = np.array([r.get("step", np.nan) for r in records], np.float64)
+    fig, axes = plt.subplots(len(TRAINING_KEYS), 1, figsize=(6.4, 9), dpi=110, sharex=True)
+    for ax, (key, label, log) in zip(axes, TRAINING_KEYS, strict=True):
         v = np.array([r.get(key, np.nan) for r in records], np.float64)
         if key == "p":
             finite = v[np.isfinite(v)]
@@ -83,7 +252,7 @@ def plot_training_curves(metrics: str | Sequence[dict], path: str) -> str:
             v = np.where(np.isinf(v), cap, v)
         ax.plot(steps, v, lw=1.2)
         ax.set_ylabel(label, fontsize=8)
-        if log:
+        if log and np.any(v > 0):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
@@ -93,19 +262,159 @@ def plot_training_curves(metrics: str | Sequence[dict], path: str) -> str:
     return path
 
 
-def plot_radius_histogram(runs: Mapping[str, Sequence[float]], path: str, bins: int = 40) -> str:
-    """Histogram of per-example certified radii (pixels), one series per run."""
+def plot_radius_histogram(runs: Mapping[str, Sequence[float] | Mapping], path: str,
+                          bins: int = 40, eps: Sequence[float] = ()) -> str:
+    """Histogram of per-example certified radii (pixels), one series per run. ``runs[label]``
+    is a list of radii or a certify summary (its ``radii``); ``eps`` draws dashed lines at
+    those radii (by default the ε evaluated in the summaries)."""
+    series, marks = {}, set(eps)
+    for label, r in runs.items():
+        if isinstance(r, Mapping):
+            check_result(r, f"runs[{label!r}]", need="radii")
+            marks.update(row["eps"] for row in r.get("results", []) if not eps)
+            r = r["radii"]
+        series[label] = np.asarray(r, np.float64).ravel()
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    top = max([max(r) if len(r) else 0 for r in runs.values()] + [1e-3])
+    top = max([r.max() if r.size else 0 for r in series.values()] + [1e-3])
     edges = np.linspace(0, top, bins + 1)
-    for label, radii in runs.items():
-        ax.hist(np.asarray(radii), bins=edges, alpha=0.5, label=label)
-    ax.set_xlabel("certified radius (pixels, ℓ∞)")
+    for i, (label, radii) in enumerate(series.items()):  # light fill, full-colour outline
+        ax.hist(radii, bins=edges, histtype="stepfilled", alpha=0.2, color=f"C{i}")
+        ax.hist(radii, bins=edges, histtype="step", lw=1.4, color=f"C{i}", label=label)
+    for e in sorted(marks):
+        ax.axvline(e, color="0.3", ls="--", lw=0.8)
+    ax.set_xlabel("certified radius (pixels, ℓ∞)" + (" — dashed: evaluated ε" if marks else ""))
     ax.set_ylabel("examples")
-    ax.legend(fontsize=8)
+    if series:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def default_labels(paths: Sequence[str]) -> list[str]:
+    """A label per file: its name without extension, with its folder when names repeat."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    labels = [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), s)
+              for p, s in zip(paths, stems, strict=True)]
+    return labels if len(set(labels)) == len(labels) else [os.fspath(p) for p in paths]
+
+
+def _labels(text: str | None, paths: Sequence[str]) -> list[str]:
+    if text is None:
+        return default_labels(paths)
+    labels = [s.strip() for s in text.split(",")]
+    if len(labels) != len(paths) or not all(labels):
+        raise PlotInputError(f"--labels={text!r}: {len(labels)} label(s) for {len(paths)} "
+                             "RESULT.json file(s); allowed: one non-empty comma-separated label "
+                             "per RESULT.json, in order")
+    if len(set(labels)) != len(labels):
+        raise PlotInputError(f"--labels={text!r}: labels repeat; allowed: distinct labels")
+    return labels
+
+
+def _check_out(path: str) -> None:
+    from linf_jax.cli import check_writable_file
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in OUT_EXTENSIONS:
+        raise PlotInputError(f"OUT.png={path!r}: the extension {ext or '(none)'!r} is not "
+                             f"allowed; allowed: a file name ending in {', '.join(OUT_EXTENSIONS)}")
+    check_writable_file(path, "OUT.png")
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if not 1 <= v <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: an integer in 1..1000")
+    return v
+
+
+def _eps_max(text: str) -> float:
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and 0 < v <= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: pixels in (0, 1]")
+    return v
+
+
+def build_parser():
+    import argparse
+
+    from linf_jax.cli import fail
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit code 2 (argparse prints usage + a line)
+            usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+            fail(f"{message}; usage: {usage}")
+
+    parser = Parser(prog="python -m linf_jax.plots",
+                    description="PNG plots of linf-jax runs (matplotlib Agg).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{curve,training,radii}")
+    curve = sub.add_parser("curve", help="certified accuracy versus ε, several runs on one chart")
+    curve.add_argument("out", metavar="OUT.png", help="output image (.png, .pdf or .svg)")
+    curve.add_argument("results", metavar="RESULT.json", nargs="+", help=RESULT_HELP)
+    curve.add_argument("--labels", help="comma-separated legend labels, one per RESULT.json")
+    curve.add_argument("--eps-max", type=_eps_max, help="right end of the ε axis (pixels)")
+    curve.add_argument("--title", default="Certified accuracy versus ε")
+    training = sub.add_parser("training", help="loss, accuracy, p, ε and lr against steps")
+    training.add_argument("out", metavar="OUT.png", help="output image (.png, .pdf or .svg)")
+    training.add_argument("metrics", metavar="WORKDIR_or_metrics.jsonl", help=METRICS_HELP)
+    radii = sub.add_parser("radii", help="histogram of per-example certified radii")
+    radii.add_argument("out", metavar="OUT.png", help="output image (.png, .pdf or .svg)")
+    radii.add_argument("results", metavar="RESULT.json", nargs="+", help=RESULT_HELP)
+    radii.add_argument("--labels", help="comma-separated legend labels, one per RESULT.json")
+    radii.add_argument("--bins", type=_positive_int, default=40, help="number of bins")
+    return parser
+
+
+def run(args) -> str:
+    _check_out(args.out)
+    if args.command == "training":
+        return plot_training_curves(read_metrics(args.metrics, "WORKDIR_or_metrics.jsonl"),
+                                    args.out)
+    need = "radii" if args.command == "radii" else "any"
+    results = [load_result(p, "RESULT.json", need) for p in args.results]
+    runs = dict(zip(_labels(args.labels, args.results), results, strict=True))
+    if args.command == "curve":
+        return plot_certified_accuracy(runs, args.out, eps_max=args.eps_max, title=args.title)
+    return plot_radius_histogram(runs, args.out, bins=args.bins)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from linf_jax.cli import fail
+
+    args = build_parser().parse_args(argv)
+    try:
+        path = run(args)
+    except PlotInputError as err:
+        fail(str(err))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
