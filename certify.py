@@ -1,6 +1,7 @@
 """Evaluate and certify trained runs: clean, PGD and certified accuracy at several ε.
 
-    python certify.py --workdir runs/x --eps 0.1,0.3 --split test --output results.json --plot curve.png
+    python certify.py --workdir runs/x --eps 0.1,0.3 --split test \\
+        --output results.json --plot curve.png
     python certify.py --workdir runs/a --workdir runs/b --workdir runs/c   # stacked ensemble
     python certify.py --workdir runs/x --weights raw
 

@@ -63,7 +63,8 @@ def initialize_distributed() -> None:
     if num is not None and num < 1:
         fail(f"--num_processes={num} is not allowed: a positive integer")
     if pid is not None and (pid < 0 or (num is not None and pid >= num)):
-        fail(f"--process_id={pid} is not allowed: 0..{'num_processes-1' if num is None else num - 1}")
+        top = "num_processes-1" if num is None else num - 1
+        fail(f"--process_id={pid} is not allowed: 0..{top}")
     try:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=num,
                                    process_id=pid)

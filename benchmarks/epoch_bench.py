@@ -18,7 +18,8 @@ exp and log count as one op each, so the floor is optimistic for general p.
     PYTHONPATH=. python benchmarks/epoch_bench.py --backend pallas        # Pallas kernels, GPU
 
 ``--backend`` sets ``LINF_JAX_KERNELS`` (default: the library's choice, XLA until the Pallas
-kernels are verified on a GPU; ``--backend pallas`` opts in). Pallas on a CPU runs in interpret mode and is only a correctness check, not a timing.
+kernels are verified on a GPU; ``--backend pallas`` opts in). Pallas on a CPU runs in interpret
+mode and is only a correctness check, not a timing.
 """
 
 from __future__ import annotations

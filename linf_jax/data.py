@@ -73,7 +73,7 @@ import gzip
 import importlib.util
 import os
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -307,11 +307,13 @@ def _as_images(x, field: str) -> np.ndarray:
         if bad:
             raise DataError(
                 f"{field}: {bad} NaN or inf values (the first at index "
-                f"{tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])}); allowed: finite pixels in [0, 1]"
+                f"{tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])}); "
+                "allowed: finite pixels in [0, 1]"
             )
         if x.size and (x.min() < 0.0 or x.max() > 1.0):
             raise DataError(
-                f"{field}: float pixels in [{x.min():g}, {x.max():g}]; allowed: [0, 1] (or uint8 0..255)"
+                f"{field}: float pixels in [{x.min():g}, {x.max():g}]; "
+                "allowed: [0, 1] (or uint8 0..255)"
             )
         return x
     if np.issubdtype(x.dtype, np.integer) and (x.size == 0 or (x.min() >= 0 and x.max() <= 255)):
@@ -324,16 +326,25 @@ def _as_labels(y, field: str) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
-        if y.ndim == 1 and np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        if (
+            y.ndim == 1
+            and np.issubdtype(y.dtype, np.floating)
+            and np.all(np.isfinite(y))
+            and np.all(y == np.round(y))
+        ):
             return y.astype(np.int32)
-        raise DataError(f"{field}: shape {y.shape} dtype {y.dtype}; allowed: [N] integer class indices")
+        raise DataError(
+            f"{field}: shape {y.shape} dtype {y.dtype}; allowed: [N] integer class indices"
+        )
     return y.astype(np.int32)
 
 
 def _pooled_stats(images: np.ndarray) -> tuple[tuple[float, ...], float]:
     """Per-channel mean and ONE std (sqrt of the mean per-channel variance), pixel units."""
     if images.shape[0] == 0:
-        raise DataError("data.images: no examples to compute mean/std from; allowed: a non-empty split")
+        raise DataError(
+            "data.images: no examples to compute mean/std from; allowed: a non-empty split"
+        )
     scale = 255.0 if images.dtype == np.uint8 else 1.0
     c = images.shape[-1]
     s1 = np.zeros(c)
@@ -348,7 +359,9 @@ def _pooled_stats(images: np.ndarray) -> tuple[tuple[float, ...], float]:
     var = np.maximum(s2 / count - np.square(mean), 0.0)
     std = float(np.sqrt(var.mean()))
     if not std > 0:
-        raise DataError("data.std: the images are constant (std 0); allowed: images with some variation")
+        raise DataError(
+            "data.std: the images are constant (std 0); allowed: images with some variation"
+        )
     return tuple(float(m) for m in mean), std
 
 
@@ -373,7 +386,9 @@ def _make(source, images, labels, num_classes, mean, std, aug) -> Dataset:
     if len(mean) == 1 and c > 1:
         mean = mean * c
     if len(mean) != c:
-        raise DataError(f"data.mean: {len(mean)} values for {c} channels in {source!r}; allowed: 1 or {c}")
+        raise DataError(
+            f"data.mean: {len(mean)} values for {c} channels in {source!r}; allowed: 1 or {c}"
+        )
     std_arr = np.asarray(std, np.float64)
     if std_arr.size != 1 or not np.isfinite(std_arr).all() or float(std_arr.ravel()[0]) <= 0:
         raise DataError(f"data.std: {std!r} for {source!r}; allowed: ONE positive scalar (SPEC §3)")
@@ -424,7 +439,10 @@ def _read_idx(path: str, magic: int, ndim: int) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise DataError(f"data.source: cannot read IDX file {path} ({e}); allowed: an IDX file, gzipped or not") from None
+        raise DataError(
+            f"data.source: cannot read IDX file {path} ({e}); "
+            "allowed: an IDX file, gzipped or not"
+        ) from None
     got = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if got != magic:
         raise DataError(
@@ -433,7 +451,10 @@ def _read_idx(path: str, magic: int, ndim: int) -> np.ndarray:
         )
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"data.source: IDX file {path} is truncated in its header; allowed: a complete IDX file")
+        raise DataError(
+            f"data.source: IDX file {path} is truncated in its header; "
+            "allowed: a complete IDX file"
+        )
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     size = int(np.prod(shape))
     if len(raw) - header != size:
@@ -457,7 +478,10 @@ def _find(directory: str, stem: str) -> str:
 
 def _load_idx(source: str, directory: str, split: str) -> Dataset:
     if not os.path.isdir(directory):
-        raise DataError(f"data.source: {source!r}: no directory {directory!r}; allowed: idx:DIR with IDX files")
+        raise DataError(
+            f"data.source: {source!r}: no directory {directory!r}; "
+            "allowed: idx:DIR with IDX files"
+        )
 
     def get(name):
         img_stem, lab_stem = _IDX_FILES[name]
@@ -465,8 +489,8 @@ def _load_idx(source: str, directory: str, split: str) -> Dataset:
         y = _read_idx(_find(directory, lab_stem), 2049, 1)
         if x.shape[0] != y.shape[0]:
             raise DataError(
-                f"data.labels: {y.shape[0]} labels for {x.shape[0]} images in {directory} ({name}); "
-                "allowed: one label per image"
+                f"data.labels: {y.shape[0]} labels for {x.shape[0]} images "
+                f"in {directory} ({name}); allowed: one label per image"
             )
         return x[..., None], y
 
@@ -480,12 +504,17 @@ def _load_idx(source: str, directory: str, split: str) -> Dataset:
 
 def _load_npz(source: str, path: str, split: str) -> Dataset:
     if not os.path.isfile(path):
-        raise DataError(f"data.source: {source!r}: no file {path!r}; allowed: npz:FILE with an existing .npz")
+        raise DataError(
+            f"data.source: {source!r}: no file {path!r}; allowed: npz:FILE with an existing .npz"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception as e:  # noqa: BLE001 - any unreadable file is a data error
-        raise DataError(f"data.source: cannot read {path!r} as .npz ({type(e).__name__}: {e}); allowed: a NumPy .npz") from None
+        raise DataError(
+            f"data.source: cannot read {path!r} as .npz ({type(e).__name__}: {e}); "
+            "allowed: a NumPy .npz"
+        ) from None
 
     def pick(*keys):
         for k in keys:
@@ -495,8 +524,14 @@ def _load_npz(source: str, path: str, split: str) -> Dataset:
 
     if all(k in arrays for k in ("x_train", "y_train", "x_test", "y_test")):
         splits = {
-            "train": (_as_images(arrays["x_train"], "data.x_train"), _as_labels(arrays["y_train"], "data.y_train")),
-            "test": (_as_images(arrays["x_test"], "data.x_test"), _as_labels(arrays["y_test"], "data.y_test")),
+            "train": (
+                _as_images(arrays["x_train"], "data.x_train"),
+                _as_labels(arrays["y_train"], "data.y_train"),
+            ),
+            "test": (
+                _as_images(arrays["x_test"], "data.x_test"),
+                _as_labels(arrays["y_test"], "data.y_test"),
+            ),
         }
     else:
         x, y = pick("x", "images"), pick("y", "labels")
@@ -511,7 +546,9 @@ def _load_npz(source: str, path: str, split: str) -> Dataset:
     train_x = splits["train"][0]
     if "mean" in arrays or "std" in arrays:
         if "mean" not in arrays or "std" not in arrays:
-            raise DataError(f"data.mean: {path!r} has only one of mean/std; allowed: both or neither")
+            raise DataError(
+                f"data.mean: {path!r} has only one of mean/std; allowed: both or neither"
+            )
         mean, std = arrays["mean"], arrays["std"]
     else:
         mean, std = _pooled_stats(train_x)
@@ -544,7 +581,8 @@ def _base_name(name: str) -> str:
 def _install_hint(name: str) -> str:
     return (
         f"pip install tensorflow-cpu and rerun, or prepare it with "
-        f"`tfds build {name} --file_format=array_record` (add --data_dir=DIR when you pass data_dir)"
+        f"`tfds build {name} --file_format=array_record` "
+        "(add --data_dir=DIR when you pass data_dir)"
     )
 
 
@@ -569,7 +607,10 @@ def _load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Data
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - tfds is a dependency
-        raise DataError(f"data.source: {source!r} needs tensorflow-datasets ({e}); pip install tensorflow-datasets") from None
+        raise DataError(
+            f"data.source: {source!r} needs tensorflow-datasets ({e}); "
+            "pip install tensorflow-datasets"
+        ) from None
 
     data_dir = None if data_dir is None else os.fspath(data_dir)
     builder_kwargs = {"file_format": "array_record"}
@@ -577,11 +618,14 @@ def _load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Data
         builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
     except tfds.core.registered.DatasetNotFoundError:
         raise DataError(
-            f"data.source: no TFDS data set named {name!r}; allowed: a name from tfds.list_builders() "
+            f"data.source: no TFDS data set named {name!r}; "
+            "allowed: a name from tfds.list_builders() "
             "or a registered tfds.core.GeneratorBasedBuilder"
         ) from None
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"data.source: cannot open TFDS data set {name!r} ({_first_line(e)})") from None
+        raise DataError(
+            f"data.source: cannot open TFDS data set {name!r} ({_first_line(e)})"
+        ) from None
 
     if not builder.is_prepared():
         stock = type(builder).__module__.startswith("tensorflow_datasets.")
@@ -595,9 +639,12 @@ def _load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Data
         except Exception as e:  # noqa: BLE001
             if _needs_tf(e):
                 raise DataError(
-                    f"data.source: preparing TFDS data set {name!r} needs TensorFlow: {_install_hint(name)}"
+                    f"data.source: preparing TFDS data set {name!r} needs TensorFlow: "
+                    f"{_install_hint(name)}"
                 ) from None
-            raise DataError(f"data.source: cannot prepare TFDS data set {name!r} ({_first_line(e)})") from None
+            raise DataError(
+                f"data.source: cannot prepare TFDS data set {name!r} ({_first_line(e)})"
+            ) from None
 
     info = builder.info
     features = info.features
@@ -610,12 +657,22 @@ def _load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Data
 
     def read(spec: str) -> tuple[np.ndarray, np.ndarray]:
         try:
-            ds = tfds.data_source(name, split=spec, data_dir=data_dir, builder_kwargs=builder_kwargs, download=False)
+            ds = tfds.data_source(
+                name,
+                split=spec,
+                data_dir=data_dir,
+                builder_kwargs=builder_kwargs,
+                download=False,
+            )
         except Exception as e:  # noqa: BLE001
             if _needs_tf(e):
-                raise DataError(f"data.source: reading TFDS data set {name!r} needs TensorFlow: {_install_hint(name)}") from None
+                raise DataError(
+                    f"data.source: reading TFDS data set {name!r} needs TensorFlow: "
+                    f"{_install_hint(name)}"
+                ) from None
             raise DataError(
-                f"data.source: cannot read TFDS data set {name!r} with random access ({_first_line(e)}); "
+                f"data.source: cannot read TFDS data set {name!r} with random access "
+                f"({_first_line(e)}); "
                 f"rebuild it with `tfds build {name} --file_format=array_record`"
             ) from None
         n = len(ds)
@@ -625,7 +682,10 @@ def _load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Data
                 images.append(np.asarray(ex["image"]))
                 labels.append(np.asarray(ex["label"]))
         if not images:
-            return np.zeros((0,) + tuple(features["image"].shape), np.uint8), np.zeros((0,), np.int32)
+            return (
+                np.zeros((0,) + tuple(features["image"].shape), np.uint8),
+                np.zeros((0,), np.int32),
+            )
         return np.stack(images), np.stack(labels)
 
     # Validate the split spec (one-line DataError) before reading.

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from linf_jax.layers import Box, BoundedLinear, LinfDist, LinfDistConv, MeanShift, max_pool
+from linf_jax.layers import BoundedLinear, Box, LinfDist, LinfDistConv, MeanShift, max_pool
 
 INF = float("inf")
 HEADS = ("none", "mlp")

@@ -39,7 +39,10 @@ def test_stack_unstack_roundtrip_and_vmapped_logits_equal_member_mean():
     stacked = ensemble.stack(vs)
     assert ensemble.size(stacked) == 4
     for a, b in zip(ensemble.unstack(stacked), vs, strict=True):
-        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        assert all(
+            np.array_equal(x, y)
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        )
     x = jnp.asarray(np.random.default_rng(1).normal(size=(16, 4, 4, 1)), jnp.float32)
     one_by_one = np.mean([np.asarray(model.apply(v, x), np.float64) for v in vs], axis=0)
     np.testing.assert_allclose(ensemble.apply(model, stacked, x), one_by_one, rtol=1e-5,
