@@ -1,0 +1,181 @@
+"""Ensemble benchmark: K members in one vmapped program versus a Python loop over members.
+
+Two workloads, side by side in one run, for each model size:
+
+* certify: logits + interval margins of every test input for K members, averaged (the
+  ensemble certificate of SPEC §5). ``vmapped``: one jitted call over the stacked pytree
+  (:func:`linf_jax.ensemble.apply`). ``loop``: the official code's way, one jitted call per
+  member, averaged on the host. Both give the same certified set (checked).
+* train: one optimiser step of K independently trained members (own init, own data order).
+  ``vmapped``: the K-member train step of ``ensemble.mode=independent`` (one program).
+  ``loop``: K single-model train steps, one after the other (K sequential runs).
+
+Sizes: ``digits`` (the default config: 4×512 on 8×8 inputs, batch 128, 360 test inputs) and
+``mnist`` (5×1024 on 28×28 inputs, batch 128, 1,000 synthetic test inputs; the paper's 5×5120 is
+too large for a CPU benchmark, ``--mnist-width 5120`` on a GPU).
+
+    PYTHONPATH=. python benchmarks/ensemble_bench.py                 # both sizes, K = 5
+    PYTHONPATH=. python benchmarks/ensemble_bench.py --sizes digits --members 5 --repeats 5
+
+Prints a table of medians and one final line of loop/vmapped ratios (> 1: vmapped is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from linf_jax import certify as certify_lib
+from linf_jax import data as data_lib
+from linf_jax import ensemble, train_lib
+from linf_jax.config import base_config
+from linf_jax.models import build_model
+
+
+def size_setup(name: str, mnist_width: int):
+    cfg = base_config()
+    if name == "digits":
+        ds = data_lib.load("digits", "train")
+        test = data_lib.load("digits", "test")
+        images, labels = ds.images, ds.labels
+        test_x, test_y = data_lib.as_pixels(test.images), test.labels
+        meta = train_lib.dataset_meta(ds)
+    else:
+        cfg.model.update(depth=5, width=mnist_width)
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, size=(2560, 28, 28, 1), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=2560).astype(np.int32)
+        test_x = jnp.asarray(rng.random((1000, 28, 28, 1)), jnp.float32)
+        test_y = rng.integers(0, 10, size=1000).astype(np.int32)
+        meta = {"source": "synthetic-mnist", "input_shape": [28, 28, 1], "num_classes": 10,
+                "mean": [0.1307], "std": 0.3081, "augment": "none"}
+    return cfg, jnp.asarray(images), jnp.asarray(labels), test_x, jnp.asarray(test_y), meta
+
+
+def timed(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_certify(cfg, meta, test_x, test_y, k: int, repeats: int, eps_pixels: float = 0.1):
+    model = build_model(cfg.model, meta["num_classes"])
+    x0 = jnp.zeros((1, *meta["input_shape"]), jnp.float32)
+    members = []
+    for s in range(k):
+        v = model.init(jax.random.key(s), x0, p=float("inf"), train=False)
+        members.append(v)
+    stacked = ensemble.stack(members)
+    mean = jnp.asarray(meta["mean"], jnp.float32)
+    std = meta["std"]
+    plo, phi = data_lib.pixel_bounds(meta["mean"], std)
+    eps = eps_pixels / std
+
+    def member_outputs(v, x, y):
+        xn = data_lib.normalize(x, mean, std)
+        lo, hi = certify_lib.input_box(xn, eps, plo, phi)
+        return model.apply(v, xn), model.apply(v, lo, hi, y, method="certify_margins")
+
+    one = jax.jit(member_outputs)
+    vmapped = jax.jit(lambda s, x, y: ensemble.mean_over_members(member_outputs, s, x, y))
+
+    def finish(logits, margins):
+        return certify_lib.interval_certified(margins, test_y) & (logits.argmax(-1) == test_y)
+
+    def run_vmapped():
+        return finish(*vmapped(stacked, test_x, test_y))
+
+    def run_loop():
+        outs = [one(v, test_x, test_y) for v in members]
+        return finish(sum(o[0] for o in outs) / k, sum(o[1] for o in outs) / k)
+
+    a, b = np.asarray(run_vmapped()), np.asarray(run_loop())
+    agree = float((a == b).mean())
+    return timed(run_loop, repeats), timed(run_vmapped, repeats), agree
+
+
+def bench_train(cfg, meta, images, labels, k: int, repeats: int, p_mode: str):
+    cfg = cfg.copy_and_resolve_references()
+    cfg.train.epochs = (0, 1, 1, 2, 3)
+    spe = len(labels) // cfg.train.batch_size
+    schedule = train_lib.make_schedule(cfg, spe, meta["std"])
+    tx = train_lib.optim.make_optimizer(schedule, cfg.train.weight_decay)
+    model = build_model(cfg.model, meta["num_classes"])
+    shape = tuple(meta["input_shape"])
+    bs = cfg.train.batch_size
+    step_at = {"start": 0, "ramp": spe + 1, "inf": 2 * spe}[p_mode]
+
+    single_cfg = cfg.copy_and_resolve_references()
+    single_cfg.ensemble.size = 1
+    single_step = train_lib.make_train_step(single_cfg, model, tx, schedule, meta)
+    singles = []
+    for s in range(k):
+        c = single_cfg.copy_and_resolve_references()
+        c.seed = s
+        st = train_lib.create_train_state(c, model, shape, tx)
+        singles.append(st.replace(step=jnp.asarray(step_at, jnp.int32)))
+    idx = jnp.arange(bs)
+
+    ens_cfg = cfg.copy_and_resolve_references()
+    ens_cfg.ensemble.update(size=k, mode="independent")
+    ens_step = train_lib.make_train_step(ens_cfg, model, tx, schedule, meta)
+    ens_state = train_lib.create_train_state(ens_cfg, model, shape, tx)
+    ens_state = ens_state.replace(step=jnp.asarray(step_at, jnp.int32))
+    ens_idx = jnp.tile(idx, (k, 1))
+
+    def run_loop():
+        return [single_step(s, images, labels, idx, p_mode)[1]["loss"] for s in singles]
+
+    def run_vmapped():
+        return ens_step(ens_state, images, labels, ens_idx, p_mode)[1]["loss"]
+
+    return timed(run_loop, repeats), timed(run_vmapped, repeats)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="digits,mnist")
+    ap.add_argument("--members", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--mnist-width", type=int, default=1024)
+    ap.add_argument("--phases", default="start,inf", help="train p phases: start (p=8), ramp, inf")
+    args = ap.parse_args()
+    k = args.members
+    print(f"# ensemble_bench: K={k}, jax {jax.__version__}, backend {jax.default_backend()}, "
+          f"{jax.devices()[0].device_kind}, {platform.processor() or platform.machine()}")
+    rows, ratios = [], []
+    for name in args.sizes.split(","):
+        cfg, images, labels, test_x, test_y, meta = size_setup(name, args.mnist_width)
+        loop, vm, agree = bench_certify(cfg, meta, test_x, test_y, k, args.repeats)
+        rows.append((name, f"certify {len(test_y)} inputs", loop, vm, f"{100 * agree:.1f}%"))
+        ratios.append(f"{name}/certify {loop / vm:.2f}x")
+        for phase in args.phases.split(","):
+            loop, vm = bench_train(cfg, meta, images, labels, k, args.repeats, phase)
+            label = {"start": "p=8", "ramp": "p ramp", "inf": "p=inf"}[phase]
+            rows.append((name, f"train step ({label})", loop, vm, ""))
+            ratios.append(f"{name}/train {label} {loop / vm:.2f}x")
+    print(
+        f"| size | workload (K={k}) | Python loop ms | vmapped ms | loop/vmapped "
+        "| same certified |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    for name, work, loop, vm, agree in rows:
+        print(
+            f"| {name} | {work} | {1e3 * loop:.1f} | {1e3 * vm:.1f} | {loop / vm:.2f}x "
+            f"| {agree} |"
+        )
+    print("ratios (loop / vmapped): " + ", ".join(ratios))
+
+
+if __name__ == "__main__":
+    main()
