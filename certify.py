@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
 _WORKDIR = flags.DEFINE_multi_string("workdir", None, "Run folder(s); several = one ensemble.")
 _EPS = flags.DEFINE_string("eps", "0.1", "Comma-separated ε values in pixels, e.g. 0.1,0.3.")
@@ -133,9 +132,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from linf_jax.cli import parse_flags
+    from linf_jax.cli import main_entry
 
-    try:
-        app.run(main, flags_parser=parse_flags)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    main_entry(main)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -131,9 +131,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from linf_jax.cli import parse_flags
+    from linf_jax.cli import main_entry
 
-    try:
-        app.run(main, flags_parser=parse_flags)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    main_entry(main)

@@ -177,3 +177,14 @@ def run_guarded(fn, *args, **kwargs):
         if isinstance(err, OSError) and err.filename is not None:
             fail(f"{err.strerror}: {err.filename}")
         fail(_first_line(err))
+
+
+def main_entry(main) -> None:
+    """``if __name__ == "__main__": main_entry(main)``: absl's ``app.run`` with the one-line flag
+    errors of :func:`parse_flags`; Ctrl-C outside training exits 130 without a traceback."""
+    from absl import app
+
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -32,3 +32,19 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+def init_with_running_means(cfg, shape, seed=0, num_classes=10):
+    """``(model, variables)``: a random init plus one training-mode pass on N(0, 1) inputs, so
+    the MeanShift running means are non-zero (evaluation mode then uses them)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from linf_jax.models import build_model
+
+    model = build_model(cfg, num_classes)
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+    v = model.init(jax.random.key(seed), x, p=8.0, train=True)
+    _, upd = model.apply(v, x, p=8.0, train=True, mutable=["batch_stats"])
+    return model, {**v, **upd}

@@ -4,18 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import init_with_running_means
 
 from linf_jax import certify, ensemble
-from linf_jax.models import build_model
 
 
 def _model(cfg, shape, seed):
-    model = build_model(cfg, 4)
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    v = model.init(jax.random.key(seed), x, p=8.0, train=True)
-    _, upd = model.apply(v, x, p=8.0, train=True, mutable=["batch_stats"])
-    return model, {**v, **upd}
+    return init_with_running_means(cfg, shape, seed, num_classes=4)
 
 
 def _data(shape, seed, model, v):

@@ -12,7 +12,9 @@ import sys
 import textwrap
 import time
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, tiny_config
@@ -21,17 +23,21 @@ from linf_jax import train_lib
 
 N = 4_000_000  # 16 MB per array: a save takes long enough to be killed inside it
 
+
+@flax.struct.dataclass
+class S:
+    """The checkpointed state of the SIGKILL test (the child process imports it from here)."""
+    step: jnp.ndarray
+    w: jnp.ndarray
+    v: jnp.ndarray
+
+
 CHILD = textwrap.dedent(f"""
     import sys
-    import flax
+    sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
     import jax.numpy as jnp
     from linf_jax import train_lib
-
-    @flax.struct.dataclass
-    class S:
-        step: jnp.ndarray
-        w: jnp.ndarray
-        v: jnp.ndarray
+    from test_checkpoints import S
 
     def state(step):
         w = jnp.arange({N}, dtype=jnp.float32) * 1e-3 + step
@@ -78,15 +84,6 @@ def _kill_during_save(workdir, delay):
 
 
 def _restore(workdir):
-    import flax
-    import jax.numpy as jnp
-
-    @flax.struct.dataclass
-    class S:
-        step: jnp.ndarray
-        w: jnp.ndarray
-        v: jnp.ndarray
-
     target = S(step=jnp.int32(0), w=jnp.zeros(N, jnp.float32), v=jnp.zeros(N, jnp.float32))
     mngr = train_lib.checkpoint_manager(workdir, keep=5)  # removes the killed save's tmp folder
     try:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import init_with_running_means
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,12 +24,7 @@ MODELS = {
 
 def _trained_variables(cfg, shape, seed=0):
     """Random init plus one training-mode pass, so the running means are non-zero."""
-    model = build_model(cfg, 10)
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    v = model.init(jax.random.key(seed), x, p=8.0, train=True)
-    _, upd = model.apply(v, x, p=8.0, train=True, mutable=["batch_stats"])
-    v = {**v, **upd}
+    model, v = init_with_running_means(cfg, shape, seed)
     assert any(np.abs(a).max() > 0 for a in jax.tree.leaves(v["batch_stats"]))
     return model, v
 
