@@ -90,13 +90,13 @@ def main(argv) -> None:
 
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}: use --flag=value")
+    cli.quiet_logging()  # Orbax logs every save at INFO
     if _DISTRIBUTED.value:  # before anything touches the devices
         initialize_distributed()
     elif any(f.present for f in (flags.FLAGS["coordinator_address"], flags.FLAGS["num_processes"],
                                  flags.FLAGS["process_id"])):
         cli.fail("--coordinator_address, --num_processes and --process_id are only allowed "
                  "with --distributed")
-    cli.quiet_logging()  # Orbax logs every save at INFO
     config = cli.load_config(_CONFIG)
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)

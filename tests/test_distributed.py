@@ -1,0 +1,77 @@
+"""Multi-host for real: two ``train.py --distributed`` processes (one CPU device each, Gloo
+collectives) train one model with the batch sharded across the processes, and end with the
+parameters of a single-process run; only process 0 writes the run's files."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from conftest import REPO, tiny_config
+
+from linf_jax import train_lib
+
+# A few steps at p = 8 and at p = ∞; Adam's eps = 1e-3 keeps rounding noise from being amplified
+# to ~lr (see sharded_check.py).
+OVERRIDES = {"train.epochs": (0, 1, 0, 1, 2), "train.adam_eps": 1e-3}
+FLAGS = ["--config.model.depth=3", "--config.model.width=32",
+         "--config.data.train_split=train[:640]", "--config.train.batch_size=64",
+         "--config.train.log_every=5", "--config.train.checkpoint_every_epochs=2",
+         "--config.train.eps_train=0.15", "--config.train.epochs=(0,1,0,1,2)",
+         "--config.train.adam_eps=1e-3", "--config.eval.pgd_steps=2", "--progress=false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    workdir = str(tmp_path / "dist")
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    procs = []
+    for pid in range(2):
+        args = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", *FLAGS,
+                "--distributed", f"--coordinator_address=localhost:{port}",
+                "--num_processes=2", f"--process_id={pid}"]
+        if pid == 1:  # the second process takes the rest from the environment
+            args = args[:-3]
+            env = dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                       JAX_PROCESS_ID="1")
+            args.append("--distributed")
+        procs.append(subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "clean accuracy" in out
+    files = sorted(os.listdir(workdir))
+    assert files == ["checkpoints", "config.json", "meta.json", "metrics.jsonl", "results.json"]
+
+    _, _, _, state = train_lib.load_run(workdir)
+    one = train_lib.train_and_evaluate(tiny_config(**OVERRIDES), str(tmp_path / "one"),
+                                       progress=False, evaluate_at_end=False)
+    assert int(state.step) == int(one.state.step) == 20
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one.state.params),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+
+
+def test_distributed_flags_need_distributed(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={tmp_path}/x",
+         "--process_id=3", "--num_processes=2", "--distributed"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --process_id=3 is not allowed: 0..1", proc.stderr
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={tmp_path}/x",
+         "--num_processes=2"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "only allowed with --distributed" in proc.stderr
+    assert not os.path.exists(f"{tmp_path}/x")
