@@ -42,6 +42,8 @@ CASES = [
      ["config.train.p_start", "0.5", ">= 1"]),
     ("train-width-zero", "train.py", ["--workdir={run}", "--config.model.width=0"],
      ["config.model.width", "0", "positive integer"]),
+    ("train-depth-negative", "train.py", ["--workdir={run}", "--config.model.depth=-2"],
+     ["config.model.depth", "-2", "positive integer"]),
     ("train-unknown-model", "train.py", ["--workdir={run}", "--config.model.name=resnet50"],
      ["config.model.name", "resnet50", "linf_dist_net"]),
     ("train-resume-other-width", "train.py", ["--workdir={run}", *TINY[:1],
