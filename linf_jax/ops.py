@@ -36,6 +36,7 @@ Array = jax.Array
 _BLOCK = 16  # input coordinates per unrolled scan step (8 was 7x slower here, see MEASURED.md)
 _OUT_TILE = 128  # weight rows per tile: keeps the (B, tile) carry in cache (1.7x faster arg-max)
 _OUT_CHUNK = 16  # outputs per chunk in the ℓp backward pass
+_LP_BWD_ELEMENTS = 1 << 21  # B·chunk·tile elements per ℓp backward step (see _lp_backward)
 _MAX_INT_P = 8  # integer p up to this use repeated multiplication
 _TINY = 1e-30
 
@@ -238,7 +239,27 @@ def _int_root(s, k):
 
 
 def _lp_backward(x, w, y, g, p, k):
-    """∂x[b,i] = Σ_o g·G, ∂w[o,i] = -Σ_b g·G with G = sign(d)(|d|/y)^(p-1), chunked over o."""
+    """∂x[b,i] = Σ_o g·G, ∂w[o,i] = -Σ_b g·G with G = sign(d)(|d|/y)^(p-1), chunked over o and,
+    for wide inputs, tiled over i: every coordinate's G needs only its own d and y, so input
+    tiles are independent, and each chunk's ``[B, oc, tile]`` temporaries stay small (untiled,
+    (512, 3072, 5120) at p = 8 ran at 0.16 G elements/s against 1.5 at n = 1024)."""
+    b, n = x.shape
+    tile = max(_LP_BWD_ELEMENTS // (b * _OUT_CHUNK), _BLOCK)
+    if n <= tile:
+        return _lp_backward_tile(x, w, y, g, p, k)
+    n_tiles = -(-n // tile)
+    tile = -(-n // n_tiles)  # balanced tiles
+    pad = n_tiles * tile - n
+    # Padded coordinates have x = w = 0, so d = 0 and G = 0: they add nothing and are cut off.
+    xt = jnp.pad(x, ((0, 0), (0, pad))).reshape(b, n_tiles, tile).transpose(1, 0, 2)
+    wt = jnp.pad(w, ((0, 0), (0, pad))).reshape(w.shape[0], n_tiles, tile).transpose(1, 0, 2)
+    gx, gw = lax.map(lambda t: _lp_backward_tile(t[0], t[1], y, g, p, k), (xt, wt))
+    gx = gx.transpose(1, 0, 2).reshape(b, -1)[:, :n]
+    gw = gw.transpose(1, 0, 2).reshape(w.shape[0], -1)[:, :n]
+    return gx, gw
+
+
+def _lp_backward_tile(x, w, y, g, p, k):
     out = w.shape[0]
     pad = (-out) % _OUT_CHUNK
     wp = jnp.pad(w, ((0, pad), (0, 0)))

@@ -182,6 +182,18 @@ def test_value_and_grad_traced_p(shape):
         _check(vjp_traced_lp(x, w, jnp.float32(p), g), x, w, p, g)
 
 
+@pytest.mark.parametrize("p", [8.0, 2.5, 100.0])
+def test_lp_backward_tiled_over_wide_inputs(p, monkeypatch):
+    """Wide inputs split the ℓp backward into input tiles (ragged: 300 = 3 tiles of 100); the
+    gradients are those of the untiled float64 reference."""
+    monkeypatch.setattr(ops, "_LP_BWD_ELEMENTS", 6 * ops._OUT_CHUNK * 112)  # tile 112 at B=6
+    x, w, g = _inputs((6, 300, 37), seed=7)
+    out = jax.jit(lambda x, w, g: _value_and_vjp(ops.lp_dist, x, w, p, g))(x, w, g)
+    _check(out, x, w, p, g)
+    traced = jax.jit(lambda x, w, q, g: _value_and_vjp(ops.lp_dist, x, w, q, g))
+    _check(traced(x, w, jnp.float32(p), g), x, w, p, g)
+
+
 def test_jax_grad_and_entry_points():
     """``jax.grad`` of a scalar loss; ``linf_dist`` / ``lp_dist`` agree with ``dist``."""
     x, w, g = _inputs(SHAPES["small"], seed=3)
