@@ -19,6 +19,7 @@ above ``--naive-max-elements`` (it materialises several ``B·out·in`` float32 t
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -126,6 +127,9 @@ def main() -> None:
 
     torch = None
     if not args.no_torch:
+        # torch's OpenMP threads spin for a while after each call and would steal the CPU from
+        # the JAX timing that follows; passive waiting lets them sleep.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             import torch  # noqa: PLC0415 (optional dependency)
         except ImportError:
