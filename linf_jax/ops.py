@@ -95,6 +95,19 @@ def _zeros(x: Array, w: Array, dtype=None) -> Array:
     return jnp.zeros((x.shape[0], w.shape[0]), dtype or jnp.result_type(x, w))
 
 
+def _members_one_by_one(fn):
+    """``fn``, except that under ``vmap`` on the CPU (ensemble members, groups) its batch runs
+    one member after the other inside the program (``jax.custom_batching.sequential_vmap``).
+    Batched, the kernels' running carries and chunk temporaries grow K-fold and fall out of
+    cache: at K = 5 a vmapped forward+backward was 1.3-1.7x slower than a Python loop over the
+    members (ℓ∞ and p = 8, digits and MNIST sizes). On accelerators, where one small member
+    leaves the device idle, ``fn`` stays batched. Only for code inside the custom VJPs: a
+    ``sequential_vmap`` function cannot be differentiated itself."""
+    if jax.default_backend() != "cpu":
+        return fn
+    return jax.custom_batching.sequential_vmap(fn)
+
+
 def _max_abs_diff(x: Array, w: Array) -> Array:
     """``max_i |x_bi - w_oi|`` → ``[B, out]``."""
     return _scan_blocks(lambda m, xj, wj, _: jnp.maximum(m, jnp.abs(xj - wj)), _zeros(x, w), x, w)
@@ -172,16 +185,19 @@ def linf_dist(x: Array, w: Array) -> Array:
 
 @jax.custom_vjp
 def _linf_dist(x: Array, w: Array) -> Array:
-    return _max_abs_diff(x, w)
+    return _members_one_by_one(_max_abs_diff)(x, w)
 
 
 def _linf_fwd(x, w):
-    m, idx = _max_abs_diff_argmax(x, w)
+    m, idx = _members_one_by_one(_max_abs_diff_argmax)(x, w)
     return m, (x, w, idx)
 
 
 def _linf_bwd(res, g):
-    x, w, idx = res
+    return _members_one_by_one(_linf_scatter)(*res, g)
+
+
+def _linf_scatter(x, w, idx, g):
     b, out = idx.shape
     rows = jnp.arange(b)[:, None]
     cols = jnp.arange(out)[None, :]
@@ -289,28 +305,19 @@ def _lp_backward_tile(x, w, y, g, p, k):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _lp_dist(x, w, p, k):
-    return _lp_forward(x, w, p, k)
+    return _members_one_by_one(functools.partial(_lp_forward, k=k))(x, w, p)
 
 
 def _lp_fwd(x, w, p, k):
-    y = _lp_forward(x, w, p, k)
+    y = _members_one_by_one(functools.partial(_lp_forward, k=k))(x, w, p)
     return y, (x, w, y, p)
-
-
-def _lp_backward_any_batch(x, w, y, g, p, k):
-    """``_lp_backward``; under ``vmap`` on the CPU (ensemble members, groups) one member after
-    the other. Batched, every chunk's ``[K, B, oc, n]`` temporaries are K times larger and fall
-    out of cache: at K = 5, MNIST size, p = 8 the batched backward was 1.45x slower than a Python
-    loop over the members, the sequential one 1.06x faster (BENCHMARKS.md). On accelerators the
-    batched version keeps the device busy, so it stays batched there."""
-    if jax.default_backend() != "cpu":
-        return _lp_backward(x, w, y, g, p, k)
-    return jax.custom_batching.sequential_vmap(functools.partial(_lp_backward, k=k))(x, w, y, g, p)
 
 
 def _lp_bwd(k, res, g):
     x, w, y, p = res
-    gx, gw = _lp_backward_any_batch(x, w, y, g, p, k)
+    # one member after the other under vmap on the CPU: at K = 5, MNIST size, p = 8 the batched
+    # backward was 1.45x slower than a Python loop over the members
+    gx, gw = _members_one_by_one(functools.partial(_lp_backward, k=k))(x, w, y, g, p)
     return gx, gw, jnp.zeros_like(p)
 
 
