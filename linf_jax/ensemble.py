@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 class EnsembleError(ValueError):
@@ -62,18 +63,72 @@ def unstack(stacked: Any) -> list[Any]:
     return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(size(stacked))]
 
 
-def vmap_members(fn, stacked: Any, *args, **kwargs):
-    """``[fn(member, *args, **kwargs) for member in members]`` as one vmapped call; outputs gain
-    a leading member axis. Positional/keyword args are shared by all members."""
-    return jax.vmap(lambda v: fn(v, *args, **kwargs))(stacked)
+EXECUTIONS = ("auto", "batched", "sequential")
 
 
-def mean_over_members(fn, stacked: Any, *args, **kwargs):
-    """The member-average of ``fn``'s outputs (any pytree), one vmapped call."""
-    return jax.tree.map(lambda a: a.mean(axis=0), vmap_members(fn, stacked, *args, **kwargs))
+def resolve_execution(execution: str = "auto", sharded: bool = False,
+                      training: bool = False) -> str:
+    """``'batched'`` or ``'sequential'``: how :func:`members_map` runs the member axis.
+
+    ``'auto'`` is ``'batched'`` (``jax.vmap``) on accelerators, where one small member leaves the
+    device idle, and whenever the member axis is sharded over devices. On the CPU it is what
+    was measured fastest there (benchmarks/ensemble_bench.py, BENCHMARKS.md): ``'sequential'``
+    for evaluation and certification (batched, the interval bounds' running carries grow K-fold
+    and fall out of cache) and ``'batched'`` for training steps (there the sequential program
+    paid for slicing the stacked state in and out, 5-10% at K = 5).
+    """
+    if execution not in EXECUTIONS:
+        raise ValueError(f"ensemble.execution={execution!r} is not allowed: one of {EXECUTIONS}")
+    if execution == "auto":
+        cpu = jax.default_backend() == "cpu"
+        return "sequential" if cpu and not sharded and not training else "batched"
+    return execution
 
 
-def apply(model, stacked_variables: Any, *args, **kwargs):
+def members_map(fn, in_axes=0, execution: str = "auto"):
+    """``jax.vmap(fn, in_axes)`` over the member axis, as one traced program either way.
+
+    ``execution`` (see :func:`resolve_execution`): ``'batched'`` is ``jax.vmap``;
+    ``'sequential'`` is ``lax.map`` over the members (a loop inside the compiled program, still
+    jit-able and differentiable), with the same outputs up to float rounding. ``in_axes`` is 0,
+    or a tuple of 0/None per positional argument (None: shared by every member).
+    """
+    if resolve_execution(execution) == "batched":
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def mapped(*args):
+        axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+        if len(axes) != len(args) or any(a not in (0, None) for a in axes):
+            raise ValueError(f"members_map: in_axes={in_axes!r} must be 0 or a tuple of 0/None "
+                             f"per argument ({len(args)} given)")
+        where = [i for i, a in enumerate(axes) if a == 0]
+
+        def one(member_args):
+            full = list(args)
+            for i, a in zip(where, member_args, strict=True):
+                full[i] = a
+            return fn(*full)
+
+        return lax.map(one, tuple(args[i] for i in where))
+
+    return mapped
+
+
+def vmap_members(fn, stacked: Any, *args, execution: str = "auto", **kwargs):
+    """``[fn(member, *args, **kwargs) for member in members]`` as one call over the stacked
+    pytree (:func:`members_map`); outputs gain a leading member axis. Positional/keyword args
+    are shared by all members."""
+    return members_map(lambda v: fn(v, *args, **kwargs), execution=execution)(stacked)
+
+
+def mean_over_members(fn, stacked: Any, *args, execution: str = "auto", **kwargs):
+    """The member-average of ``fn``'s outputs (any pytree), one call over the members."""
+    out = vmap_members(fn, stacked, *args, execution=execution, **kwargs)
+    return jax.tree.map(lambda a: a.mean(axis=0), out)
+
+
+def apply(model, stacked_variables: Any, *args, execution: str = "auto", **kwargs):
     """Averaged ``model.apply`` over the members: the ensemble's logits (or ``(logits, margins)``
     with ``eps=``, or its certified margins with ``method='certify_margins'``)."""
-    return mean_over_members(model.apply, stacked_variables, *args, **kwargs)
+    return mean_over_members(model.apply, stacked_variables, *args, execution=execution,
+                             **kwargs)

@@ -31,21 +31,28 @@ def _leaf_name(path) -> str:
 
 def lp_decay_direction(w, p):
     """``(|w|/‖w‖_p)^(p−2) · w`` per row (first axis = output neuron), stable for p up to 1000
-    (computed from ``u = |w| / max|w|`` in log space) and exact at p = ∞ (largest |w| only)."""
+    (computed from ``u = |w| / max|w|`` in log space) and exact at p = ∞ (largest |w| only).
+
+    With ``t = u^(p−2)``: ``‖u‖_p^p = Σ t·u²`` and the factor is ``t · (Σ t·u²)^(−(p−2)/p)``, one
+    log and one exp per weight. At p = ∞ (a traced p included) ``lax.cond`` skips them: on the
+    CPU they were about an eighth of a p = ∞ training step."""
     rows = w.reshape(w.shape[0], -1)
-    a = jnp.abs(rows)
-    m = a.max(axis=1, keepdims=True)
-    u = a / jnp.where(m > 0, m, 1.0)
     p = jnp.asarray(p, jnp.float32)
-    p_fin = jnp.where(jnp.isfinite(p), p, 2.0)
-    safe_u = jnp.where(u > 0, u, 1.0)
-    log_u = jnp.log(safe_u)
-    s = jnp.where(u > 0, jnp.exp(p_fin * log_u), 0.0).sum(axis=1, keepdims=True)  # in [1, n]
-    log_s = jnp.log(jnp.maximum(s, 1.0))
-    factor = jnp.where(u > 0, jnp.exp((p_fin - 2.0) * (log_u - log_s / p_fin)), 0.0)
-    at_max = (a == m) & (m > 0)
-    factor = jnp.where(jnp.isfinite(p), factor, at_max.astype(rows.dtype))
-    return (factor * rows).reshape(w.shape)
+
+    def finite(rows):
+        a = jnp.abs(rows)
+        m = a.max(axis=1, keepdims=True)
+        u = a / jnp.where(m > 0, m, 1.0)
+        t = jnp.where(u > 0, jnp.exp((p - 2.0) * jnp.log(jnp.where(u > 0, u, 1.0))), 0.0)
+        s = jnp.maximum((t * u * u).sum(axis=1, keepdims=True), 1.0)  # in [1, n]
+        return t * jnp.exp(-(p - 2.0) / p * jnp.log(s)) * rows
+
+    def infinite(rows):
+        a = jnp.abs(rows)
+        m = a.max(axis=1, keepdims=True)
+        return jnp.where((a == m) & (m > 0), rows, 0.0)
+
+    return jax.lax.cond(jnp.isfinite(p), finite, infinite, rows).reshape(w.shape)
 
 
 class DecayState(NamedTuple):

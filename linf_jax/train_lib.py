@@ -135,6 +135,8 @@ def validate_config(config) -> None:
     _require(isinstance(e.size, int) and e.size >= 1, "ensemble.size", e.size,
              "a positive integer")
     _require(e.mode in ENSEMBLE_MODES, "ensemble.mode", e.mode, f"one of {ENSEMBLE_MODES}")
+    _require(e.get("execution", "auto") in ensemble_lib.EXECUTIONS, "ensemble.execution",
+             e.get("execution"), f"one of {ensemble_lib.EXECUTIONS}")
     validate_eval_config(config.eval)
     try:
         build_model(config.model, 2)
@@ -256,6 +258,9 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
     t = config.train
     k = _members(config)
     mode = config.ensemble.mode
+    execution = ensemble_lib.resolve_execution(config.ensemble.get("execution", "auto"),
+                                               sharded=bool(config.ensemble.shard),
+                                               training=True)
     mean = jnp.asarray(meta["mean"], jnp.float32)
     std = float(meta["std"])
     augment_kind = meta["augment"] if t.augment else "none"
@@ -291,7 +296,8 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
         return loss, (logits, bs)
 
     def joint_loss(params, batch_stats, x, y, p, eps, lam):
-        logits, margins, bs = jax.vmap(member_apply, in_axes=(0, 0, None, None, None, None))(
+        logits, margins, bs = ensemble_lib.members_map(
+            member_apply, (0, 0, None, None, None, None), execution)(
             params, batch_stats, x, y, p, eps)
         logits = logits.mean(0)
         loss = loss_value(logits, margins.mean(0), y, eps, lam, params["logit_scale"].mean())
@@ -308,29 +314,49 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
         eps = schedule.eps(step)
         lam = schedule.lam(step)
         aug_key = jax.random.fold_in(_keys(state.rng)["augment"], step)
+        alpha = schedule.ema_decay_at(step)
+
+        def apply_grads(params, opt_state, ema_params, ema_bs, grads, bs):
+            """Adam (Optax), then the EMA of the parameters and the running means."""
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return (params, opt_state, optim.ema_update(ema_params, params, alpha),
+                    optim.ema_update(ema_bs, bs, alpha))
+
         if k is None or mode == "joint":
             x, y = constrain(*prepare(images, labels, batch_idx, aug_key), member_axis=False)
             fn = single_loss if k is None else joint_loss
             (loss, (logits, bs)), grads = jax.value_and_grad(fn, has_aux=True)(
                 state.params, state.batch_stats, x, y, p, eps, lam)
             accuracy = (logits.argmax(-1) == y).mean()
-        else:  # independent: every member its own batch and augmentation
+            grad_norm = optax.global_norm(grads)
+            params, opt_state, ema_params, ema_bs = _maybe_vmap(apply_grads, k)(
+                state.params, state.opt_state, state.ema_params, state.ema_batch_stats, grads, bs)
+        else:  # independent: every member its own batch, augmentation, loss and update
             member_keys = jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(jnp.arange(k))
             x, y = constrain(*jax.vmap(prepare, in_axes=(None, None, 0, 0))(
                 images, labels, batch_idx, member_keys), member_axis=True)
-            vg = jax.value_and_grad(single_loss, has_aux=True)
-            (loss_k, (logits, bs)), grads = jax.vmap(vg, in_axes=(0, 0, 0, 0, None, None, None))(
-                state.params, state.batch_stats, x, y, p, eps, lam)
+
+            def member_step(params, batch_stats, opt_state, ema_params, ema_bs, x, y):
+                # The whole update of one member, so that a sequential execution writes each
+                # member's new state once (no stacked gradient/update temporaries).
+                (loss, (logits, bs)), grads = jax.value_and_grad(single_loss, has_aux=True)(
+                    params, batch_stats, x, y, p, eps, lam)
+                grad_sq = sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads))
+                return (loss, logits, bs, grad_sq,
+                        *apply_grads(params, opt_state, ema_params, ema_bs, grads, bs))
+
+            loss_k, logits, bs, grad_sq, params, opt_state, ema_params, ema_bs = (
+                ensemble_lib.members_map(member_step, execution=execution)(
+                    state.params, state.batch_stats, state.opt_state, state.ema_params,
+                    state.ema_batch_stats, x, y))
             loss = loss_k.mean()
             accuracy = (logits.argmax(-1) == y).mean()
-        updates, opt_state = _maybe_vmap(tx.update, k)(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        alpha = schedule.ema_decay_at(step)
+            grad_norm = jnp.sqrt(grad_sq.sum())
         new_state = state.replace(
             step=step + 1, params=params, batch_stats=bs, opt_state=opt_state,
-            ema_params=optim.ema_update(state.ema_params, params, alpha),
-            ema_batch_stats=optim.ema_update(state.ema_batch_stats, bs, alpha))
-        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+            ema_params=ema_params, ema_batch_stats=ema_bs)
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
                    "param_norm": optax.global_norm(params), "p": jnp.asarray(p, jnp.float32),
                    "eps": eps * std, "lr": schedule.lr_at(step), "ema_decay": alpha}
         return new_state, metrics
@@ -582,16 +608,16 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
     return TrainResult(state=state, model=model, meta=meta, preempted=preempted, results=results)
 
 
-def make_eval_fns(model: nn.Module, variables, members: int | None):
+def make_eval_fns(model: nn.Module, variables, members: int | None, execution: str = "auto"):
     """``(logits_fn, margins_fn)`` in normalised units; for an ensemble both average over the
-    members in one vmapped call."""
+    members in one call (:func:`linf_jax.ensemble.members_map`, ``execution``)."""
     if members is None:
         logits_fn = lambda x: model.apply(variables, x)
         margins_fn = lambda lo, hi, y: model.apply(variables, lo, hi, y, method="certify_margins")
     else:
-        logits_fn = lambda x: ensemble_lib.apply(model, variables, x)
+        logits_fn = lambda x: ensemble_lib.apply(model, variables, x, execution=execution)
         margins_fn = lambda lo, hi, y: ensemble_lib.apply(
-            model, variables, lo, hi, y, method="certify_margins")
+            model, variables, lo, hi, y, method="certify_margins", execution=execution)
     return logits_fn, margins_fn
 
 

@@ -154,3 +154,82 @@ def test_sharding_over_four_host_devices_matches_one_device(tmp_path):
     for case, diff in report["max_abs_diff"].items():
         assert diff < 1e-5, (case, diff)
     assert report["sharded_member_axis"] is True
+
+
+# ----------------------------------------------------------------------------------------------
+# ensemble.execution: the member axis batched (jax.vmap) or one member after the other inside
+# the same program (lax.map); both must give the one-by-one results, values and gradients.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_both_executions_equal_the_member_loop_values_and_input_gradients(execution):
+    x = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, size=(12, 4, 4, 1)), jnp.float32)
+    y = jnp.arange(12) % 5
+    lo, hi = x - 0.07, x + 0.07
+
+    def one_by_one(fn):
+        return np.mean([np.asarray(fn(v), np.float64) for v in _VS], axis=0)
+
+    logits = ensemble.apply(_MODEL, _STACKED, x, execution=execution)
+    np.testing.assert_allclose(logits, one_by_one(lambda v: _MODEL.apply(v, x)), rtol=1e-5,
+                               atol=1e-5)
+    margins = ensemble.apply(_MODEL, _STACKED, lo, hi, y, method="certify_margins",
+                             execution=execution)
+    np.testing.assert_allclose(
+        margins, one_by_one(lambda v: _MODEL.apply(v, lo, hi, y, method="certify_margins")),
+        rtol=1e-5, atol=1e-5)
+
+    # PGD differentiates the averaged logits with respect to the input.
+    def target(xx, fn):
+        return (fn(xx) * jax.nn.one_hot(y, 5)).sum()
+
+    g = jax.jit(jax.grad(lambda xx: target(
+        xx, lambda z: ensemble.apply(_MODEL, _STACKED, z, execution=execution))))(x)
+    g_ref = np.mean([np.asarray(jax.grad(lambda xx, v=v: target(
+        xx, lambda z: _MODEL.apply(v, z)))(x)) for v in _VS], axis=0)
+    assert np.abs(g_ref).sum() > 0
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_train_step_is_the_same_batched_or_sequential(mode):
+    """One train step from the same state: parameters, EMA, Adam state, running means and
+    metrics agree (Adam eps 1e-3, so rounding in tiny gradients is not amplified to ±lr)."""
+    steps, state = {}, None
+    for execution in ("batched", "sequential"):
+        cfg = tiny_config(**{"ensemble.size": 3, "ensemble.mode": mode,
+                             "ensemble.execution": execution, "train.adam_eps": 1e-3})
+        ds = data_lib.load("digits", cfg.data.train_split)
+        meta = train_lib.dataset_meta(ds)
+        schedule = train_lib.make_schedule(cfg, 10, meta["std"])
+        tx = train_lib.optim.make_optimizer(schedule, cfg.train.weight_decay, 1e-3)
+        model = build_model(cfg.model, meta["num_classes"])
+        if state is None:
+            state = train_lib.create_train_state(cfg, model, tuple(meta["input_shape"]), tx)
+        step = train_lib.make_train_step(cfg, model, tx, schedule, meta)
+        idx = np.arange(64) if mode == "joint" else np.stack([np.arange(64) + 64 * i
+                                                              for i in range(3)])
+        steps[execution] = step(state, jnp.asarray(ds.images), jnp.asarray(ds.labels),
+                                jnp.asarray(idx), "start")
+    (a, ma), (b, mb) = steps["batched"], steps["sequential"]
+    moved = max(float(np.abs(np.asarray(u) - np.asarray(v)).max())
+                for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(state.params),
+                                strict=True))
+    assert moved > 1e-4  # the step did update the parameters
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-5)
+    for key in ("loss", "accuracy", "grad_norm", "param_norm"):
+        np.testing.assert_allclose(float(ma[key]), float(mb[key]), rtol=1e-4, err_msg=key)
+
+
+def test_auto_execution_is_batched_when_training_or_sharded_and_rejects_unknown_names():
+    cpu = jax.default_backend() == "cpu"
+    assert ensemble.resolve_execution("auto") == ("sequential" if cpu else "batched")
+    assert ensemble.resolve_execution("auto", training=True) == "batched"
+    assert ensemble.resolve_execution("auto", sharded=True) == "batched"
+    assert ensemble.resolve_execution("sequential", training=True) == "sequential"
+    with pytest.raises(ValueError, match="ensemble.execution='fast' is not allowed"):
+        ensemble.resolve_execution("fast")
+    with pytest.raises(train_lib.ConfigError, match="ensemble.execution"):
+        train_lib.validate_config(tiny_config(**{"ensemble.execution": "fast"}))
