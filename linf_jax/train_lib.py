@@ -185,6 +185,16 @@ def _maybe_vmap(fn, k: int | None, in_axes=0):
     return fn if k is None else jax.vmap(fn, in_axes=in_axes)
 
 
+def _shared_counters(opt_state):
+    """``(in_axes, opt_state)`` for vmapping the optimiser over ensemble members with its step
+    counters unbatched: every member takes the same steps, so member 0's counter stands for
+    all. Batched, the counter (and the p the ℓp weight decay derives from it) would turn the
+    decay's ``lax.cond`` on p = ∞ into a select that computes both branches for every weight
+    (measured: an exp and a log per weight at p = ∞, ~8% of the step)."""
+    axes = jax.tree.map(lambda a: None if jnp.issubdtype(a.dtype, jnp.integer) else 0, opt_state)
+    return axes, jax.tree.map(lambda a, ax: a if ax == 0 else a[0], opt_state, axes)
+
+
 def make_mesh(config):
     """The device mesh of a run (``config.parallel.num_devices``, ``config.ensemble.shard``);
     the batch size must split evenly over its ``data`` axis."""
@@ -330,8 +340,15 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
                 state.params, state.batch_stats, x, y, p, eps, lam)
             accuracy = (logits.argmax(-1) == y).mean()
             grad_norm = optax.global_norm(grads)
-            params, opt_state, ema_params, ema_bs = _maybe_vmap(apply_grads, k)(
-                state.params, state.opt_state, state.ema_params, state.ema_batch_stats, grads, bs)
+            if k is None:
+                params, opt_state, ema_params, ema_bs = apply_grads(
+                    state.params, state.opt_state, state.ema_params, state.ema_batch_stats,
+                    grads, bs)
+            else:
+                opt_axes, opt_in = _shared_counters(state.opt_state)
+                params, opt_state, ema_params, ema_bs = jax.vmap(
+                    apply_grads, in_axes=(0, opt_axes, 0, 0, 0, 0))(
+                    state.params, opt_in, state.ema_params, state.ema_batch_stats, grads, bs)
         else:  # independent: every member its own batch, augmentation, loss and update
             member_keys = jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(jnp.arange(k))
             x, y = constrain(*jax.vmap(prepare, in_axes=(None, None, 0, 0))(
@@ -346,9 +363,11 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
                 return (loss, logits, bs, grad_sq,
                         *apply_grads(params, opt_state, ema_params, ema_bs, grads, bs))
 
+            opt_axes, opt_in = (_shared_counters(state.opt_state) if execution == "batched"
+                                else (0, state.opt_state))
             loss_k, logits, bs, grad_sq, params, opt_state, ema_params, ema_bs = (
-                ensemble_lib.members_map(member_step, execution=execution)(
-                    state.params, state.batch_stats, state.opt_state, state.ema_params,
+                ensemble_lib.members_map(member_step, (0, 0, opt_axes, 0, 0, 0, 0), execution)(
+                    state.params, state.batch_stats, opt_in, state.ema_params,
                     state.ema_batch_stats, x, y))
             loss = loss_k.mean()
             accuracy = (logits.argmax(-1) == y).mean()
