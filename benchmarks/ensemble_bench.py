@@ -111,6 +111,15 @@ def bench_certify(cfg, meta, test_x, test_y, k: int, repeats: int, eps_pixels: f
             timed(run("batched"), repeats), agree)
 
 
+def at_step(state, step: int):
+    """The state as if ``step`` steps had been taken: the train step's counter and the
+    optimiser's (whose count drives the ℓp weight decay's p and the learning rate)."""
+    opt_state = jax.tree.map(
+        lambda a: jnp.full_like(a, step) if jnp.issubdtype(a.dtype, jnp.integer) else a,
+        state.opt_state)
+    return state.replace(step=jnp.asarray(step, jnp.int32), opt_state=opt_state)
+
+
 def bench_train(cfg, meta, images, labels, k: int, repeats: int, p_mode: str):
     cfg = cfg.copy_and_resolve_references()
     cfg.train.epochs = (0, 1, 1, 2, 3)
@@ -130,7 +139,7 @@ def bench_train(cfg, meta, images, labels, k: int, repeats: int, p_mode: str):
         c = single_cfg.copy_and_resolve_references()
         c.seed = s
         st = train_lib.create_train_state(c, model, shape, tx)
-        singles.append(st.replace(step=jnp.asarray(step_at, jnp.int32)))
+        singles.append(at_step(st, step_at))
     idx = jnp.arange(bs)
 
     ens_steps = {}
@@ -139,7 +148,7 @@ def bench_train(cfg, meta, images, labels, k: int, repeats: int, p_mode: str):
         ens_cfg.ensemble.update(size=k, mode="independent", execution=ex)
         ens_steps[ex] = train_lib.make_train_step(ens_cfg, model, tx, schedule, meta)
     ens_state = train_lib.create_train_state(ens_cfg, model, shape, tx)
-    ens_state = ens_state.replace(step=jnp.asarray(step_at, jnp.int32))
+    ens_state = at_step(ens_state, step_at)
     ens_idx = jnp.tile(idx, (k, 1))
 
     def run_loop():

@@ -95,8 +95,9 @@ def elementwise_rate(n: int, reps: int = 64, trials: int = 10) -> float:
     return (3 * reps + 3) * n / min(times)
 
 
-def build_step(model, tx, p, traced_p: bool):
+def build_step(model, schedule, p, traced_p: bool):
     from linf_jax import losses
+    from linf_jax.optim import make_optimizer
 
     def loss_fn(params, batch_stats, x, y, p):
         (logits, margins), new = model.apply(
@@ -107,6 +108,9 @@ def build_step(model, tx, p, traced_p: bool):
     def step(params, batch_stats, opt_state, x, y, p):
         (loss, bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch_stats, x, y, p)
+        # The ℓp decay at the p of this step (as in training, where the optimiser's count
+        # gives the schedule's p; at p = ∞ its exp/log branch is skipped).
+        tx = make_optimizer(schedule, weight_decay=5e-3, p_fn=lambda _: p)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), bs, opt_state, loss
 
@@ -139,7 +143,7 @@ def run(args) -> list[dict]:
     rows = []
     for p in args.p:
         traced = p_kind(p) == "general"  # the ramp phase of training traces p
-        fn = build_step(model, tx, p, traced)
+        fn = build_step(model, schedule, p, traced)
         pa = jnp.float32(p)
         t0 = time.perf_counter()
         compiled = fn.lower(params, bs, opt_state, x, y, pa).compile()

@@ -86,16 +86,17 @@ def lp_weight_decay(weight_decay: float, p_fn) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(schedule: Schedule, weight_decay: float, adam_eps: float = 1e-10
-                   ) -> optax.GradientTransformation:
+def make_optimizer(schedule: Schedule, weight_decay: float, adam_eps: float = 1e-10,
+                   p_fn=None) -> optax.GradientTransformation:
     """Adam(β = (0.9, 0.99), eps = 1e-10) with the ℓp-aware decoupled decay and the lr schedule.
 
     With eps = 1e-10 Adam's first steps are nearly ``lr · sign(g)``, so rounding differences in
     tiny gradients (another device count, another summation order) become differences of order
-    lr in the parameters; a larger ``adam_eps`` makes the update smooth in g."""
+    lr in the parameters; a larger ``adam_eps`` makes the update smooth in g. ``p_fn(count)``
+    is the p of the ℓp decay (default ``schedule.p``: the p of the step being taken)."""
     return optax.chain(
         optax.scale_by_adam(b1=0.9, b2=0.99, eps=adam_eps),
-        lp_weight_decay(weight_decay, schedule.p),
+        lp_weight_decay(weight_decay, schedule.p if p_fn is None else p_fn),
         optax.scale_by_schedule(lambda count: -schedule.lr_at(count)),
     )
 
