@@ -392,7 +392,7 @@ def _bounds(lower, upper, w):
 
 
 def _bounds_fwd(lower, upper, w):
-    return _bounds(lower, upper, w), (lower, upper, w)
+    return _members_one_by_one(_bounds_scan)(lower, upper, w), (lower, upper, w)
 
 
 def _bounds_bwd(res, g):

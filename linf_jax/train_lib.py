@@ -181,10 +181,6 @@ def _members(config) -> int | None:
     return None if k == 1 else k
 
 
-def _maybe_vmap(fn, k: int | None, in_axes=0):
-    return fn if k is None else jax.vmap(fn, in_axes=in_axes)
-
-
 def _shared_counters(opt_state):
     """``(in_axes, opt_state)`` for vmapping the optimiser over ensemble members with its step
     counters unbatched: every member takes the same steps, so member 0's counter stands for
