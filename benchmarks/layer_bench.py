@@ -3,7 +3,10 @@
 For each shape (B, in, out) and p in {inf, 8}, times the forward pass and the forward+backward
 pass (gradients of ``sum(dist(x, w, p) * g)`` with respect to x and w) of
 
-* ours:  ``linf_jax.ops.dist`` (blocked scan, custom VJP), jitted;
+* ours:  ``linf_jax.ops.dist`` as dispatched by default (``linf_jax.ops.kernel_backend``: on
+  the CPU the native custom-call kernels of linf_jax/native for ℓ∞ and the ℓp max pass), jitted;
+* ours-xla: the same with ``LINF_JAX_KERNELS=xla`` (blocked scans, custom VJPs; the kernels used
+  where the native ones cannot build, and on accelerators);
 * naive: broadcast-and-reduce over a ``[B, out, in]`` tensor under plain ``jax.grad``, jitted;
 * torch: ``torch.cdist`` with the same p, ``backward(g)`` (optional: skipped without torch).
 
@@ -32,7 +35,7 @@ from linf_jax import ops
 
 SHAPES = [(512, 1024, 1024), (128, 784, 5120), (512, 3072, 5120)]
 PS = [float("inf"), 8.0]
-METHODS = ["ours", "naive", "torch"]
+METHODS = ["ours", "ours-xla", "naive", "torch"]
 PASSES = ["fwd", "fwd+bwd"]
 
 
@@ -58,13 +61,14 @@ def naive_dist(x, w, p):
     return (a**p).sum(-1) ** (1.0 / p)
 
 
-def build_jax(dist_fn, x, w, g, p, backward):
+def build_jax(dist_fn, x, w, g, p, backward, kernels=None):
     if backward:
         loss = lambda x, w: (dist_fn(x, w, p) * g).sum()
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     else:
         fn = jax.jit(lambda x, w: dist_fn(x, w, p))
-    compiled = fn.lower(x, w).compile()
+    with ops.use_kernels(kernels):  # traced here; a fresh function, so no cached trace is reused
+        compiled = fn.lower(x, w).compile()
     return lambda: jax.block_until_ready(compiled(x, w))
 
 
@@ -117,6 +121,8 @@ def main() -> None:
     ap.add_argument("--naive-max-elements", type=float, default=2.0**30,
                     help="skip the naive version above this many B*in*out elements (memory)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch.cdist columns")
+    ap.add_argument("--no-xla", action="store_true",
+                    help="skip the ours-xla column (ours with LINF_JAX_KERNELS=xla)")
     ap.add_argument("--ps", default="inf,8", help="comma-separated p values (default inf,8)")
     args = ap.parse_args()
 
@@ -135,11 +141,13 @@ def main() -> None:
         except ImportError:
             print("torch is not installed: the torch.cdist columns are skipped "
                   "(pip install -r requirements-bench.txt)")
-    methods = [m for m in METHODS if m != "torch" or torch is not None]
+    methods = [m for m in METHODS if (m != "torch" or torch is not None)
+               and (m != "ours-xla" or not args.no_xla)]
 
     print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.devices()[0].device_kind})"
           + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "")
-          + f", python {platform.python_version()}, repeats {args.repeats}")
+          + f", python {platform.python_version()}, repeats {args.repeats}, "
+          f"ours = {ops.kernel_backend()} kernels")
 
     rows = []  # (shape, p, pass, {method: (seconds or None, note)})
     for shape in shapes:
@@ -158,6 +166,8 @@ def main() -> None:
                         continue
                     if method == "ours":
                         run = build_jax(ops.dist, x, w, g, p, backward)
+                    elif method == "ours-xla":
+                        run = build_jax(ops.dist, x, w, g, p, backward, kernels="xla")
                     elif method == "naive":
                         run = build_jax(naive_dist, x, w, g, p, backward)
                     else:

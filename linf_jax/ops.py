@@ -19,17 +19,26 @@ Design (measured on a 2-core AVX-512 CPU, see MEASURED.md and BENCHMARKS.md):
   p schedule never recompiles.
 * Zero padding of the input dimension to a multiple of ``_BLOCK`` is exact for every reduction
   here (padded coordinates give ``|d| = 0``, which never raises a max and adds 0 to a p-sum).
+* On the CPU, the ℓ∞ distance and the max pass of ℓp run as native custom calls
+  (linf_jax/native, float32): XLA compiles the running max and the running arg-max as two loops
+  that each recompute ``|x - w|``; one register-tiled C++ loop keeps both (2.5-3x faster).
+  Where no compiler is found, and for other dtypes, the XLA code below runs; the two agree bit
+  for bit (tests/test_native.py). See :func:`kernel_backend`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from linf_jax import native
 
 Array = jax.Array
 
@@ -127,31 +136,86 @@ def _max_abs_diff_argmax(x: Array, w: Array) -> tuple[Array, Array]:
 
 
 # --------------------------------------------------------------------------------------------
-# Kernel dispatch (GitHub issue 5): Pallas kernels (linf_jax/kernels) on request
-# (LINF_JAX_KERNELS=pallas, or =auto on GPU), this file's XLA code otherwise. Only linf_dist and
-# lp_dist (and so dist, grouped_dist, conv_dist and the layers) consult it; the interval bounds
-# always use XLA.
+# Kernel dispatch: native CPU kernels (linf_jax/native, XLA FFI custom calls) for the ℓ∞
+# distance, the max pass of ℓp and the forward pass of the interval bounds on the CPU; Pallas
+# kernels (linf_jax/kernels, GitHub issue 5) for linf_dist and lp_dist on request
+# (LINF_JAX_KERNELS=pallas, or =auto on GPU); this file's XLA code otherwise.
 # --------------------------------------------------------------------------------------------
 
 KERNELS_ENV = "LINF_JAX_KERNELS"
+KERNEL_CHOICES = ("native", "xla", "pallas", "auto")
+_override = threading.local()
 
 
 def kernel_backend() -> str:
-    """``'pallas'`` or ``'xla'``: the implementation :func:`linf_dist` / :func:`lp_dist` use.
+    """``'native'``, ``'xla'`` or ``'pallas'``: the implementation :func:`linf_dist` /
+    :func:`lp_dist` use.
 
-    ``LINF_JAX_KERNELS=xla`` (the default) or ``=pallas`` forces one (Pallas runs in interpret
-    mode on the CPU, slowly); ``=auto`` picks Pallas on GPU (``jax.default_backend() == 'gpu'``)
-    and XLA elsewhere (CPU, and TPU, which the kernels do not support; see
-    linf_jax/kernels/distance.py). The Pallas kernels are opt-in until they have been compiled
-    and timed on a GPU: so far they are verified in interpret mode and by cross-lowering only
-    (BENCHMARKS.md). Read at trace time: set it before the first call of a jitted function.
+    Unset: ``'native'`` on the CPU when the native kernels build (linf_jax/native: a C++ XLA
+    custom call compiled on first use, 2.5-3x faster than the XLA code for the ℓ∞ forward pass,
+    BENCHMARKS.md), ``'xla'`` otherwise. ``LINF_JAX_KERNELS=native|xla|pallas`` forces one
+    (``native`` needs the CPU backend and a C++ compiler; Pallas runs in interpret mode on the
+    CPU, slowly); ``=auto`` is Pallas on GPU and the unset default elsewhere. The Pallas kernels
+    are opt-in until they have been compiled and timed on a GPU: so far they are verified in
+    interpret mode and by cross-lowering only (BENCHMARKS.md). :func:`use_kernels` overrides the
+    variable for the code traced inside it. Read at trace time: set it before the first call of
+    a jitted function.
     """
-    choice = os.environ.get(KERNELS_ENV, "").strip().lower() or "xla"
+    choice = getattr(_override, "choice", None) or os.environ.get(KERNELS_ENV, "").strip().lower()
     if choice in ("xla", "pallas"):
         return choice
-    if choice == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    raise ValueError(f"{KERNELS_ENV}={choice!r} is not one of 'xla', 'pallas', 'auto' (or unset)")
+    cpu = jax.default_backend() == "cpu"
+    if choice == "native":
+        if not cpu:
+            raise ValueError(f"{KERNELS_ENV}=native needs the CPU backend, not "
+                             f"{jax.default_backend()!r}; use 'auto' or 'xla'")
+        if not native.available():
+            raise ValueError(f"{KERNELS_ENV}=native: the native kernels are unavailable "
+                             f"({native.unavailable_reason()}); use 'xla'")
+        return choice
+    if choice == "auto" and jax.default_backend() == "gpu":
+        return "pallas"
+    if choice in ("", "auto"):
+        return "native" if cpu and native.available() else "xla"
+    raise ValueError(f"{KERNELS_ENV}={choice!r} is not one of "
+                     f"{', '.join(map(repr, KERNEL_CHOICES))} (or unset)")
+
+
+@contextlib.contextmanager
+def use_kernels(choice: str | None):
+    """Traces the code inside with ``LINF_JAX_KERNELS=choice`` (``None``: the variable as set).
+    Sharded programs use it to keep custom calls, which XLA's SPMD partitioner would run
+    unpartitioned, out of multi-device CPU programs."""
+    if choice is not None and choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels={choice!r} is not one of {KERNEL_CHOICES}")
+    previous = getattr(_override, "choice", None)
+    _override.choice = choice
+    try:
+        yield
+    finally:
+        _override.choice = previous
+
+
+def partitionable(fn):
+    """``fn``, traced with kernels that XLA's SPMD partitioner can split: with the native CPU
+    kernels chosen by default, the XLA kernels instead. The partitioner runs a custom call
+    unpartitioned (it all-gathers the batch onto every device), so multi-device CPU programs
+    (``--config.parallel``, sharded ensembles) would lose their data parallelism. An explicit
+    ``LINF_JAX_KERNELS=native`` is kept."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        explicit = os.environ.get(KERNELS_ENV, "").strip().lower() == "native"
+        choice = "xla" if kernel_backend() == "native" and not explicit else None
+        with use_kernels(choice):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _native_ok(*arrays) -> bool:
+    """Whether the native kernels take these operands (float32, 2-D) under the current choice."""
+    return all(a.dtype == jnp.float32 for a in arrays) and kernel_backend() == "native"
 
 
 def _pallas():
@@ -180,7 +244,10 @@ def linf_dist(x: Array, w: Array) -> Array:
         return kernels.pallas_linf_dist(x, w, interpret=interpret)
     # NumPy inputs are made JAX arrays first: a NumPy residual (a NumPy constant closed over
     # inside jit) cannot be indexed by the traced arg-max in the backward pass.
-    return _linf_dist(jnp.asarray(x), jnp.asarray(w))
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    if _native_ok(x, w):
+        return _linf_native(x, w)
+    return _linf_dist(x, w)
 
 
 @jax.custom_vjp
@@ -211,6 +278,34 @@ def _linf_scatter(x, w, idx, g):
 _linf_dist.defvjp(_linf_fwd, _linf_bwd)
 
 
+# The same with the native CPU kernels: the forward pass keeps the arg-max and its sign, the
+# backward pass is one custom call doing both scatter-adds. Under vmap (ensemble members,
+# groups) each custom call runs member by member (``vmap_method='sequential'``).
+@jax.custom_vjp
+def _linf_native(x: Array, w: Array) -> Array:
+    return native.linf_max(x, w)
+
+
+def _linf_native_fwd(x, w):
+    y, idx, sign = native.linf_fwd(x, w)
+    return y, (x, w, idx, sign)
+
+
+def _linf_native_bwd(res, g):
+    x, w, idx, sign = res
+    return native.linf_bwd(idx, sign, g, x.shape, w.shape)
+
+
+_linf_native.defvjp(_linf_native_fwd, _linf_native_bwd)
+
+
+def _row_max(x: Array, w: Array) -> Array:
+    """``max_i |x_bi - w_oi|`` (no gradient: the ℓp passes' scale), native where it can."""
+    if _native_ok(x, w):
+        return native.linf_max(x, w)
+    return _max_abs_diff(x, w)
+
+
 # --------------------------------------------------------------------------------------------
 # ℓp distance, finite p
 # --------------------------------------------------------------------------------------------
@@ -237,7 +332,7 @@ def _pow(t: Array, p, k: int | None) -> Array:
 
 
 def _lp_forward(x, w, p, k):
-    m = _max_abs_diff(x, w)
+    m = _row_max(x, w)
     inv_m = 1.0 / jnp.where(m > 0, m, 1.0)
 
     def step(carry, xj, wj, _):  # the scale 1/m rides in the carry, tiled with the weight rows
@@ -381,18 +476,25 @@ def linf_dist_bounds(lower: Array, upper: Array, w: Array) -> tuple[Array, Array
     ``max_z |z - w| = max(u - w, w - l)``; both bounds are attained (the arg-max coordinate's
     extreme point, the others free).
     Returns ``(lo, hi)``, each ``[B, out]``. Differentiable (plain autodiff of the blocked
-    scan in the backward pass); under ``vmap`` on the CPU the forward runs member by member.
+    scan in the backward pass); under ``vmap`` on the CPU the forward runs member by member. The
+    forward pass is a native custom call on the CPU (float32), like :func:`linf_dist`.
     """
     return _bounds(jnp.asarray(lower), jnp.asarray(upper), jnp.asarray(w))
 
 
-@jax.custom_vjp
-def _bounds(lower, upper, w):
+def _bounds_value(lower, upper, w):
+    if _native_ok(lower, upper, w):
+        return native.linf_bounds(lower, upper, w)
     return _members_one_by_one(_bounds_scan)(lower, upper, w)
 
 
+@jax.custom_vjp
+def _bounds(lower, upper, w):
+    return _bounds_value(lower, upper, w)
+
+
 def _bounds_fwd(lower, upper, w):
-    return _members_one_by_one(_bounds_scan)(lower, upper, w), (lower, upper, w)
+    return _bounds_value(lower, upper, w), (lower, upper, w)
 
 
 def _bounds_bwd(res, g):

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from linf_jax import certify as certify_lib
 from linf_jax import data as data_lib
 from linf_jax import ensemble as ensemble_lib
-from linf_jax import losses, optim, parallel
+from linf_jax import losses, ops, optim, parallel
 from linf_jax.models import build_model
 from linf_jax.schedules import Schedule
 
@@ -381,6 +381,8 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
     # from a saved state without donation was finite and bit-stable over 60 repeats).
     if mesh is None:
         return jax.jit(train_step, static_argnames=("p_mode",))
+    if mesh.size > 1:  # custom calls would run unpartitioned (see ops.partitionable)
+        train_step = ops.partitionable(train_step)
     return jax.jit(train_step, static_argnames=("p_mode",),
                    out_shardings=(state_sharding, parallel.replicated(mesh)))
 

@@ -125,25 +125,39 @@ def test_blocks_must_be_powers_of_two():
 # --------------------------------------------------------------------------------------------
 
 
-def test_dispatch_picks_xla_on_cpu(monkeypatch):
+def test_dispatch_on_cpu(monkeypatch):
+    """Unset: the native kernels on the CPU (where they build), never Pallas; ``auto``: Pallas on
+    GPU only; ``use_kernels`` overrides the variable; unknown names fail with the choices."""
+    from linf_jax import native
+
     assert jax.default_backend() == "cpu"
+    cpu_default = "native" if native.available() else "xla"
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
-    assert ops.kernel_backend() == "xla"
+    assert ops.kernel_backend() == cpu_default
     x, w, _ = _inputs(seed=5, b=3, n=10, out=4)
     for p in (INF, 8.0, 37.5):
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: ops.dist(x, w, p).sum()))(x))
         assert "pallas_call" not in jaxpr
     monkeypatch.setenv(ops.KERNELS_ENV, "xla")
     assert ops.kernel_backend() == "xla"
-    monkeypatch.setenv(ops.KERNELS_ENV, "auto")  # auto: Pallas on GPU only
+    with ops.use_kernels("auto"):
+        assert ops.kernel_backend() == cpu_default
     assert ops.kernel_backend() == "xla"
+    monkeypatch.setenv(ops.KERNELS_ENV, "auto")  # auto: Pallas on GPU only
+    assert ops.kernel_backend() == cpu_default
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert ops.kernel_backend() == "pallas"
     monkeypatch.delenv(ops.KERNELS_ENV)
     assert ops.kernel_backend() == "xla"  # opt-in until timed on a GPU
+    monkeypatch.setenv(ops.KERNELS_ENV, "native")  # native is CPU-only
+    with pytest.raises(ValueError, match="needs the CPU backend"):
+        ops.kernel_backend()
     monkeypatch.setenv(ops.KERNELS_ENV, "cuda")
     with pytest.raises(ValueError, match=ops.KERNELS_ENV):
         ops.kernel_backend()
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        with ops.use_kernels("cuda"):
+            pass
 
 
 def test_dispatch_env_pallas_routes_layers_through_the_kernels(monkeypatch):

@@ -1,0 +1,158 @@
+"""Native CPU kernels for the ℓ∞ distance: XLA FFI custom calls built on first use.
+
+XLA's CPU backend compiles the running max and the running arg-max of the ℓ∞ forward pass as two
+sibling loop fusions that each recompute ``|x − w|`` (BENCHMARKS.md), so the arg-max that the
+backward pass needs doubled the forward time. ``linf_cpu.cc`` keeps both in one register-tiled
+loop, does the backward scatter-adds in one pass, and computes the interval bounds of
+certification the same way; :mod:`linf_jax.ops` uses it on the CPU for float32 operands
+(``LINF_JAX_KERNELS``, see :func:`linf_jax.ops.kernel_backend`).
+
+The library is compiled with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/
+``clang++``; ``-O3 -march=native``, about 4 s) the first time it is needed and cached under
+``$LINF_JAX_CACHE`` (default ``~/.cache/linf_jax``), keyed by the source, the compiler, the
+flags, jaxlib and the CPU's feature flags, so a shared home directory never serves a library
+built for another CPU. Writes are atomic (temporary file, then rename). If no compiler is found
+or the build fails, :func:`available` is False, :func:`unavailable_reason` says why, and
+:mod:`linf_jax.ops` uses its XLA kernels, which give the same results.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = Path(__file__).with_name("linf_cpu.cc")
+CACHE_ENV = "LINF_JAX_CACHE"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_TARGETS = {"LinfDistFwd": "linf_jax_linf_fwd", "LinfDistMax": "linf_jax_linf_max",
+            "LinfDistBwd": "linf_jax_linf_bwd", "LinfBounds": "linf_jax_linf_bounds"}
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "linf_jax")
+    return Path(root)
+
+
+def _build(cxx: str) -> Path:
+    """Compiles linf_cpu.cc (once per source, compiler, flags, jaxlib and CPU) and returns the
+    path of the shared library."""
+    import jaxlib
+
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout.splitlines()[:1]
+    key = hashlib.sha256("\n".join([
+        SOURCE.read_text(), cxx, *version, *FLAGS, jaxlib.__version__, platform.machine(),
+        _cpu_flags()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"linf_cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+            raise RuntimeError(f"{' '.join(cmd[:3])} ... failed: {tail}")
+        os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> bool:
+    """Builds (if needed), loads and registers the kernels once per process."""
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        try:
+            cxx = _compiler()
+            if cxx is None:
+                raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+            lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+            for symbol, name in _TARGETS.items():
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                            platform="cpu")
+            _state.update(ok=True, lib=lib, reason=None)
+        except Exception as e:  # any failure means: use the XLA kernels
+            _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
+        return _state["ok"]
+
+
+def available() -> bool:
+    """True if the native kernels are built and registered (builds them on the first call)."""
+    return _load()
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (``None`` if it is True)."""
+    _load()
+    return _state.get("reason")
+
+
+def _call(name: str, out_types, *args):
+    if not _load():
+        raise RuntimeError(f"linf_jax native kernels unavailable: {_state['reason']}")
+    return jax.ffi.ffi_call(name, out_types, vmap_method="sequential")(*args)
+
+
+def _shape(x, w, dtype):
+    return jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), dtype)
+
+
+def linf_max(x, w):
+    """``max_i |x[b, i] − w[o, i]|`` → ``[B, out]`` float32 (no arg-max: nothing to
+    differentiate)."""
+    return _call(_TARGETS["LinfDistMax"], _shape(x, w, jnp.float32), x, w)
+
+
+def linf_fwd(x, w):
+    """``(y, idx, sign)``: the max, the first arg-max (int32) and ``sign(x − w)`` there (int8)."""
+    return _call(_TARGETS["LinfDistFwd"], (_shape(x, w, jnp.float32), _shape(x, w, jnp.int32),
+                                           _shape(x, w, jnp.int8)), x, w)
+
+
+def linf_bwd(idx, sign, g, x_shape, w_shape):
+    """``(gx, gw)``: ``gx[b, idx] += g·sign``, ``gw[o, idx] −= g·sign``."""
+    return _call(_TARGETS["LinfDistBwd"], (jax.ShapeDtypeStruct(x_shape, jnp.float32),
+                                           jax.ShapeDtypeStruct(w_shape, jnp.float32)),
+                 idx, sign, g.astype(jnp.float32))
+
+
+def linf_bounds(lower, upper, w):
+    """``(lo, hi)``: the exact interval of ``||z − w[o]||_∞`` over ``lower ≤ z ≤ upper``."""
+    shape = _shape(lower, w, jnp.float32)
+    return _call(_TARGETS["LinfBounds"], (shape, shape), lower, upper, w)

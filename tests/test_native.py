@@ -1,0 +1,266 @@
+"""The native CPU kernels (linf_jax/native, XLA FFI custom calls) against float64 NumPy and
+against the XLA kernels of ops.py: values, first arg-max on ties, gradients, vmap, ragged and
+tiny shapes, NaN/inf semantics, and the dispatch that picks them.
+
+Skipped only where the machine has no C++ compiler; where one exists the kernels must build.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linf_jax import native, ops
+
+pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler")
+
+INF = float("inf")
+# (B, n, out): ragged everywhere (B % 4, n % 16, out % 2 != 0), tiny, one row, and a size that
+# spreads over several weight chunks and thread jobs.
+SHAPES = [(5, 37, 131), (3, 16, 7), (1, 1, 1), (2, 5, 1), (9, 300, 260), (70, 1030, 130)]
+
+
+def test_builds_here():
+    assert native.available(), native.unavailable_reason()
+    assert native.unavailable_reason() is None
+
+
+def _rand(seed, b, n, out, scale=2.0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((b, n)) * scale).astype(np.float32)
+    w = (rng.standard_normal((out, n)) * scale).astype(np.float32)
+    g = rng.standard_normal((b, out)).astype(np.float32)
+    return x, w, g
+
+
+def _np_linf(x, w):
+    d = np.float64(x)[:, None, :] - np.float64(w)[None, :, :]
+    a = np.abs(d)
+    return a.max(-1), a.argmax(-1), d
+
+
+def _with(kernels, fn):
+    """``fn`` traced with the given kernels. A fresh function object each time: ``jax.jit``
+    caches traces per function, so jitting the same ``fn`` again would reuse the other choice's
+    trace."""
+    with ops.use_kernels(kernels):
+        jitted = jax.jit(lambda *args: fn(*args))
+        compiled = {}
+
+    def call(*args):
+        if "f" not in compiled:
+            with ops.use_kernels(kernels):
+                compiled["f"] = jitted.lower(*args).compile()
+        return compiled["f"](*args)
+
+    return call
+
+
+def _value_and_vjp(kernels):
+    def f(x, w, g):
+        y, vjp = jax.vjp(ops.linf_dist, x, w)
+        return (y, *vjp(g))
+
+    return _with(kernels, f)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+def test_values_index_and_gradients_match_float64_and_xla(shape):
+    x, w, g = _rand(sum(shape), *shape)
+    y, gx, gw = _value_and_vjp("native")(x, w, g)
+    ref, idx, d = _np_linf(x, w)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-6, atol=0)
+    # gradients: g * sign(d) at the first arg-max, scattered (float64 reference)
+    s = np.take_along_axis(np.sign(d), idx[..., None], -1)[..., 0] * g
+    ref_gx, ref_gw = np.zeros(x.shape), np.zeros(w.shape)
+    np.add.at(ref_gx, (np.arange(x.shape[0])[:, None], idx), s)
+    np.add.at(ref_gw, (np.arange(w.shape[0])[None, :], idx), -s)
+    np.testing.assert_allclose(np.asarray(gx), ref_gx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), ref_gw, rtol=1e-5, atol=1e-5)
+    # bit for bit the XLA kernels (same float ops, same first arg-max)
+    for a, b in zip((y, gx, gw), _value_and_vjp("xla")(x, w, g), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_raw_kernel_outputs():
+    x, w, _ = _rand(3, 6, 45, 11)
+    y, idx, sign = jax.jit(native.linf_fwd)(x, w)
+    ref, ref_idx, d = _np_linf(x, w)
+    assert idx.dtype == jnp.int32 and sign.dtype == jnp.int8
+    np.testing.assert_array_equal(np.asarray(idx), ref_idx)
+    np.testing.assert_array_equal(
+        np.asarray(sign), np.take_along_axis(np.sign(d), ref_idx[..., None], -1)[..., 0])
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.jit(native.linf_max)(x, w)))
+
+
+def test_ties_take_the_first_arg_max_and_zero_rows_have_zero_gradient():
+    rng = np.random.default_rng(7)
+    n = 50
+    x = rng.integers(-2, 3, size=(6, n)).astype(np.float32)  # many exact ties
+    w = rng.integers(-2, 3, size=(9, n)).astype(np.float32)
+    w[0] = x[0]  # a zero row: distance 0, zero gradient
+    g = rng.standard_normal((6, 9)).astype(np.float32)
+    _, idx_native, sign = jax.jit(native.linf_fwd)(x, w)
+    _, ref_idx, _ = _np_linf(x, w)
+    np.testing.assert_array_equal(np.asarray(idx_native), ref_idx)  # NumPy: first occurrence
+    assert int(sign[0, 0]) == 0
+    y, gx, gw = _value_and_vjp("native")(x, w, g)
+    assert float(y[0, 0]) == 0.0
+    for a, b in zip((y, gx, gw), _value_and_vjp("xla")(x, w, g), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nan_and_inf_follow_xla():
+    x, w, _ = _rand(11, 4, 40, 6)
+    x[1, 17] = np.nan
+    w[2, 3] = np.inf
+    x[3, 3] = np.inf  # inf - inf = nan at (3, 2)
+    got = np.asarray(_with("native", ops.linf_dist)(x, w))
+    want = np.asarray(_with("xla", ops.linf_dist)(x, w))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[1]).all() and np.isnan(got[3, 2]) and np.isinf(got[0, 2])
+    np.testing.assert_array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
+
+
+def test_vmap_and_grad_over_members_match_the_loop():
+    k, (b, n, out) = 3, (5, 33, 12)
+    rng = np.random.default_rng(5)
+    xs = rng.standard_normal((k, b, n)).astype(np.float32)
+    ws = rng.standard_normal((k, out, n)).astype(np.float32)
+
+    def loss(x, w):
+        return (ops.linf_dist(x, w) * jnp.arange(out)).sum()
+
+    batched = _with("native", jax.vmap(jax.value_and_grad(loss, (0, 1))))(xs, ws)
+    for m in range(k):
+        one = _with("native", jax.value_and_grad(loss, (0, 1)))(xs[m], ws[m])
+        np.testing.assert_array_equal(np.asarray(batched[0][m]), np.asarray(one[0]))
+        for a, b_ in zip(batched[1], one[1], strict=True):
+            np.testing.assert_array_equal(np.asarray(a[m]), np.asarray(b_))
+
+
+@pytest.mark.parametrize("p", [8.0, 2.5, "traced"])
+def test_lp_max_pass_uses_native_and_matches_xla(p):
+    """The ℓp forward's scale (the row max) comes from the native kernel; values and gradients
+    equal the XLA path to float32 rounding."""
+    x, w, g = _rand(2, 7, 45, 19)
+
+    def f(x, w, g, pv):
+        y, vjp = jax.vjp(lambda x, w: ops.dist(x, w, 100.0 if p == "traced" else p), x, w)
+        if p == "traced":
+            y, vjp = jax.vjp(lambda x, w: ops.dist(x, w, pv), x, w)
+        return (y, *vjp(g))
+
+    pv = jnp.float32(100.0)
+    with ops.use_kernels("native"):
+        hlo = jax.jit(lambda *a: f(*a)).lower(x, w, g, pv).as_text()
+    assert "linf_jax_linf_max" in hlo
+    got = _with("native", f)(x, w, g, pv)
+    want = _with("xla", f)(x, w, g, pv)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-6)
+
+
+def test_dispatch_uses_the_custom_call_only_for_float32_native():
+    x, w, _ = _rand(1, 3, 20, 4)
+
+    def hlo(kernels, fn, *args):  # a fresh function each time: jit caches traces per function
+        with ops.use_kernels(kernels):
+            return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+    grad = jax.grad(lambda x, w: ops.linf_dist(x, w).sum())
+    text = hlo("native", grad, x, w)
+    assert "linf_jax_linf_fwd" in text and "linf_jax_linf_bwd" in text
+    assert "linf_jax_linf_max" in hlo("native", ops.linf_dist, x, w)
+    # bfloat16 operands take the XLA kernels
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    assert "custom_call" not in hlo("native", ops.linf_dist, xb, wb)
+    assert "custom_call" not in hlo("xla", grad, x, w)
+
+
+def test_unavailable_native_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(native._state, "ok", False)
+    monkeypatch.setitem(native._state, "reason", "RuntimeError: no C++ compiler found")
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    assert ops.kernel_backend() == "xla"  # the default falls back quietly
+    monkeypatch.setenv(ops.KERNELS_ENV, "native")
+    with pytest.raises(ValueError, match="unavailable .*no C\\+\\+ compiler"):
+        ops.kernel_backend()
+
+
+def test_cache_is_keyed_and_rebuilt_atomically(tmp_path, monkeypatch):
+    """A fresh cache directory gets one library named by its key; building again reuses it."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    cxx = native._compiler()
+    first = native._build(cxx)
+    assert first.parent == tmp_path and first.name.startswith("linf_cpu-")
+    mtime = first.stat().st_mtime_ns
+    assert native._build(cxx) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+
+
+def test_partitionable_keeps_custom_calls_out_unless_asked(monkeypatch):
+    """Multi-device programs are traced through ops.partitionable: the default native choice
+    becomes XLA there (XLA's SPMD partitioner would all-gather a custom call's operands);
+    an explicit LINF_JAX_KERNELS=native is kept."""
+    x, w, _ = _rand(4, 4, 20, 3)
+
+    def text(fn):
+        return jax.jit(lambda *a: fn(*a)).lower(x, w).as_text()
+
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    assert "linf_jax_linf_max" in text(ops.linf_dist)
+    assert "custom_call" not in text(ops.partitionable(ops.linf_dist))
+    assert ops.kernel_backend() == "native"  # restored afterwards
+    monkeypatch.setenv(ops.KERNELS_ENV, "native")
+    assert "linf_jax_linf_max" in text(ops.partitionable(ops.linf_dist))
+
+
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=[str(s) for s in SHAPES[:5]])
+def test_bounds_match_float64_and_xla(shape):
+    """The native interval bounds: exact against float64 (one rounding of the subtraction), equal
+    to the XLA kernels, and containing every sampled point's distance, corners included."""
+    b, n, out = shape
+    rng = np.random.default_rng(b + n)
+    c = rng.standard_normal((b, n)).astype(np.float32)
+    r = np.abs(rng.standard_normal((b, n)) * 0.3).astype(np.float32)
+    lower, upper = c - r, c + r
+    w = rng.standard_normal((out, n)).astype(np.float32)
+    lo, hi = _with("native", ops.linf_dist_bounds)(lower, upper, w)
+    lo_x, hi_x = _with("xla", ops.linf_dist_bounds)(lower, upper, w)
+    np.testing.assert_array_equal(np.asarray(lo), np.asarray(lo_x))
+    np.testing.assert_array_equal(np.asarray(hi), np.asarray(hi_x))
+    l64, u64, w64 = (np.float64(a) for a in (lower, upper, w))
+    ref_lo = np.maximum(np.maximum(l64[:, None] - w64[None], w64[None] - u64[:, None]), 0).max(-1)
+    ref_hi = np.maximum(u64[:, None] - w64[None], w64[None] - l64[:, None]).max(-1)
+    np.testing.assert_allclose(np.asarray(lo), ref_lo, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(hi), ref_hi, rtol=1e-6, atol=0)
+    for t in (0.0, 1.0, rng.uniform(size=(b, n))):  # corners and an interior point
+        z = (lower + (upper - lower) * np.float32(t) if np.ndim(t) == 0
+             else lower + (upper - lower) * t.astype(np.float32))
+        y = np.abs(np.float64(z)[:, None] - w64[None]).max(-1)
+        assert (np.asarray(lo) <= y + 1e-6).all() and (y <= np.asarray(hi) + 1e-6).all()
+
+
+def test_bounds_nan_and_gradient_follow_xla():
+    rng = np.random.default_rng(3)
+    lower = rng.standard_normal((4, 21)).astype(np.float32)
+    upper = lower + 0.5
+    w = rng.standard_normal((5, 21)).astype(np.float32)
+    lower[2, 4] = np.nan
+    got = _with("native", ops.linf_dist_bounds)(lower, upper, w)
+    want = _with("xla", ops.linf_dist_bounds)(lower, upper, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.isnan(np.asarray(a)), np.isnan(np.asarray(b)))
+        assert np.isnan(np.asarray(a)[2]).all()
+        np.testing.assert_array_equal(np.asarray(a)[[0, 1, 3]], np.asarray(b)[[0, 1, 3]])
+    lower[2, 4] = 0.0
+
+    def loss(lower, upper, w):
+        lo, hi = ops.linf_dist_bounds(lower, upper, w)
+        return (lo * 2.0 + hi).sum()
+
+    g_native = _with("native", jax.grad(loss, (0, 1, 2)))(lower, upper, w)
+    g_xla = _with("xla", jax.grad(loss, (0, 1, 2)))(lower, upper, w)
+    for a, b in zip(g_native, g_xla, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
