@@ -19,11 +19,12 @@ Design (measured on a 2-core AVX-512 CPU, see MEASURED.md and BENCHMARKS.md):
   p schedule never recompiles.
 * Zero padding of the input dimension to a multiple of ``_BLOCK`` is exact for every reduction
   here (padded coordinates give ``|d| = 0``, which never raises a max and adds 0 to a p-sum).
-* On the CPU, the ℓ∞ distance and the max pass of ℓp run as native custom calls
-  (linf_jax/native, float32): XLA compiles the running max and the running arg-max as two loops
-  that each recompute ``|x - w|``; one register-tiled C++ loop keeps both (2.5-3x faster).
-  Where no compiler is found, and for other dtypes, the XLA code below runs; the two agree bit
-  for bit (tests/test_native.py). See :func:`kernel_backend`.
+* On the CPU the kernels run as native custom calls (linf_jax/native, float32): XLA compiles
+  the running max and the running arg-max as two loops that each recompute ``|x - w|``, and
+  materialises the ℓp backward's chunk temporaries; register-tiled C++ loops do each pass in
+  one sweep (ℓ∞ forward+backward 3x, p = 8 2.9x, p = 100 1.5x faster here, BENCHMARKS.md).
+  Where no compiler is found, and for other dtypes, the XLA code below runs; ℓ∞ and the bounds
+  agree bit for bit, ℓp to float32 rounding (tests/test_native.py). See :func:`kernel_backend`.
 """
 
 from __future__ import annotations
@@ -136,8 +137,8 @@ def _max_abs_diff_argmax(x: Array, w: Array) -> tuple[Array, Array]:
 
 
 # --------------------------------------------------------------------------------------------
-# Kernel dispatch: native CPU kernels (linf_jax/native, XLA FFI custom calls) for the ℓ∞
-# distance, the max pass of ℓp and the forward pass of the interval bounds on the CPU; Pallas
+# Kernel dispatch: native CPU kernels (linf_jax/native, XLA FFI custom calls) for the ℓ∞ and ℓp
+# distances (forward and backward) and the forward pass of the interval bounds on the CPU; Pallas
 # kernels (linf_jax/kernels, GitHub issue 5) for linf_dist and lp_dist on request
 # (LINF_JAX_KERNELS=pallas, or =auto on GPU); this file's XLA code otherwise.
 # --------------------------------------------------------------------------------------------
@@ -151,9 +152,9 @@ def kernel_backend() -> str:
     """``'native'``, ``'xla'`` or ``'pallas'``: the implementation :func:`linf_dist` /
     :func:`lp_dist` use.
 
-    Unset: ``'native'`` on the CPU when the native kernels build (linf_jax/native: a C++ XLA
-    custom call compiled on first use, 2.5-3x faster than the XLA code for the ℓ∞ forward pass,
-    BENCHMARKS.md), ``'xla'`` otherwise. ``LINF_JAX_KERNELS=native|xla|pallas`` forces one
+    Unset: ``'native'`` on the CPU when the native kernels build (linf_jax/native: C++ XLA
+    custom calls compiled on first use, 1.5-3x faster than the XLA code, BENCHMARKS.md),
+    ``'xla'`` otherwise. ``LINF_JAX_KERNELS=native|xla|pallas`` forces one
     (``native`` needs the CPU backend and a C++ compiler; Pallas runs in interpret mode on the
     CPU, slowly); ``=auto`` is Pallas on GPU and the unset default elsewhere. The Pallas kernels
     are opt-in until they have been compiled and timed on a GPU: so far they are verified in
@@ -280,7 +281,8 @@ _linf_dist.defvjp(_linf_fwd, _linf_bwd)
 
 # The same with the native CPU kernels: the forward pass keeps the arg-max and its sign, the
 # backward pass is one custom call doing both scatter-adds. Under vmap (ensemble members,
-# groups) each custom call runs member by member (``vmap_method='sequential'``).
+# groups) each custom call takes the vmapped axes as leading dimensions and runs the members one
+# after the other inside the call.
 @jax.custom_vjp
 def _linf_native(x: Array, w: Array) -> Array:
     return native.linf_max(x, w)
@@ -339,7 +341,10 @@ def _lp_forward(x, w, p, k):
         s, im = carry
         return s + _pow(jnp.abs(xj - wj) * im, p, k), im
 
-    s, _ = _scan_blocks(step, (jnp.zeros_like(m), inv_m), x, w)
+    if _native_ok(x, w):
+        s = native.lp_sum(x, w, inv_m, p, k)
+    else:
+        s, _ = _scan_blocks(step, (jnp.zeros_like(m), inv_m), x, w)
     root = _int_root(s, k) if k is not None else jnp.exp(jnp.log(s) / p)
     # s ≥ 1 wherever m > 0 (the max term contributes 1); where m == 0 the distance is 0.
     return jnp.where(m > 0, m * root, 0.0)
@@ -354,6 +359,8 @@ def _lp_backward(x, w, y, g, p, k):
     for wide inputs, tiled over i: every coordinate's G needs only its own d and y, so input
     tiles are independent, and each chunk's ``[B, oc, tile]`` temporaries stay small (untiled,
     (512, 3072, 5120) at p = 8 ran at 0.16 G elements/s against 1.5 at n = 1024)."""
+    if _native_ok(x, w):
+        return native.lp_bwd(x, w, 1.0 / jnp.where(y > 0, y, 1.0), g, p, k)
     b, n = x.shape
     tile = max(_LP_BWD_ELEMENTS // (b * _OUT_CHUNK), _BLOCK)
     if n <= tile:
@@ -398,21 +405,27 @@ def _lp_backward_tile(x, w, y, g, p, k):
     return gx, gw.reshape(-1, w.shape[1])[:out]
 
 
+def _one_by_one_unless_native(fn, x, w):
+    """``fn`` as is for the native kernels (they take vmapped axes as leading dimensions and
+    loop over them inside one call), else :func:`_members_one_by_one`."""
+    return fn if _native_ok(x, w) else _members_one_by_one(fn)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _lp_dist(x, w, p, k):
-    return _members_one_by_one(functools.partial(_lp_forward, k=k))(x, w, p)
+    return _one_by_one_unless_native(functools.partial(_lp_forward, k=k), x, w)(x, w, p)
 
 
 def _lp_fwd(x, w, p, k):
-    y = _members_one_by_one(functools.partial(_lp_forward, k=k))(x, w, p)
+    y = _one_by_one_unless_native(functools.partial(_lp_forward, k=k), x, w)(x, w, p)
     return y, (x, w, y, p)
 
 
 def _lp_bwd(k, res, g):
     x, w, y, p = res
     # one member after the other under vmap on the CPU: at K = 5, MNIST size, p = 8 the batched
-    # backward was 1.45x slower than a Python loop over the members
-    gx, gw = _members_one_by_one(functools.partial(_lp_backward, k=k))(x, w, y, g, p)
+    # XLA backward was 1.45x slower than a Python loop over the members
+    gx, gw = _one_by_one_unless_native(functools.partial(_lp_backward, k=k), x, w)(x, w, y, g, p)
     return gx, gw, jnp.zeros_like(p)
 
 

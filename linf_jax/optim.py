@@ -38,19 +38,26 @@ def lp_decay_direction(w, p):
     CPU they were about an eighth of a p = ∞ training step."""
     rows = w.reshape(w.shape[0], -1)
     p = jnp.asarray(p, jnp.float32)
-    a = jnp.abs(rows)
-    m = a.max(axis=1, keepdims=True)
 
-    def finite(rows, a, m):
+    # |w| and the row max are computed inside each branch: as operands of the cond they would be
+    # materialised (an extra pass writing |w|, 2.5 ms of a 30 ms p = inf ensemble step on the
+    # CPU); inside, XLA fuses them into the branch's own loops.
+    def abs_max(rows):
+        a = jnp.abs(rows)
+        return a, a.max(axis=1, keepdims=True)
+
+    def finite(rows):
+        a, m = abs_max(rows)
         u = a / jnp.where(m > 0, m, 1.0)
         t = jnp.where(u > 0, jnp.exp((p - 2.0) * jnp.log(jnp.where(u > 0, u, 1.0))), 0.0)
         s = jnp.maximum((t * u * u).sum(axis=1, keepdims=True), 1.0)  # in [1, n]
         return t * jnp.exp(-(p - 2.0) / p * jnp.log(s)) * rows
 
-    def infinite(rows, a, m):
+    def infinite(rows):
+        a, m = abs_max(rows)
         return jnp.where((a == m) & (m > 0), rows, 0.0)
 
-    return jax.lax.cond(jnp.isfinite(p), finite, infinite, rows, a, m).reshape(w.shape)
+    return jax.lax.cond(jnp.isfinite(p), finite, infinite, rows).reshape(w.shape)
 
 
 class DecayState(NamedTuple):

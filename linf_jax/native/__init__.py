@@ -4,8 +4,12 @@ XLA's CPU backend compiles the running max and the running arg-max of the ℓ∞
 sibling loop fusions that each recompute ``|x − w|`` (BENCHMARKS.md), so the arg-max that the
 backward pass needs doubled the forward time. ``linf_cpu.cc`` keeps both in one register-tiled
 loop, does the backward scatter-adds in one pass, and computes the interval bounds of
-certification the same way; :mod:`linf_jax.ops` uses it on the CPU for float32 operands
-(``LINF_JAX_KERNELS``, see :func:`linf_jax.ops.kernel_backend`).
+certification the same way. For finite p it runs the sum pass of the stable form and the
+analytic backward pass, computing each ``(|d|/y)^(p−1)`` once for both reductions (integer p by
+repeated squaring, other p by a vector exp/log). :mod:`linf_jax.ops` uses it on the CPU for
+float32 operands (``LINF_JAX_KERNELS``, see :func:`linf_jax.ops.kernel_backend`). Under
+``jax.vmap`` (ensemble members, groups) the kernels take the vmapped axes as leading dimensions
+and loop over them inside one call.
 
 The library is compiled with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/
 ``clang++``; ``-O3 -march=native``, about 4 s) the first time it is needed and cached under
@@ -30,12 +34,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = Path(__file__).with_name("linf_cpu.cc")
 CACHE_ENV = "LINF_JAX_CACHE"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"LinfDistFwd": "linf_jax_linf_fwd", "LinfDistMax": "linf_jax_linf_max",
-            "LinfDistBwd": "linf_jax_linf_bwd", "LinfBounds": "linf_jax_linf_bounds"}
+            "LinfDistBwd": "linf_jax_linf_bwd", "LinfBounds": "linf_jax_linf_bounds",
+            "LpSum": "linf_jax_lp_sum", "LpBwd": "linf_jax_lp_bwd"}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -123,10 +129,12 @@ def unavailable_reason() -> str | None:
     return _state.get("reason")
 
 
-def _call(name: str, out_types, *args):
+def _call(name: str, out_types, *args, **attrs):
     if not _load():
         raise RuntimeError(f"linf_jax native kernels unavailable: {_state['reason']}")
-    return jax.ffi.ffi_call(name, out_types, vmap_method="sequential")(*args)
+    # Under vmap the kernels take the batch as leading dimensions (an unbatched operand gets a
+    # size-1 one) and loop over it inside one call: no slicing and stacking around K calls.
+    return jax.ffi.ffi_call(name, out_types, vmap_method="expand_dims")(*args, **attrs)
 
 
 def _shape(x, w, dtype):
@@ -156,3 +164,26 @@ def linf_bounds(lower, upper, w):
     """``(lo, hi)``: the exact interval of ``||z − w[o]||_∞`` over ``lower ≤ z ≤ upper``."""
     shape = _shape(lower, w, jnp.float32)
     return _call(_TARGETS["LinfBounds"], (shape, shape), lower, upper, w)
+
+
+def _k_attr(k: int | None) -> np.int32:
+    """The kernels' exponent switch: an integer p in 1..8 (repeated squaring), or -1 (general p,
+    ``exp(p·log t)``)."""
+    if k is not None and not 1 <= k <= 8:
+        raise ValueError(f"k={k} is not an integer p in 1..8 (or None for a general p)")
+    return np.int32(-1 if k is None else k)
+
+
+def lp_sum(x, w, inv_m, p, k: int | None):
+    """``s[b, o] = Σ_i (|x[b, i] − w[o, i]|·inv_m[b, o])^p`` (the stable ℓp form's sum pass)."""
+    p = jnp.asarray(p, jnp.float32).reshape(1, 1)
+    return _call(_TARGETS["LpSum"], _shape(x, w, jnp.float32), x, w, inv_m, p, k=_k_attr(k))
+
+
+def lp_bwd(x, w, inv_y, g, p, k: int | None):
+    """``(gx, gw)`` of the ℓp distance: ``G = sign(d)·max(|d|·inv_y, 1e-30)^(p−1)·g``,
+    ``gx = Σ_o G``, ``gw = −Σ_b G``."""
+    p = jnp.asarray(p, jnp.float32).reshape(1, 1)
+    return _call(_TARGETS["LpBwd"], (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                     jax.ShapeDtypeStruct(w.shape, jnp.float32)),
+                 x, w, inv_y, g.astype(jnp.float32), p, k=_k_attr(k))

@@ -6,6 +6,9 @@
 // LinfDistMax: y only (evaluation: nothing to differentiate)
 // LinfDistBwd: gx[b, i*] += g[b, o] s[b, o], gw[o, i*] -= g[b, o] s[b, o] (two scatter-adds)
 // LinfBounds:  the exact interval (lo, hi) of ||z - w[o]||_inf over the box lower <= z <= upper
+// LpSum:       s[b, o] = sum_i (|x[b, i] - w[o, i]| / m[b, o])^p, the sum pass of the stable l_p
+// LpBwd:       the analytic l_p backward pass, (gx, gw)
+// All take leading (vmapped) dimensions; see "Leading (batch) dimensions" below.
 //
 // Why a custom call: XLA's CPU backend compiles the running max and the running arg-max as two
 // sibling loop fusions that each recompute |x - w| (BENCHMARKS.md), so the arg-max doubled the
@@ -27,6 +30,8 @@
 #include <initializer_list>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -40,6 +45,7 @@ typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 constexpr int TB = 4;  // input rows per register tile
 constexpr int TO = 2;  // weight rows per register tile
+constexpr int64_t kScatterRows = 16;  // rows per job of the scatter and sum passes
 
 inline vf loadv(const float* p) {
   vf v;
@@ -232,25 +238,21 @@ void redo_non_finite(std::initializer_list<const float*> xs, const float* w, int
   }
 }
 
+// One [B, n] x [out, n] problem.
 template <bool kIndex>
-ffi::Error linf_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> wb,
-                     ffi::ResultBuffer<ffi::F32> yb, int32_t* idx, int8_t* sgn) {
-  const auto xd = xb.dimensions(), wd = wb.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("linf_dist: expected x [B, n] and w [out, n]");
-  const int64_t B = xd[0], out = wd[0], n = xd[1];
-  float* y = yb->typed_data();
-  if (B == 0 || out == 0) return ffi::Error::Success();
+void linf_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, int64_t B, int64_t out,
+                 int64_t n, float* y, int32_t* idx, int8_t* sgn) {
+  if (B == 0 || out == 0) return;
   if (n == 0) {
     std::fill(y, y + B * out, 0.f);
     if (kIndex) std::fill(idx, idx + B * out, 0);
     if (kIndex) std::fill(sgn, sgn + B * out, 0);
-    return ffi::Error::Success();
+    return;
   }
   const int64_t nv = (n + VW - 1) / VW, ld = nv * VW;
   std::vector<float> xbuf, wbuf;
-  const float* x = padded(xb.typed_data(), B, n, ld, xbuf);
-  const float* w = padded(wb.typed_data(), out, n, ld, wbuf);
+  const float* x = padded(x0, B, n, ld, xbuf);
+  const float* w = padded(w0, out, n, ld, wbuf);
   run_jobs(pool, B, out, ld, [&](int64_t b0, int64_t b1, int64_t o0, int64_t o1) {
     int64_t b = b0;
     for (; b + TB <= b1; b += TB)
@@ -261,13 +263,10 @@ ffi::Error linf_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer
                            kIndex ? sgn + b * out : nullptr, out, o0, o1);
   });
   // Non-finite rows: redo their pairs with the scalar loop (NaN propagates as in XLA).
-  const float* x0 = xb.typed_data();
-  const float* w0 = wb.typed_data();
   redo_non_finite({x0}, w0, B, out, n, [&](int64_t b, int64_t o) {
     scalar_pair(x0 + b * n, w0 + o * n, n, y + b * out + o,
                 kIndex ? idx + b * out + o : nullptr, kIndex ? sgn + b * out + o : nullptr);
   });
-  return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -322,28 +321,20 @@ inline float nan_max(float a, float b) {
   return (std::isnan(a) || std::isnan(b)) ? NAN : (a > b ? a : b);
 }
 
-ffi::Error LinfBoundsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lb, ffi::Buffer<ffi::F32> ub,
-                          ffi::Buffer<ffi::F32> wb, ffi::ResultBuffer<ffi::F32> lob,
-                          ffi::ResultBuffer<ffi::F32> hib) {
-  const auto ld_ = lb.dimensions(), ud = ub.dimensions(), wd = wb.dimensions();
-  if (ld_.size() != 2 || ud.size() != 2 || wd.size() != 2 || ld_[0] != ud[0] ||
-      ld_[1] != ud[1] || ld_[1] != wd[1])
-    return ffi::Error::InvalidArgument(
-        "linf_dist_bounds: expected lower, upper [B, n] and w [out, n]");
-  const int64_t B = ld_[0], out = wd[0], n = ld_[1];
-  float* lo = lob->typed_data();
-  float* hi = hib->typed_data();
-  if (B == 0 || out == 0) return ffi::Error::Success();
+// One [B, n] box x [out, n] problem.
+void bounds_matrix(ffi::ThreadPool& pool, const float* l0, const float* u0, const float* w0,
+                   int64_t B, int64_t out, int64_t n, float* lo, float* hi) {
+  if (B == 0 || out == 0) return;
   if (n == 0) {
     std::fill(lo, lo + B * out, 0.f);
     std::fill(hi, hi + B * out, 0.f);
-    return ffi::Error::Success();
+    return;
   }
   const int64_t nv = (n + VW - 1) / VW, ld = nv * VW;
   std::vector<float> lbuf, ubuf, wbuf;
-  const float* l = padded(lb.typed_data(), B, n, ld, lbuf);
-  const float* u = padded(ub.typed_data(), B, n, ld, ubuf);
-  const float* w = padded(wb.typed_data(), out, n, ld, wbuf);
+  const float* l = padded(l0, B, n, ld, lbuf);
+  const float* u = padded(u0, B, n, ld, ubuf);
+  const float* w = padded(w0, out, n, ld, wbuf);
   run_jobs(pool, B, out, ld, [&](int64_t b0, int64_t b1, int64_t o0, int64_t o1) {
     int64_t b = b0;
     for (; b + TB <= b1; b += TB)
@@ -351,9 +342,6 @@ ffi::Error LinfBoundsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lb, ffi::B
     for (; b < b1; ++b)
       bounds_rows<1>(l + b * ld, u + b * ld, w, ld, nv, lo + b * out, hi + b * out, out, o0, o1);
   });
-  const float* l0 = lb.typed_data();
-  const float* u0 = ub.typed_data();
-  const float* w0 = wb.typed_data();
   redo_non_finite({l0, u0}, w0, B, out, n, [&](int64_t b, int64_t o) {
     float a = 0.f, c = 0.f;
     for (int64_t i = 0; i < n; ++i) {
@@ -364,38 +352,14 @@ ffi::Error LinfBoundsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lb, ffi::B
     lo[b * out + o] = a;
     hi[b * out + o] = c;
   });
-  return ffi::Error::Success();
 }
 
-ffi::Error LinfDistFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                           ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S32> idx,
-                           ffi::ResultBuffer<ffi::S8> sgn) {
-  return linf_impl<true>(pool, x, w, y, idx->typed_data(), sgn->typed_data());
-}
-
-ffi::Error LinfDistMaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                           ffi::ResultBuffer<ffi::F32> y) {
-  return linf_impl<false>(pool, x, w, y, nullptr, nullptr);
-}
-
-// Rows per job of the scatter passes.
-constexpr int64_t kScatterRows = 16;
-
-ffi::Error LinfDistBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idxb,
-                           ffi::Buffer<ffi::S8> sgnb, ffi::Buffer<ffi::F32> gb,
-                           ffi::ResultBuffer<ffi::F32> gxb, ffi::ResultBuffer<ffi::F32> gwb) {
-  const auto gd = gb.dimensions(), xd = gxb->dimensions(), wd = gwb->dimensions();
-  if (gd.size() != 2 || xd.size() != 2 || wd.size() != 2 || gd[0] != xd[0] || gd[1] != wd[0] ||
-      xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("linf_dist backward: inconsistent shapes");
-  const int64_t B = xd[0], out = wd[0], n = xd[1];
-  const int32_t* idx = idxb.typed_data();
-  const int8_t* sgn = sgnb.typed_data();
-  const float* g = gb.typed_data();
-  float* gx = gxb->typed_data();
-  float* gw = gwb->typed_data();
+// One backward problem: gx [B, n], gw [out, n] from the [B, out] residuals and cotangent.
+void bwd_matrix(ffi::ThreadPool& pool, const int32_t* idx, const int8_t* sgn, const float* g,
+                int64_t B, int64_t out, int64_t n, float* gx, float* gw) {
+  if (n == 0) return;  // gx, gw have no elements
   // gx: each job owns whole input rows; gw: each job owns whole weight rows. Both read the
-  // [B, out] residuals row by row.
+  // [B, out] residuals row by row, in a fixed order (deterministic sums).
   parallel_for(pool, (B + kScatterRows - 1) / kScatterRows, [&](int64_t job) {
     const int64_t b1 = std::min(B, (job + 1) * kScatterRows);
     for (int64_t b = job * kScatterRows; b < b1; ++b) {
@@ -411,7 +375,441 @@ ffi::Error LinfDistBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idxb,
       for (int64_t o = o0; o < o1; ++o)
         gw[o * n + idx[b * out + o]] -= g[b * out + o] * sgn[b * out + o];
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// l_p, finite p: the sum pass of the stable form and the analytic backward pass.
+//   s[b, o]  = sum_i (|d_i| / m[b, o])^p                    (y = m s^(1/p), computed in JAX)
+//   G        = sign(d_i) max(|d_i| / y, 1e-30)^(p-1) g[b, o]
+//   gx[b, i] = sum_o G,   gw[o, i] = -sum_b G
+// Powers: K >= 1 is an integer p by repeated squaring (p = 8: t^8 in the sum, t^7 in the
+// backward pass); K = -1 is exp(p log t) with the vector exp/log below (Cephes' single-
+// precision polynomials, about 1 ulp).
+// ---------------------------------------------------------------------------------------------
+
+inline vf vexp(vf x) {
+  x = x < 88.3762626647949f ? x : vf{} + 88.3762626647949f;
+  const vi under = x < -87.3365447505531f;  // below the smallest normal: 0 (XLA flushes too)
+  vf fx = x * 1.44269504088896341f + 0.5f;
+  vi ti = __builtin_convertvector(fx, vi);
+  vf t = __builtin_convertvector(ti, vf);
+  fx = t > fx ? t - 1.f : t;  // floor
+  x = x - fx * 0.693359375f;
+  x = x + fx * 2.12194440e-4f;
+  const vf z = x * x;
+  vf y = vf{} + 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.f;
+  const vi e = (__builtin_convertvector(fx, vi) + 127) << 23;
+  y = y * (vf)e;
+  return under ? vf{} : y;
+}
+
+// log for x > 0 (normal numbers; the callers clamp to >= 1e-30).
+inline vf vlog(vf x) {
+  vi bits = (vi)x;
+  vi e = ((bits >> 23) & 0xff) - 126;
+  vf m = (vf)((bits & 0x807fffff) | 0x3f000000);  // [0.5, 1)
+  const vi small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.f : m - 1.f;
+  const vf fe = __builtin_convertvector(e, vf);
+  const vf z = m * m;
+  vf y = vf{} + 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y - fe * 2.12194440e-4f;
+  y = y - 0.5f * z;
+  return m + y + fe * 0.693359375f;
+}
+
+// t^K for t >= 0: K >= 0 an integer power by repeated squaring (the order of ops.py's _int_pow);
+// K = -1: exp(e log t), 0 at t = 0.
+template <int K>
+inline vf vpow(vf t, float e) {
+  if constexpr (K < 0) {
+    const vi pos = t > 0.f;
+    const vf r = vexp(e * vlog(pos ? t : vf{} + 1.f));
+    return pos ? r : vf{};
+  } else if constexpr (K == 0) {
+    return vf{} + 1.f;
+  } else {
+    vf result{}, base = t;
+    bool have = false;
+    int k = K;
+    while (k) {
+      if (k & 1) {
+        result = have ? result * base : base;
+        have = true;
+      }
+      k >>= 1;
+      if (k) base = base * base;
+    }
+    return result;
+  }
+}
+
+// Sum pass: one register tile of tb x to pairs.
+template <int K, int tb, int to>
+inline void lp_sum_tile(const float* x, const float* w, int64_t ld, int64_t nv, const float* im,
+                        float* s, int64_t ldy, float p) {
+  vf acc[tb][to], scale[tb][to];
+  for (int r = 0; r < tb; ++r)
+    for (int c = 0; c < to; ++c) {
+      acc[r][c] = vf{};
+      scale[r][c] = vf{} + im[r * ldy + c];
+    }
+  for (int64_t v = 0; v < nv; ++v) {
+    vf wv[to];
+    for (int c = 0; c < to; ++c) wv[c] = loadv(w + c * ld + v * VW);
+    for (int r = 0; r < tb; ++r) {
+      const vf xv = loadv(x + r * ld + v * VW);
+      for (int c = 0; c < to; ++c)
+        acc[r][c] += vpow<K>(absv(xv - wv[c]) * scale[r][c], p);
+    }
+  }
+  for (int r = 0; r < tb; ++r)
+    for (int c = 0; c < to; ++c) {
+      float t = 0.f;
+      for (int k = 0; k < VW; ++k) t += acc[r][c][k];
+      s[r * ldy + c] = t;
+    }
+}
+
+template <int K, int tb>
+inline void lp_sum_rows(const float* x, const float* w, int64_t ld, int64_t nv, const float* im,
+                        float* s, int64_t ldy, int64_t o0, int64_t o1, float p) {
+  int64_t o = o0;
+  for (; o + TO <= o1; o += TO) lp_sum_tile<K, tb, TO>(x, w + o * ld, ld, nv, im + o, s + o, ldy, p);
+  for (; o < o1; ++o) lp_sum_tile<K, tb, 1>(x, w + o * ld, ld, nv, im + o, s + o, ldy, p);
+}
+
+template <int K>
+void lp_sum_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, const float* im,
+                   int64_t B, int64_t out, int64_t n, float p, float* s) {
+  if (B == 0 || out == 0) return;
+  if (n == 0) {
+    std::fill(s, s + B * out, 0.f);
+    return;
+  }
+  const int64_t nv = (n + VW - 1) / VW, ld = nv * VW;
+  std::vector<float> xbuf, wbuf;
+  const float* x = padded(x0, B, n, ld, xbuf);
+  const float* w = padded(w0, out, n, ld, wbuf);
+  run_jobs(pool, B, out, ld, [&](int64_t b0, int64_t b1, int64_t o0, int64_t o1) {
+    int64_t b = b0;
+    for (; b + TB <= b1; b += TB)
+      lp_sum_rows<K, TB>(x + b * ld, w, ld, nv, im + b * out, s + b * out, out, o0, o1, p);
+    for (; b < b1; ++b)
+      lp_sum_rows<K, 1>(x + b * ld, w, ld, nv, im + b * out, s + b * out, out, o0, o1, p);
+  });
+}
+
+// Backward pass. Output rows are split into kParts fixed parts (whole weight rows each, so
+// gw is written by one part only); each part sums its gx terms into its own [B, n] buffer and
+// the buffers are added in a fixed order: deterministic whatever thread runs which part.
+// Inputs are taken in blocks of kIBlock coordinates, so that a part's x and gx blocks stay in
+// cache while it sweeps its weight rows.
+constexpr int kIBlock = 256;
+
+template <int K, int tb, int to>
+inline void lp_bwd_tile(const float* x, const float* w, const float* iy, const float* g,
+                        int64_t ldy, int64_t v0, int64_t v1, float pm1, float* gx, float* gw,
+                        int64_t ld) {
+  float sc[tb][to], gg[tb][to];
+  for (int r = 0; r < tb; ++r)
+    for (int c = 0; c < to; ++c) {
+      sc[r][c] = iy[r * ldy + c];
+      gg[r][c] = g[r * ldy + c];
+    }
+  for (int64_t v = v0; v < v1; ++v) {
+    vf wv[to], gwv[to];
+    for (int c = 0; c < to; ++c) {
+      wv[c] = loadv(w + c * ld + v * VW);
+      gwv[c] = vf{};
+    }
+    for (int r = 0; r < tb; ++r) {
+      const vf xv = loadv(x + r * ld + v * VW);
+      vf gxv = vf{};
+      for (int c = 0; c < to; ++c) {
+        const vf d = xv - wv[c];
+        vf t = absv(d) * sc[r][c];
+        t = t > 1e-30f ? t : vf{} + 1e-30f;
+        vf G = vpow<(K < 0 ? -1 : K - 1)>(t, pm1) * gg[r][c];
+        // sign(d) * G: 0 where d == 0, the sign bit of d otherwise
+        const vi nz = d != 0.f;
+        G = (vf)(((vi)G ^ ((vi)d & (int32_t)0x80000000)) & nz);
+        gxv += G;
+        gwv[c] -= G;
+      }
+      vf cur = loadv(gx + r * ld + v * VW);
+      cur += gxv;
+      std::memcpy(gx + r * ld + v * VW, &cur, sizeof(cur));
+    }
+    for (int c = 0; c < to; ++c) {
+      vf cur = loadv(gw + c * ld + v * VW);
+      cur += gwv[c];
+      std::memcpy(gw + c * ld + v * VW, &cur, sizeof(cur));
+    }
+  }
+}
+
+constexpr int64_t kParts = 4;
+
+template <int K>
+void lp_bwd_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, const float* iy,
+                   const float* g, int64_t B, int64_t out, int64_t n, float p, float* gx_out,
+                   float* gw_out) {
+  if (n == 0) return;
+  if (B == 0 || out == 0) {
+    std::fill(gx_out, gx_out + B * n, 0.f);
+    std::fill(gw_out, gw_out + out * n, 0.f);
+    return;
+  }
+  const int64_t nv = (n + VW - 1) / VW, ld = nv * VW;
+  std::vector<float> xbuf, wbuf;
+  const float* x = padded(x0, B, n, ld, xbuf);
+  const float* w = padded(w0, out, n, ld, wbuf);
+  const int64_t parts = std::min<int64_t>(kParts, (out + TO - 1) / TO);
+  const int64_t per = ((out + parts - 1) / parts + TO - 1) / TO * TO;  // rows per part
+  std::vector<float> gx(parts * B * ld, 0.f), gw(out * ld, 0.f);
+  const int64_t vb = kIBlock / VW;
+  const float pm1 = p - 1.f;
+  parallel_for(pool, parts, [&](int64_t part) {
+    const int64_t o0 = std::min(out, part * per), o1 = std::min(out, o0 + per);
+    float* gxp = gx.data() + part * B * ld;
+    for (int64_t v0 = 0; v0 < nv; v0 += vb) {
+      const int64_t v1 = std::min(nv, v0 + vb);
+      int64_t o = o0;
+      auto rows = [&](auto to_tag, int64_t o) {
+        constexpr int to = decltype(to_tag)::value;
+        int64_t b = 0;
+        for (; b + TB <= B; b += TB)
+          lp_bwd_tile<K, TB, to>(x + b * ld, w + o * ld, iy + b * out + o, g + b * out + o, out,
+                                 v0, v1, pm1, gxp + b * ld, gw.data() + o * ld, ld);
+        for (; b < B; ++b)
+          lp_bwd_tile<K, 1, to>(x + b * ld, w + o * ld, iy + b * out + o, g + b * out + o, out,
+                                v0, v1, pm1, gxp + b * ld, gw.data() + o * ld, ld);
+      };
+      for (; o + TO <= o1; o += TO) rows(std::integral_constant<int, TO>{}, o);
+      for (; o < o1; ++o) rows(std::integral_constant<int, 1>{}, o);
+    }
+  });
+  // gx = sum of the parts in order; gw copied out of its padded rows.
+  parallel_for(pool, (B + kScatterRows - 1) / kScatterRows, [&](int64_t job) {
+    const int64_t b1 = std::min(B, (job + 1) * kScatterRows);
+    for (int64_t b = job * kScatterRows; b < b1; ++b)
+      for (int64_t i = 0; i < n; ++i) {
+        float t = gx[b * ld + i];
+        for (int64_t q = 1; q < parts; ++q) t += gx[q * B * ld + b * ld + i];
+        gx_out[b * n + i] = t;
+      }
+  });
+  for (int64_t o = 0; o < out; ++o) std::memcpy(gw_out + o * n, &gw[o * ld], n * 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leading (batch) dimensions. Under jax.vmap the calls get the member / group axes as leading
+// dimensions (vmap_method='expand_dims': an unbatched operand gets size-1 dimensions there), so
+// a K-member ensemble is one call that loops over its members with no copies, instead of K
+// calls with slicing and stacking around them. Operands broadcast over size-1 leading dims.
+// ---------------------------------------------------------------------------------------------
+
+struct Batch {
+  int64_t count = 1;                       // number of [.., ..] problems
+  std::vector<std::vector<int64_t>> offs;  // per operand: element offset of each problem
+  std::string error;
+};
+
+// dims: each operand's full dimensions (rank >= 2; leading dims broadcast); the result's
+// leading dims are the elementwise maximum.
+Batch batch_of(const std::vector<std::vector<int64_t>>& dims, int64_t rank) {
+  Batch bt;
+  const int64_t lead = rank - 2;
+  std::vector<int64_t> shape(lead, 1);
+  for (const auto& d : dims) {
+    if ((int64_t)d.size() != rank) {
+      bt.error = "operands of different ranks";
+      return bt;
+    }
+    for (int64_t k = 0; k < lead; ++k) {
+      if (d[k] != 1 && shape[k] != 1 && d[k] != shape[k]) {
+        bt.error = "leading dimensions do not broadcast";
+        return bt;
+      }
+      shape[k] = std::max(shape[k], d[k]);
+    }
+  }
+  for (int64_t k = 0; k < lead; ++k) bt.count *= shape[k];
+  for (const auto& d : dims) {
+    std::vector<int64_t> stride(lead, 0);
+    int64_t s = d[rank - 2] * d[rank - 1];
+    for (int64_t k = lead - 1; k >= 0; --k) {
+      stride[k] = d[k] == 1 ? 0 : s;
+      s *= d[k];
+    }
+    std::vector<int64_t> off(bt.count, 0);
+    for (int64_t i = 0; i < bt.count; ++i) {
+      int64_t rest = i, o = 0;
+      for (int64_t k = lead - 1; k >= 0; --k) {
+        o += (rest % shape[k]) * stride[k];
+        rest /= shape[k];
+      }
+      off[i] = o;
+    }
+    bt.offs.push_back(std::move(off));
+  }
+  return bt;
+}
+
+template <typename Buf>
+std::vector<int64_t> dims_of(const Buf& b) {
+  auto d = b.dimensions();
+  return std::vector<int64_t>(d.begin(), d.end());
+}
+
+// x [..., B, n], w [..., out, n] -> y (and idx, sign) [..., B, out].
+template <bool kIndex>
+ffi::Error linf_call(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w,
+                     ffi::ResultBuffer<ffi::F32>& y, int32_t* idx, int8_t* sgn) {
+  const auto xd = dims_of(x), wd = dims_of(w), yd = dims_of(*y);
+  const int64_t r = yd.size();
+  if (r < 2 || xd.size() != yd.size() || wd.size() != yd.size() || xd[r - 1] != wd[r - 1])
+    return ffi::Error::InvalidArgument("linf_dist: expected x [..., B, n] and w [..., out, n]");
+  const Batch bt = batch_of({xd, wd, yd}, r);
+  if (!bt.error.empty()) return ffi::Error::InvalidArgument("linf_dist: " + bt.error);
+  const int64_t B = xd[r - 2], out = wd[r - 2], n = xd[r - 1];
+  for (int64_t k = 0; k < bt.count; ++k) {
+    const int64_t yo = bt.offs[2][k];
+    linf_matrix<kIndex>(pool, x.typed_data() + bt.offs[0][k], w.typed_data() + bt.offs[1][k], B,
+                        out, n, y->typed_data() + yo, kIndex ? idx + yo : nullptr,
+                        kIndex ? sgn + yo : nullptr);
+  }
   return ffi::Error::Success();
+}
+
+ffi::Error LinfDistFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S32> idx,
+                           ffi::ResultBuffer<ffi::S8> sgn) {
+  return linf_call<true>(pool, x, w, y, idx->typed_data(), sgn->typed_data());
+}
+
+ffi::Error LinfDistMaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  return linf_call<false>(pool, x, w, y, nullptr, nullptr);
+}
+
+// idx, sign, g [..., B, out] -> gx [..., B, n], gw [..., out, n].
+ffi::Error LinfDistBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx,
+                           ffi::Buffer<ffi::S8> sgn, ffi::Buffer<ffi::F32> g,
+                           ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gw) {
+  const auto id = dims_of(idx), sd = dims_of(sgn), gd = dims_of(g);
+  const auto xd = dims_of(*gx), wd = dims_of(*gw);
+  const int64_t r = xd.size();
+  if (r < 2 || id.size() != xd.size() || sd != id || gd.size() != xd.size() ||
+      wd.size() != xd.size() || id[r - 2] != xd[r - 2] || id[r - 1] != wd[r - 2] ||
+      gd[r - 2] != xd[r - 2] || gd[r - 1] != wd[r - 2] || xd[r - 1] != wd[r - 1])
+    return ffi::Error::InvalidArgument("linf_dist backward: inconsistent shapes");
+  const Batch bt = batch_of({id, gd, xd, wd}, r);
+  if (!bt.error.empty()) return ffi::Error::InvalidArgument("linf_dist backward: " + bt.error);
+  for (int64_t k = 0; k < bt.count; ++k)
+    bwd_matrix(pool, idx.typed_data() + bt.offs[0][k], sgn.typed_data() + bt.offs[0][k],
+               g.typed_data() + bt.offs[1][k], xd[r - 2], wd[r - 2], xd[r - 1],
+               gx->typed_data() + bt.offs[2][k], gw->typed_data() + bt.offs[3][k]);
+  return ffi::Error::Success();
+}
+
+// lower, upper [..., B, n], w [..., out, n] -> lo, hi [..., B, out].
+ffi::Error LinfBoundsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> l, ffi::Buffer<ffi::F32> u,
+                          ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> lo,
+                          ffi::ResultBuffer<ffi::F32> hi) {
+  const auto ld = dims_of(l), ud = dims_of(u), wd = dims_of(w), yd = dims_of(*lo);
+  const int64_t r = yd.size();
+  if (r < 2 || ld.size() != yd.size() || ud.size() != yd.size() || wd.size() != yd.size() ||
+      ld[r - 2] != ud[r - 2] || ld[r - 1] != ud[r - 1] || ld[r - 1] != wd[r - 1])
+    return ffi::Error::InvalidArgument(
+        "linf_dist_bounds: expected lower, upper [..., B, n] and w [..., out, n]");
+  const Batch bt = batch_of({ld, ud, wd, yd}, r);
+  if (!bt.error.empty()) return ffi::Error::InvalidArgument("linf_dist_bounds: " + bt.error);
+  for (int64_t k = 0; k < bt.count; ++k)
+    bounds_matrix(pool, l.typed_data() + bt.offs[0][k], u.typed_data() + bt.offs[1][k],
+                  w.typed_data() + bt.offs[2][k], ld[r - 2], wd[r - 2], ld[r - 1],
+                  lo->typed_data() + bt.offs[3][k], hi->typed_data() + bt.offs[3][k]);
+  return ffi::Error::Success();
+}
+
+template <typename F>
+ffi::Error dispatch_k(int32_t k, const F& f) {
+  switch (k) {
+    case -1: f(std::integral_constant<int, -1>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: return ffi::Error::InvalidArgument("lp_dist: k must be -1 (general p) or 1..8");
+  }
+  return ffi::Error::Success();
+}
+
+// x [..., B, n], w [..., out, n], inv_m [..., B, out], p [..., 1, 1] -> s [..., B, out].
+ffi::Error LpSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::Buffer<ffi::F32> im, ffi::Buffer<ffi::F32> p,
+                     ffi::ResultBuffer<ffi::F32> s, int32_t k) {
+  const auto xd = dims_of(x), wd = dims_of(w), md = dims_of(im), pd = dims_of(p),
+             sd = dims_of(*s);
+  const int64_t r = sd.size();
+  if (r < 2 || xd.size() != sd.size() || wd.size() != sd.size() || md != sd ||
+      pd.size() != sd.size() || pd[r - 1] != 1 || pd[r - 2] != 1 || xd[r - 1] != wd[r - 1])
+    return ffi::Error::InvalidArgument("lp_dist: inconsistent shapes");
+  const Batch bt = batch_of({xd, wd, md, pd}, r);
+  if (!bt.error.empty()) return ffi::Error::InvalidArgument("lp_dist: " + bt.error);
+  return dispatch_k(k, [&](auto kk) {
+    for (int64_t i = 0; i < bt.count; ++i)
+      lp_sum_matrix<decltype(kk)::value>(
+          pool, x.typed_data() + bt.offs[0][i], w.typed_data() + bt.offs[1][i],
+          im.typed_data() + bt.offs[2][i], xd[r - 2], wd[r - 2], xd[r - 1],
+          p.typed_data()[bt.offs[3][i]], s->typed_data() + bt.offs[2][i]);
+  });
+}
+
+// x, w, inv_y [..., B, out], g [..., B, out], p [..., 1, 1] -> gx [..., B, n], gw [..., out, n].
+ffi::Error LpBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::Buffer<ffi::F32> iy, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> p,
+                     ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gw, int32_t k) {
+  const auto xd = dims_of(x), wd = dims_of(w), yd = dims_of(iy), gd = dims_of(g),
+             pd = dims_of(p), gxd = dims_of(*gx), gwd = dims_of(*gw);
+  const int64_t r = gxd.size();
+  if (r < 2 || xd.size() != gxd.size() || wd.size() != gxd.size() || yd.size() != gxd.size() ||
+      gd.size() != gxd.size() || pd.size() != gxd.size() || gwd.size() != gxd.size() ||
+      xd[r - 1] != wd[r - 1] || yd[r - 2] != xd[r - 2] || yd[r - 1] != wd[r - 2] ||
+      gd[r - 2] != xd[r - 2] || gd[r - 1] != wd[r - 2] || gxd[r - 2] != xd[r - 2] ||
+      gxd[r - 1] != xd[r - 1] || gwd[r - 2] != wd[r - 2] || gwd[r - 1] != wd[r - 1])
+    return ffi::Error::InvalidArgument("lp_dist backward: inconsistent shapes");
+  const Batch bt = batch_of({xd, wd, yd, gd, pd, gxd, gwd}, r);
+  if (!bt.error.empty()) return ffi::Error::InvalidArgument("lp_dist backward: " + bt.error);
+  return dispatch_k(k, [&](auto kk) {
+    for (int64_t i = 0; i < bt.count; ++i)
+      lp_bwd_matrix<decltype(kk)::value>(
+          pool, x.typed_data() + bt.offs[0][i], w.typed_data() + bt.offs[1][i],
+          iy.typed_data() + bt.offs[2][i], g.typed_data() + bt.offs[3][i], xd[r - 2], wd[r - 2],
+          xd[r - 1], p.typed_data()[bt.offs[4][i]], gx->typed_data() + bt.offs[5][i],
+          gw->typed_data() + bt.offs[6][i]);
+  });
 }
 
 }  // namespace
@@ -449,3 +847,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LinfBounds, LinfBoundsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpSum, LpSumImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("k"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpBwd, LpBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("k"));
