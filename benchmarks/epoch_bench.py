@@ -17,8 +17,9 @@ exp and log count as one op each, so the floor is optimistic for general p.
     PYTHONPATH=. python benchmarks/epoch_bench.py --width 512 --steps 2   # small, on a CPU
     PYTHONPATH=. python benchmarks/epoch_bench.py --backend pallas        # Pallas kernels, GPU
 
-``--backend`` sets ``LINF_JAX_KERNELS`` (default: the library's choice, XLA until the Pallas
-kernels are verified on a GPU; ``--backend pallas`` opts in). Pallas on a CPU runs in interpret
+``--backend`` sets ``LINF_JAX_KERNELS`` (default: the library's choice: the native custom calls
+on the CPU, XLA on accelerators until the Pallas kernels are verified on a GPU;
+``--backend pallas`` opts in). Pallas on a CPU runs in interpret
 mode and is only a correctness check, not a timing.
 """
 
@@ -174,7 +175,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--width", type=int, default=5120)
     ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--backend", choices=["xla", "pallas", "auto"], default=None,
+    ap.add_argument("--backend", choices=["native", "xla", "pallas", "auto"], default=None,
                     help="force LINF_JAX_KERNELS (default: Pallas on GPU, XLA elsewhere)")
     ap.add_argument("--p", type=float, nargs="+", default=[8.0, 100.0, INF])
     ap.add_argument("--rate-size", type=int, default=None,

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import jax
@@ -83,7 +84,16 @@ def _build(cxx: str) -> Path:
     target = _cache_dir() / f"linf_cpu-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(target.parent, os.W_OK):
+            raise PermissionError(target.parent)
+    except OSError:  # a read-only home: a per-user temporary directory instead
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        target = Path(tempfile.gettempdir()) / f"linf_jax-{user}" / target.name
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
@@ -115,6 +125,9 @@ def _load() -> bool:
             _state.update(ok=True, lib=lib, reason=None)
         except Exception as e:  # any failure means: use the XLA kernels
             _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
+            warnings.warn(f"linf_jax: the native CPU kernels are unavailable ({_state['reason']}); "
+                          "using the XLA kernels (same results, slower)", RuntimeWarning,
+                          stacklevel=2)
         return _state["ok"]
 
 
