@@ -12,12 +12,13 @@ float32 operands (``LINF_JAX_KERNELS``, see :func:`linf_jax.ops.kernel_backend`)
 and loop over them inside one call.
 
 The library is compiled with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/
-``clang++``; ``-O3 -march=native``, about 4 s) the first time it is needed and cached under
-``$LINF_JAX_CACHE`` (default ``~/.cache/linf_jax``), keyed by the source, the compiler, the
-flags, jaxlib and the CPU's feature flags, so a shared home directory never serves a library
-built for another CPU. Writes are atomic (temporary file, then rename). If no compiler is found
-or the build fails, :func:`available` is False, :func:`unavailable_reason` says why, and
-:mod:`linf_jax.ops` uses its XLA kernels, which give the same results.
+``clang++``; ``-O3 -march=native``, about 10 s on a 2-core CPU) the first time it is needed and
+cached under ``$LINF_JAX_CACHE`` (default ``~/.cache/linf_jax``), keyed by the source, the
+compiler, the flags, jaxlib and the CPU's feature flags, so a shared home directory never serves
+a library built for another CPU. Writes are atomic (temporary file, then rename). If no compiler
+is found or the build fails, :func:`available` is False, :func:`unavailable_reason` says why, a
+warning is issued once, and :mod:`linf_jax.ops` uses its XLA kernels, which give the same
+results.
 """
 
 from __future__ import annotations
