@@ -583,7 +583,15 @@ void lp_bwd_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, cons
   const float* w = padded(w0, out, n, ld, wbuf);
   const int64_t parts = std::min<int64_t>(kParts, (out + TO - 1) / TO);
   const int64_t per = ((out + parts - 1) / parts + TO - 1) / TO * TO;  // rows per part
-  std::vector<float> gx(parts * B * ld, 0.f), gw(out * ld, 0.f);
+  // gw is accumulated in place when its rows need no padding (each part owns its rows).
+  std::vector<float> gx(parts * B * ld, 0.f), gw_pad;
+  float* gwp = gw_out;
+  if (ld == n) {
+    std::fill(gw_out, gw_out + out * n, 0.f);
+  } else {
+    gw_pad.assign(out * ld, 0.f);
+    gwp = gw_pad.data();
+  }
   const int64_t vb = kIBlock / VW;
   const float pm1 = p - 1.f;
   parallel_for(pool, parts, [&](int64_t part) {
@@ -597,10 +605,10 @@ void lp_bwd_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, cons
         int64_t b = 0;
         for (; b + TB <= B; b += TB)
           lp_bwd_tile<K, TB, to>(x + b * ld, w + o * ld, iy + b * out + o, g + b * out + o, out,
-                                 v0, v1, pm1, gxp + b * ld, gw.data() + o * ld, ld);
+                                 v0, v1, pm1, gxp + b * ld, gwp + o * ld, ld);
         for (; b < B; ++b)
           lp_bwd_tile<K, 1, to>(x + b * ld, w + o * ld, iy + b * out + o, g + b * out + o, out,
-                                v0, v1, pm1, gxp + b * ld, gw.data() + o * ld, ld);
+                                v0, v1, pm1, gxp + b * ld, gwp + o * ld, ld);
       };
       for (; o + TO <= o1; o += TO) rows(std::integral_constant<int, TO>{}, o);
       for (; o < o1; ++o) rows(std::integral_constant<int, 1>{}, o);
@@ -616,7 +624,8 @@ void lp_bwd_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, cons
         gx_out[b * n + i] = t;
       }
   });
-  for (int64_t o = 0; o < out; ++o) std::memcpy(gw_out + o * n, &gw[o * ld], n * 4);
+  if (ld != n)
+    for (int64_t o = 0; o < out; ++o) std::memcpy(gw_out + o * n, gwp + o * ld, n * 4);
 }
 
 // ---------------------------------------------------------------------------------------------
