@@ -148,6 +148,12 @@ KERNEL_CHOICES = ("native", "xla", "pallas", "auto")
 _override = threading.local()
 
 
+def _requested() -> str:
+    """The choice asked for: :func:`use_kernels` inside it, else ``LINF_JAX_KERNELS`` ('' if
+    unset)."""
+    return getattr(_override, "choice", None) or os.environ.get(KERNELS_ENV, "").strip().lower()
+
+
 def kernel_backend() -> str:
     """``'native'``, ``'xla'`` or ``'pallas'``: the implementation :func:`linf_dist` /
     :func:`lp_dist` use.
@@ -162,7 +168,7 @@ def kernel_backend() -> str:
     variable for the code traced inside it. Read at trace time: set it before the first call of
     a jitted function.
     """
-    choice = getattr(_override, "choice", None) or os.environ.get(KERNELS_ENV, "").strip().lower()
+    choice = _requested()
     if choice in ("xla", "pallas"):
         return choice
     cpu = jax.default_backend() == "cpu"
@@ -202,11 +208,11 @@ def partitionable(fn):
     kernels chosen by default, the XLA kernels instead. The partitioner runs a custom call
     unpartitioned (it all-gathers the batch onto every device), so multi-device CPU programs
     (``--config.parallel``, sharded ensembles) would lose their data parallelism. An explicit
-    ``LINF_JAX_KERNELS=native`` is kept."""
+    ``native`` (``LINF_JAX_KERNELS`` or :func:`use_kernels`) is kept."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        explicit = os.environ.get(KERNELS_ENV, "").strip().lower() == "native"
+        explicit = _requested() == "native"
         choice = "xla" if kernel_backend() == "native" and not explicit else None
         with use_kernels(choice):
             return fn(*args, **kwargs)
@@ -215,7 +221,7 @@ def partitionable(fn):
 
 
 def _native_ok(*arrays) -> bool:
-    """Whether the native kernels take these operands (float32, 2-D) under the current choice."""
+    """Whether the native kernels take these operands (float32) under the current choice."""
     return all(a.dtype == jnp.float32 for a in arrays) and kernel_backend() == "native"
 
 

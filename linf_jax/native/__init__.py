@@ -1,4 +1,4 @@
-"""Native CPU kernels for the ℓ∞ distance: XLA FFI custom calls built on first use.
+"""Native CPU kernels for the ℓ∞ and ℓp distances: XLA FFI custom calls built on first use.
 
 XLA's CPU backend compiles the running max and the running arg-max of the ℓ∞ forward pass as two
 sibling loop fusions that each recompute ``|x − w|`` (BENCHMARKS.md), so the arg-max that the

@@ -58,6 +58,33 @@ inline vf absv(vf v) {
   return (vf)bits;
 }
 
+inline int8_t sign_of(float d) { return (int8_t)((d > 0.f) - (d < 0.f)); }
+
+// Calls f(tb, to, b, o) for the register tiles covering [b0, b1) x [o0, o1): TB x TO tiles and
+// 1-wide edges; tb and to are std::integral_constant, so each tile shape is its own inlined
+// code. kOutputsOuter sweeps the weight rows in the outer loop (the l_p backward pass, whose
+// gw rows then stay put while the input rows stream past).
+template <bool kOutputsOuter = false, typename F>
+inline void for_tiles(int64_t b0, int64_t b1, int64_t o0, int64_t o1, const F& f) {
+  using Full = std::integral_constant<int, kOutputsOuter ? TO : TB>;
+  using Edge = std::integral_constant<int, 1>;
+  const int64_t a0 = kOutputsOuter ? o0 : b0, a1 = kOutputsOuter ? o1 : b1;
+  const int64_t c0 = kOutputsOuter ? b0 : o0, c1 = kOutputsOuter ? b1 : o1;
+  auto inner = [&](auto outer_size, int64_t a) {
+    using Inner = std::integral_constant<int, kOutputsOuter ? TB : TO>;
+    int64_t c = c0;
+    auto call = [&](auto inner_size) {
+      if constexpr (kOutputsOuter) f(inner_size, outer_size, c, a);
+      else f(outer_size, inner_size, a, c);
+    };
+    for (; c + Inner::value <= c1; c += Inner::value) call(Inner{});
+    for (; c < c1; ++c) call(Edge{});
+  };
+  int64_t a = a0;
+  for (; a + Full::value <= a1; a += Full::value) inner(Full{}, a);
+  for (; a < a1; ++a) inner(Edge{}, a);
+}
+
 // Horizontal step: the maximum over lanes, and the smallest coordinate (block * VW + lane)
 // among the lanes that hold it.
 inline void finish(const vf& m, const vi& blk, const float* x, const float* w, float* y,
@@ -71,8 +98,7 @@ inline void finish(const vf& m, const vi& blk, const float* x, const float* w, f
       if (m[l] == best && c < first) first = c;
     }
     *idx = first;
-    const float d = x[first] - w[first];
-    *sgn = (int8_t)((d > 0.f) - (d < 0.f));
+    *sgn = sign_of(x[first] - w[first]);
   }
   *y = best;
 }
@@ -112,18 +138,6 @@ inline void tile(const float* x, const float* w, int64_t ld, int64_t nv, float* 
              kIndex ? idx + r * ldy + c : nullptr, kIndex ? sgn + r * ldy + c : nullptr);
 }
 
-template <bool kIndex, int tb>
-inline void tile_rows(const float* x, const float* w, int64_t ld, int64_t nv, float* y,
-                      int32_t* idx, int8_t* sgn, int64_t ldy, int64_t o0, int64_t o1) {
-  int64_t o = o0;
-  for (; o + TO <= o1; o += TO)
-    tile<kIndex, tb, TO>(x, w + o * ld, ld, nv, y + o, kIndex ? idx + o : nullptr,
-                         kIndex ? sgn + o : nullptr, ldy);
-  for (; o < o1; ++o)
-    tile<kIndex, tb, 1>(x, w + o * ld, ld, nv, y + o, kIndex ? idx + o : nullptr,
-                        kIndex ? sgn + o : nullptr, ldy);
-}
-
 // Scalar pair with XLA's semantics: NaN propagates (and is reported at its first coordinate).
 inline void scalar_pair(const float* x, const float* w, int64_t n, float* y, int32_t* idx,
                         int8_t* sgn) {
@@ -144,8 +158,7 @@ inline void scalar_pair(const float* x, const float* w, int64_t n, float* y, int
   *y = m;
   if (idx) {
     *idx = k;
-    const float d = x[k] - w[k];
-    *sgn = (int8_t)((d > 0.f) - (d < 0.f));
+    *sgn = sign_of(x[k] - w[k]);
   }
 }
 
@@ -254,13 +267,11 @@ void linf_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, int64_
   const float* x = padded(x0, B, n, ld, xbuf);
   const float* w = padded(w0, out, n, ld, wbuf);
   run_jobs(pool, B, out, ld, [&](int64_t b0, int64_t b1, int64_t o0, int64_t o1) {
-    int64_t b = b0;
-    for (; b + TB <= b1; b += TB)
-      tile_rows<kIndex, TB>(x + b * ld, w, ld, nv, y + b * out, kIndex ? idx + b * out : nullptr,
-                            kIndex ? sgn + b * out : nullptr, out, o0, o1);
-    for (; b < b1; ++b)
-      tile_rows<kIndex, 1>(x + b * ld, w, ld, nv, y + b * out, kIndex ? idx + b * out : nullptr,
-                           kIndex ? sgn + b * out : nullptr, out, o0, o1);
+    for_tiles(b0, b1, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
+      const int64_t at = b * out + o;
+      tile<kIndex, tb, to>(x + b * ld, w + o * ld, ld, nv, y + at, kIndex ? idx + at : nullptr,
+                           kIndex ? sgn + at : nullptr, out);
+    });
   });
   // Non-finite rows: redo their pairs with the scalar loop (NaN propagates as in XLA).
   redo_non_finite({x0}, w0, B, out, n, [&](int64_t b, int64_t o) {
@@ -307,15 +318,6 @@ inline void bounds_tile(const float* l, const float* u, const float* w, int64_t 
     }
 }
 
-template <int tb>
-inline void bounds_rows(const float* l, const float* u, const float* w, int64_t ld, int64_t nv,
-                        float* lo, float* hi, int64_t ldy, int64_t o0, int64_t o1) {
-  int64_t o = o0;
-  for (; o + TO <= o1; o += TO)
-    bounds_tile<tb, TO>(l, u, w + o * ld, ld, nv, lo + o, hi + o, ldy);
-  for (; o < o1; ++o) bounds_tile<tb, 1>(l, u, w + o * ld, ld, nv, lo + o, hi + o, ldy);
-}
-
 // XLA's maximum: NaN if either operand is NaN.
 inline float nan_max(float a, float b) {
   return (std::isnan(a) || std::isnan(b)) ? NAN : (a > b ? a : b);
@@ -336,11 +338,10 @@ void bounds_matrix(ffi::ThreadPool& pool, const float* l0, const float* u0, cons
   const float* u = padded(u0, B, n, ld, ubuf);
   const float* w = padded(w0, out, n, ld, wbuf);
   run_jobs(pool, B, out, ld, [&](int64_t b0, int64_t b1, int64_t o0, int64_t o1) {
-    int64_t b = b0;
-    for (; b + TB <= b1; b += TB)
-      bounds_rows<TB>(l + b * ld, u + b * ld, w, ld, nv, lo + b * out, hi + b * out, out, o0, o1);
-    for (; b < b1; ++b)
-      bounds_rows<1>(l + b * ld, u + b * ld, w, ld, nv, lo + b * out, hi + b * out, out, o0, o1);
+    for_tiles(b0, b1, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
+      bounds_tile<tb, to>(l + b * ld, u + b * ld, w + o * ld, ld, nv, lo + b * out + o,
+                          hi + b * out + o, out);
+    });
   });
   redo_non_finite({l0, u0}, w0, B, out, n, [&](int64_t b, int64_t o) {
     float a = 0.f, c = 0.f;
@@ -487,14 +488,6 @@ inline void lp_sum_tile(const float* x, const float* w, int64_t ld, int64_t nv, 
     }
 }
 
-template <int K, int tb>
-inline void lp_sum_rows(const float* x, const float* w, int64_t ld, int64_t nv, const float* im,
-                        float* s, int64_t ldy, int64_t o0, int64_t o1, float p) {
-  int64_t o = o0;
-  for (; o + TO <= o1; o += TO) lp_sum_tile<K, tb, TO>(x, w + o * ld, ld, nv, im + o, s + o, ldy, p);
-  for (; o < o1; ++o) lp_sum_tile<K, tb, 1>(x, w + o * ld, ld, nv, im + o, s + o, ldy, p);
-}
-
 template <int K>
 void lp_sum_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, const float* im,
                    int64_t B, int64_t out, int64_t n, float p, float* s) {
@@ -508,11 +501,10 @@ void lp_sum_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, cons
   const float* x = padded(x0, B, n, ld, xbuf);
   const float* w = padded(w0, out, n, ld, wbuf);
   run_jobs(pool, B, out, ld, [&](int64_t b0, int64_t b1, int64_t o0, int64_t o1) {
-    int64_t b = b0;
-    for (; b + TB <= b1; b += TB)
-      lp_sum_rows<K, TB>(x + b * ld, w, ld, nv, im + b * out, s + b * out, out, o0, o1, p);
-    for (; b < b1; ++b)
-      lp_sum_rows<K, 1>(x + b * ld, w, ld, nv, im + b * out, s + b * out, out, o0, o1, p);
+    for_tiles(b0, b1, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
+      lp_sum_tile<K, tb, to>(x + b * ld, w + o * ld, ld, nv, im + b * out + o, s + b * out + o,
+                             out, p);
+    });
   });
 }
 
@@ -599,19 +591,10 @@ void lp_bwd_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, cons
     float* gxp = gx.data() + part * B * ld;
     for (int64_t v0 = 0; v0 < nv; v0 += vb) {
       const int64_t v1 = std::min(nv, v0 + vb);
-      int64_t o = o0;
-      auto rows = [&](auto to_tag, int64_t o) {
-        constexpr int to = decltype(to_tag)::value;
-        int64_t b = 0;
-        for (; b + TB <= B; b += TB)
-          lp_bwd_tile<K, TB, to>(x + b * ld, w + o * ld, iy + b * out + o, g + b * out + o, out,
-                                 v0, v1, pm1, gxp + b * ld, gwp + o * ld, ld);
-        for (; b < B; ++b)
-          lp_bwd_tile<K, 1, to>(x + b * ld, w + o * ld, iy + b * out + o, g + b * out + o, out,
-                                v0, v1, pm1, gxp + b * ld, gwp + o * ld, ld);
-      };
-      for (; o + TO <= o1; o += TO) rows(std::integral_constant<int, TO>{}, o);
-      for (; o < o1; ++o) rows(std::integral_constant<int, 1>{}, o);
+      for_tiles<true>(0, B, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
+        lp_bwd_tile<K, tb, to>(x + b * ld, w + o * ld, iy + b * out + o, g + b * out + o, out,
+                               v0, v1, pm1, gxp + b * ld, gwp + o * ld, ld);
+      });
     }
   });
   // gx = sum of the parts in order; gw copied out of its padded rows.
