@@ -38,7 +38,7 @@ import numpy as np
 
 from linf_jax import certify as certify_lib
 from linf_jax import data as data_lib
-from linf_jax import ensemble, train_lib
+from linf_jax import ensemble, host, train_lib
 from linf_jax.config import base_config
 from linf_jax.models import build_model
 
@@ -169,9 +169,11 @@ def main():
     ap.add_argument("--mnist-width", type=int, default=1024)
     ap.add_argument("--phases", default="start,inf", help="train p phases: start (p=8), ramp, inf")
     args = ap.parse_args()
+    tuned = host.tune_allocator()  # as train.py / certify.py do (linf_jax/host.py)
     k = args.members
     print(f"# ensemble_bench: K={k}, jax {jax.__version__}, backend {jax.default_backend()}, "
-          f"{jax.devices()[0].device_kind}, {platform.processor() or platform.machine()}")
+          f"{jax.devices()[0].device_kind}, {platform.processor() or platform.machine()}, "
+          f"malloc tuned: {'yes' if tuned else 'no'}")
     rows, ratios = [], []
     for name in args.sizes.split(","):
         cfg, images, labels, test_x, test_y, meta = size_setup(name, args.mnist_width)

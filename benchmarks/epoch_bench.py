@@ -186,14 +186,15 @@ def main(argv=None):
     if args.rate_size is None:
         args.rate_size = 2**20 if jax.default_backend() == "cpu" else 2**26
 
-    from linf_jax import ops
+    from linf_jax import host, ops
 
+    tuned = host.tune_allocator()  # as train.py / certify.py do (linf_jax/host.py)
     backend = ops.kernel_backend()
     dev = jax.devices()[0]
     full = (args.width, args.depth, args.batch) == (5120, 6, 512)
     print(f"# {datetime.date.today()}  jax {jax.__version__}  device: {dev.device_kind} "
           f"({jax.default_backend()}), host {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs, malloc tuned: {'yes' if tuned else 'no'}")
     print(f"# model: {args.depth}×{args.width} ℓ∞-dist Net, batch {args.batch}, kernels: "
           f"{backend}{' (interpret mode)' if backend == 'pallas' and dev.platform == 'cpu' else ''}"
           f"{'' if full else '  [REDUCED SIZE: not the 6×5120 / batch-512 figure]'}")

@@ -184,6 +184,9 @@ def main_entry(main) -> None:
     errors of :func:`parse_flags`; Ctrl-C outside training exits 130 without a traceback."""
     from absl import app
 
+    from linf_jax import host
+
+    host.tune_allocator()  # XLA's CPU buffers off mmap (linf_jax/host.py)
     try:
         app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:

@@ -15,12 +15,14 @@ The EMA is :func:`optax.incremental_update` applied to parameters and batch stat
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from linf_jax import native, ops
 from linf_jax.schedules import Schedule
 
 
@@ -31,51 +33,77 @@ def _leaf_name(path) -> str:
 
 def lp_decay_direction(w, p):
     """``(|w|/‖w‖_p)^(p−2) · w`` per row (first axis = output neuron), stable for p up to 1000
-    (computed from ``u = |w| / max|w|`` in log space) and exact at p = ∞ (largest |w| only).
+    (computed from ``u = |w| / max|w|``) and exact at p = ∞ (largest |w| only).
 
-    With ``t = u^(p−2)``: ``‖u‖_p^p = Σ t·u²`` and the factor is ``t · (Σ t·u²)^(−(p−2)/p)``, one
-    log and one exp per weight. At p = ∞ (a traced p included) ``lax.cond`` skips them: on the
-    CPU they were about an eighth of a p = ∞ training step."""
+    With ``t = u^(p−2)``: ``‖u‖_p^p = Σ t·u²`` and the factor is ``t · (Σ t·u²)^(−(p−2)/p)``.
+    A Python-number p = ∞ (the train step's final phase) is a select that XLA fuses into the
+    optimiser's update loop. Any other p, with the native CPU kernels (float32), is one custom
+    call (``native.lp_decay``: one read of w and one write of the direction, a traced p = ∞
+    included, no ``lax.cond``; XLA's version writes and re-reads several w-sized temporaries).
+    Without them a Python-number p is specialised (an integer p takes ``t`` by repeated
+    multiplication, no exp/log), and a traced p computes ``t`` in log space, ``lax.cond``
+    skipping the exp/log at p = ∞."""
+    static = isinstance(p, (int, float))
+    if static and (p < 2 or math.isnan(p)):
+        raise ValueError(f"lp_decay_direction: p={p} is not allowed: p >= 2 or +inf")
     rows = w.reshape(w.shape[0], -1)
+    if static and math.isinf(p):  # a select that fuses into the optimiser's update loop
+        return _infinite_direction(rows).reshape(w.shape)
+    if ops.native_ok(rows):
+        k = int(p) - 2 if static and p == int(p) and p <= 10 else None
+        return native.lp_decay(rows, p, k).reshape(w.shape)
+    if static:
+        return _finite_direction(rows, float(p)).reshape(w.shape)
     p = jnp.asarray(p, jnp.float32)
+    return jax.lax.cond(jnp.isfinite(p), _finite_direction, _infinite_direction,
+                        rows, p).reshape(w.shape)
 
-    # |w| and the row max are computed inside each branch: as operands of the cond they would be
-    # materialised (an extra pass writing |w|, 2.5 ms of a 30 ms p = inf ensemble step on the
-    # CPU); inside, XLA fuses them into the branch's own loops.
-    def abs_max(rows):
-        a = jnp.abs(rows)
-        return a, a.max(axis=1, keepdims=True)
 
-    def finite(rows):
-        a, m = abs_max(rows)
-        u = a / jnp.where(m > 0, m, 1.0)
+def _row_abs_max(rows):
+    # From w directly (max and −min): |w| is never written out as an array of its own.
+    return jnp.maximum(rows.max(axis=1, keepdims=True), -rows.min(axis=1, keepdims=True))
+
+
+def _finite_direction(rows, p):
+    m = _row_abs_max(rows)
+    u = jnp.abs(rows) / jnp.where(m > 0, m, 1.0)
+    if isinstance(p, float) and p == int(p) and p <= 64:
+        t = jax.lax.integer_pow(u, int(p) - 2)  # repeated multiplication; u in [0, 1]
+    else:
         t = jnp.where(u > 0, jnp.exp((p - 2.0) * jnp.log(jnp.where(u > 0, u, 1.0))), 0.0)
-        s = jnp.maximum((t * u * u).sum(axis=1, keepdims=True), 1.0)  # in [1, n]
-        return t * jnp.exp(-(p - 2.0) / p * jnp.log(s)) * rows
+    s = jnp.maximum((t * u * u).sum(axis=1, keepdims=True), 1.0)  # in [1, n]
+    return t * jnp.exp(-(p - 2.0) / p * jnp.log(s)) * rows
 
-    def infinite(rows):
-        a, m = abs_max(rows)
-        return jnp.where((a == m) & (m > 0), rows, 0.0)
 
-    return jax.lax.cond(jnp.isfinite(p), finite, infinite, rows).reshape(w.shape)
+def _infinite_direction(rows, p=None):
+    del p
+    m = _row_abs_max(rows)
+    return jnp.where((jnp.abs(rows) == m) & (m > 0), rows, 0.0)
 
 
 class DecayState(NamedTuple):
     count: jax.Array
 
 
-def lp_weight_decay(weight_decay: float, p_fn) -> optax.GradientTransformation:
+def lp_weight_decay(weight_decay: float, p_fn) -> optax.GradientTransformationExtraArgs:
     """Adds ``wd · ∇(½‖w‖_p²)`` (row-wise, ``p = p_fn(count)``) to the updates of ``linf_weight``
-    leaves and ``wd · w`` to those of ``kernel`` leaves."""
+    leaves and ``wd · w`` to those of ``kernel`` leaves.
+
+    ``tx.update(..., decay_p=p)`` (an Optax extra argument, passed through ``optax.chain``) may
+    give that p as a Python number when the caller knows it statically: the train step does in
+    its 'start' and 'inf' phases, where ``p_fn(count)`` is the constant p_start or ∞. It selects
+    the specialised code of :func:`lp_decay_direction` (no exp/log, no ``lax.cond``); it must
+    equal ``p_fn(count)``, which is used when ``decay_p`` is None or traced."""
 
     def init_fn(params):
         del params
         return DecayState(count=jnp.zeros((), jnp.int32))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, *, decay_p=None, **extra_args):
+        del extra_args
         if params is None:
             raise ValueError("lp_weight_decay needs the parameters: tx.update(g, s, params)")
-        p = p_fn(state.count)
+        p = decay_p if isinstance(decay_p, (int, float)) else p_fn(state.count)
 
         def one(path, u, w):
             name = _leaf_name(path)
@@ -88,7 +116,7 @@ def lp_weight_decay(weight_decay: float, p_fn) -> optax.GradientTransformation:
         new = jax.tree_util.tree_map_with_path(one, updates, params)
         return new, DecayState(count=optax.safe_increment(state.count))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def make_optimizer(schedule: Schedule, weight_decay: float, adam_eps: float = 1e-10,

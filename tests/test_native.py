@@ -323,3 +323,70 @@ def test_nested_vmap_and_broadcast_leading_dims():
     with ops.use_kernels("native"):
         text = jax.jit(lambda *a: f(*a)).lower(xs, ws).as_text()
     assert "linf_jax_linf_fwd" in text and "stablehlo.while" not in text
+
+
+def _np_decay(w, p):
+    """(|w|/‖w‖_p)^(p−2)·w per row in float64; at p = ∞ w where |w| is the row maximum > 0."""
+    w = np.float64(w)
+    a = np.abs(w)
+    m = a.max(1, keepdims=True)
+    if np.isinf(p):
+        return np.where((a == m) & (m > 0), w, 0.0)
+    safe = np.where(m > 0, m, 1.0)
+    norm = safe * ((a / safe) ** p).sum(1, keepdims=True) ** (1 / p)
+    return np.where(m > 0, (a / np.where(norm > 0, norm, 1.0)) ** (p - 2) * w, 0.0)
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (1, 1), (260, 300), (40, 1030)])
+@pytest.mark.parametrize("p,k", [(2.0, 0), (8.0, 6), (10.0, 8), (8.0, None), (2.5, None),
+                                 (1000.0, None), (INF, None)])
+def test_lp_decay_matches_float64_and_xla(shape, p, k):
+    """The optimiser's ℓp decay direction (LpDecay): ragged rows (n % 16 != 0), rows spread over
+    several thread jobs, zero rows; integer exponents and the exp/log path against float64 and
+    against optim's XLA code."""
+    from linf_jax import optim
+
+    rng = np.random.default_rng(shape[0] * 31 + shape[1])
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[0] = 0.0  # a zero row decays by 0
+    got = np.asarray(jax.jit(lambda v: native.lp_decay(v, p, k))(jnp.asarray(w)))
+    rtol = 2e-4 if p == 1000.0 else 2e-5
+    np.testing.assert_allclose(got, _np_decay(w, p), rtol=rtol, atol=1e-7)
+    assert not got[0].any()
+    with ops.use_kernels("xla"):
+        ref = np.asarray(jax.jit(optim.lp_decay_direction)(jnp.asarray(w), jnp.float32(p)))
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-7)
+
+
+def test_lp_decay_non_finite_rows_and_ties_follow_xla():
+    from linf_jax import optim
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((5, 40)).astype(np.float32)
+    w[1, 3] = np.nan
+    w[2, 7] = np.inf
+    w[3, [4, 9]] = 5.0  # a tie for the largest |w| (both decay at p = ∞)
+    w[3, 20] = -5.0
+    for p in (8.0, 3.3, INF):
+        with ops.use_kernels("native"):
+            got = np.asarray(jax.jit(optim.lp_decay_direction)(jnp.asarray(w), jnp.float32(p)))
+        with ops.use_kernels("xla"):
+            ref = np.asarray(jax.jit(optim.lp_decay_direction)(jnp.asarray(w), jnp.float32(p)))
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+        np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(ref), rtol=2e-5, atol=1e-7)
+    assert np.count_nonzero(got[3]) == 3  # p = ∞: all three tied entries
+
+
+def test_lp_decay_under_vmap_is_one_call():
+    """Over stacked ensemble members: one custom call (leading dims), equal to per-member calls,
+    with a traced p that is ∞ at run time handled by the same call."""
+    from linf_jax import optim
+
+    ws = jnp.asarray(np.random.default_rng(12).standard_normal((5, 33, 70)), jnp.float32)
+    for p in (8.0, 37.5, INF):
+        fn = jax.jit(jax.vmap(optim.lp_decay_direction, in_axes=(0, None)))
+        got = fn(ws, jnp.float32(p))
+        hlo = fn.lower(ws, jnp.float32(p)).compile().as_text()
+        assert hlo.count("linf_jax_lp_decay") == 1 and "while" not in hlo
+        for i in range(5):
+            np.testing.assert_array_equal(got[i], optim.lp_decay_direction(ws[i], jnp.float32(p)))

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from linf_jax import losses, optim
+from linf_jax import losses, ops, optim
 from linf_jax.schedules import Schedule
 
 SPE = 7  # steps per epoch
@@ -135,11 +135,20 @@ def np_decay(w, p):
     return (np.abs(w) / norm) ** (p - 2) * w
 
 
+@pytest.mark.parametrize("kernels", ["native", "xla"])
+@pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize("p", [2.0, 8.0, 37.5, 1000.0, math.inf])
-def test_lp_decay_direction_is_gradient_of_half_norm_squared(p):
+def test_lp_decay_direction_is_gradient_of_half_norm_squared(p, traced, kernels):
+    """Every code path: a Python-number p (specialised) or a traced one, native or XLA."""
+    if kernels == "native" and not ops.native.available():
+        pytest.skip(f"native kernels unavailable: {ops.native.unavailable_reason()}")
     rng = np.random.default_rng(3)
     w = rng.normal(size=(6, 11)).astype(np.float32)
-    got = optim.lp_decay_direction(jnp.asarray(w), p)
+    with ops.use_kernels(kernels):
+        if traced:
+            got = jax.jit(optim.lp_decay_direction)(jnp.asarray(w), jnp.float32(p))
+        else:
+            got = jax.jit(lambda v: optim.lp_decay_direction(v, p))(jnp.asarray(w))
     # (|w|/‖w‖)^(p−2) amplifies float32 rounding of |w|/max|w| by p−2: 1e-4 relative at p = 1000
     rtol = 2e-4 if p == 1000.0 else 2e-5
     np.testing.assert_allclose(got, np_decay(w, p), rtol=rtol, atol=1e-6)
@@ -147,7 +156,34 @@ def test_lp_decay_direction_is_gradient_of_half_norm_squared(p):
         g = jax.grad(lambda v: 0.5 * (jnp.sum(jnp.abs(v) ** p, axis=1) ** (2 / p)).sum())(
             jnp.asarray(w))
         np.testing.assert_allclose(got, g, rtol=1e-4, atol=1e-6)
-    assert bool(jnp.isfinite(optim.lp_decay_direction(jnp.asarray(w) * 1e3, p)).all())
+    with ops.use_kernels(kernels):
+        assert bool(jnp.isfinite(optim.lp_decay_direction(jnp.asarray(w) * 1e3, p)).all())
+
+
+def test_lp_decay_direction_rejects_p_below_two():
+    with pytest.raises(ValueError, match="p=1.5 is not allowed"):
+        optim.lp_decay_direction(jnp.ones((2, 3)), 1.5)
+
+
+@pytest.mark.parametrize("phase_p", [8.0, math.inf])
+def test_decay_p_hint_gives_the_same_update(phase_p):
+    """``tx.update(..., decay_p=p)`` (the train step's start / inf phases) selects the
+    specialised decay code; the update equals the one from the schedule's traced p."""
+    rng = np.random.default_rng(5)
+    s = make()
+    step_at = 3 if phase_p == 8.0 else EPOCHS[3] * SPE + 2
+    assert s.p_phase(step_at) == ("start" if phase_p == 8.0 else "inf")
+    params = {"layer": {"linf_weight": jnp.asarray(rng.normal(size=(9, 20)), jnp.float32)},
+              "head": {"kernel": jnp.asarray(rng.normal(size=(20, 3)), jnp.float32)}}
+    grads = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), params)
+    tx = optim.make_optimizer(s, 5e-2)
+    state = jax.tree.map(lambda a: jnp.full_like(a, step_at) if a.dtype == jnp.int32 else a,
+                         tx.init(params))
+    plain, _ = jax.jit(tx.update)(grads, state, params)
+    hinted, _ = jax.jit(lambda g, st, pr: tx.update(g, st, pr, decay_p=phase_p))(
+        grads, state, params)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(hinted), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9)
 
 
 def test_optimizer_step_matches_reference():

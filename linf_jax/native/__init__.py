@@ -43,7 +43,8 @@ CACHE_ENV = "LINF_JAX_CACHE"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"LinfDistFwd": "linf_jax_linf_fwd", "LinfDistMax": "linf_jax_linf_max",
             "LinfDistBwd": "linf_jax_linf_bwd", "LinfBounds": "linf_jax_linf_bounds",
-            "LpSum": "linf_jax_lp_sum", "LpBwd": "linf_jax_lp_bwd"}
+            "LpSum": "linf_jax_lp_sum", "LpBwd": "linf_jax_lp_bwd",
+            "LpDecay": "linf_jax_lp_decay"}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -201,3 +202,14 @@ def lp_bwd(x, w, inv_y, g, p, k: int | None):
     return _call(_TARGETS["LpBwd"], (jax.ShapeDtypeStruct(x.shape, jnp.float32),
                                      jax.ShapeDtypeStruct(w.shape, jnp.float32)),
                  x, w, inv_y, g.astype(jnp.float32), p, k=_k_attr(k))
+
+
+def lp_decay(w, p, k: int | None):
+    """``(|w|/‖w‖_p)^(p−2)·w`` per row of ``w [out, n]`` (at p = ∞: ``w`` where ``|w|`` is the
+    row's maximum, 0 elsewhere; 0 for a zero row). ``k``: ``p − 2`` as an integer in 0..8
+    (repeated squaring), or None (the value of ``p``: exp/log, or the p = ∞ select)."""
+    if k is not None and not 0 <= k <= 8:
+        raise ValueError(f"k={k} is not an integer p - 2 in 0..8 (or None for a general p)")
+    p = jnp.asarray(p, jnp.float32).reshape(1, 1)
+    return _call(_TARGETS["LpDecay"], jax.ShapeDtypeStruct(w.shape, jnp.float32), w, p,
+                 k=np.int32(-1 if k is None else k))
