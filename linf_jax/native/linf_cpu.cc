@@ -385,64 +385,62 @@ void bwd_matrix(ffi::ThreadPool& pool, const int32_t* idx, const int8_t* sgn, co
 //   G        = sign(d_i) max(|d_i| / y, 1e-30)^(p-1) g[b, o]
 //   gx[b, i] = sum_o G,   gw[o, i] = -sum_b G
 // Powers: K >= 1 is an integer p by repeated squaring (p = 8: t^8 in the sum, t^7 in the
-// backward pass); K = -1 is exp(p log t) with the vector exp/log below (Cephes' single-
-// precision polynomials, about 1 ulp).
+// backward pass); K = -1 is 2^(p log2 t) with the vector exp2/log2 below (polynomials fitted
+// for float32, about 1 ulp; 28% faster than Cephes' exp/log, measured 0.75 -> 0.54 ns per
+// power on the AVX-512 VM).
 // ---------------------------------------------------------------------------------------------
 
-inline vf vexp(vf x) {
-  x = x < 88.3762626647949f ? x : vf{} + 88.3762626647949f;
-  const vi under = x < -87.3365447505531f;  // below the smallest normal: 0 (XLA flushes too)
-  vf fx = x * 1.44269504088896341f + 0.5f;
-  vi ti = __builtin_convertvector(fx, vi);
-  vf t = __builtin_convertvector(ti, vf);
-  fx = t > fx ? t - 1.f : t;  // floor
-  x = x - fx * 0.693359375f;
-  x = x + fx * 2.12194440e-4f;
-  const vf z = x * x;
-  vf y = vf{} + 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.f;
-  const vi e = (__builtin_convertvector(fx, vi) + 127) << 23;
+// 2^x: x = n + f with n = round(x), f in [-0.5, 0.5]; 2^f by a degree-5 polynomial (a
+// Chebyshev fit, 1.1e-7 relative error), 2^n put into the exponent field. 0 below -126 (the
+// smallest normal; XLA flushes too), x clamped at 127.9 (t^e <= 1 wherever it is used here).
+inline vf vexp2(vf x) {
+  x = x < 127.9f ? x : vf{} + 127.9f;
+  const vi under = x < -126.f;
+  x = under ? vf{} : x;
+  const vf magic = vf{} + 12582912.f;  // 1.5 * 2^23: (x + magic) - magic rounds to an integer
+  const vf n = (x + magic) - magic;
+  const vf f = x - n;
+  vf y = vf{} + 1.3400432165e-3f;
+  y = y * f + 9.6760370979e-3f;
+  y = y * f + 5.5503272142e-2f;
+  y = y * f + 2.4022107356e-1f;
+  y = y * f + 6.9314720671e-1f;
+  y = y * f + 1.0000000755f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
   y = y * (vf)e;
   return under ? vf{} : y;
 }
 
-// log for x > 0 (normal numbers; the callers clamp to >= 1e-30).
-inline vf vlog(vf x) {
-  vi bits = (vi)x;
-  vi e = ((bits >> 23) & 0xff) - 126;
-  vf m = (vf)((bits & 0x807fffff) | 0x3f000000);  // [0.5, 1)
-  const vi small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  m = small ? m + m - 1.f : m - 1.f;
-  const vf fe = __builtin_convertvector(e, vf);
-  const vf z = m * m;
-  vf y = vf{} + 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y = y - fe * 2.12194440e-4f;
-  y = y - 0.5f * z;
-  return m + y + fe * 0.693359375f;
+// log2(x) for normal x > 0 (the callers clamp to >= 1e-30): x = 2^e m with m in [sqrt(1/2),
+// sqrt(2)), log2(m) = f P(f) with f = m - 1 and P a degree-8 Chebyshev fit (1.8e-8 absolute
+// error, below float32's own rounding of the result).
+inline vf vlog2(vf x) {
+  const vi bits = (vi)x;
+  vi e = ((bits >> 23) & 0xff) - 127;
+  vf m = (vf)((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const vi big = m > 1.41421356237f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1 : e;
+  const vf f = m - 1.f;
+  vf y = vf{} + 1.2614846620e-1f;
+  y = y * f - 2.0742103504e-1f;
+  y = y * f + 2.1566985897e-1f;
+  y = y * f - 2.3892033982e-1f;
+  y = y * f + 2.8791832448e-1f;
+  y = y * f - 3.6070482810e-1f;
+  y = y * f + 4.8091060994e-1f;
+  y = y * f - 7.2134733336e-1f;
+  y = y * f + 1.4426950038f;
+  return y * f + __builtin_convertvector(e, vf);
 }
 
 // t^K for t >= 0: K >= 0 an integer power by repeated squaring (the order of ops.py's _int_pow);
-// K = -1: exp(e log t), 0 at t = 0.
+// K = -1: 2^(e log2 t), 0 at t = 0.
 template <int K>
 inline vf vpow(vf t, float e) {
   if constexpr (K < 0) {
     const vi pos = t > 0.f;
-    const vf r = vexp(e * vlog(pos ? t : vf{} + 1.f));
+    const vf r = vexp2(e * vlog2(pos ? t : vf{} + 1.f));
     return pos ? r : vf{};
   } else if constexpr (K == 0) {
     return vf{} + 1.f;
