@@ -332,10 +332,9 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
 
         def apply_grads(params, opt_state, ema_params, ema_bs, grads, bs):
             """Adam (Optax), then the EMA of the parameters and the running means."""
-            # decay_p: the phase's p as a Python number when it is one (start, inf), so the
-            # ℓp decay is compiled for that p (optim.lp_weight_decay)
-            updates, opt_state = tx.update(grads, opt_state, params,
-                                           decay_p=p if isinstance(p, (int, float)) else None)
+            # decay_p: in the start and inf phases p is a Python number and the ℓp decay is
+            # compiled for it; a traced p (the ramp) is ignored there (optim.lp_weight_decay)
+            updates, opt_state = tx.update(grads, opt_state, params, decay_p=p)
             params = optax.apply_updates(params, updates)
             return (params, opt_state, optim.ema_update(ema_params, params, alpha),
                     optim.ema_update(ema_bs, bs, alpha))
