@@ -22,7 +22,6 @@ from conftest import REPO, tiny_config
 from linf_jax import train_lib
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-MNIST_DIR = os.path.join(os.path.dirname(REPO), "shared", "data", "mnist")
 
 # The tiny run's architecture on the command line (so that a resume check does not fire first).
 TINY = ["--config.model.depth=3", "--config.model.width=32",
@@ -31,7 +30,8 @@ TINY = ["--config.model.depth=3", "--config.model.width=32",
 # (id, program, arguments, substrings the one stderr line must contain). Placeholders:
 # {run} a finished tiny run, {narrow} a run of another width, {truncated}/{deleted} copies of
 # {run} with a damaged latest checkpoint, {file} a regular file, {new} a fresh folder name,
-# {npz_*} data files, {mnist} the MNIST IDX folder, {readonly} a chmod-0o500 folder.
+# {npz_*} data files, {mnist} a folder of MNIST-shaped (28x28) IDX files made by the fixture,
+# {readonly} a chmod-0o500 folder.
 CASES = [
     # --- ε, p and the model (train.py; the existing run must stay untouched)
     ("train-eps-negative", "train.py", ["--workdir={run}", "--config.train.eps_train=-1"],
@@ -123,6 +123,21 @@ def _save_npz(path, x, y):
     np.savez(path, x=x.astype(np.float32), y=np.asarray(y, np.int64))
 
 
+def _write_mnist_like_idx(directory, n=20, seed=0):
+    """A ``t10k`` pair of IDX files with ``n`` random 28x28 images, in MNIST's format: the
+    shape-mismatch case needs MNIST-shaped data, not MNIST itself, and a clone of the
+    repository has no copy of MNIST."""
+    os.makedirs(directory)
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    for name, magic, arr in (("t10k-images-idx3-ubyte", 2051, images),
+                             ("t10k-labels-idx1-ubyte", 2049, labels)):
+        header = np.array([magic, *arr.shape], dtype=">i4").tobytes()
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(header + arr.tobytes())
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Runs and files for the cases; the tiny run is trained once, in-process."""
@@ -165,11 +180,13 @@ def env(tmp_path_factory):
     file = os.path.join(tmp, "a_file")
     with open(file, "w") as f:
         f.write("not a folder\n")
+    mnist = os.path.join(tmp, "mnist_idx")
+    _write_mnist_like_idx(mnist)
     readonly = os.path.join(tmp, "readonly")
     shutil.copytree(run, readonly)
     os.chmod(readonly, 0o500)
     yield dict(tmp=tmp, run=run, narrow=narrow, truncated=truncated, deleted=deleted, file=file,
-               mnist=MNIST_DIR, readonly=readonly, **paths)
+               mnist=mnist, readonly=readonly, **paths)
     os.chmod(readonly, 0o700)
 
 

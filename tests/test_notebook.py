@@ -83,7 +83,9 @@ def test_notebook_runs_in_this_interpreter(executed):
     displayed = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
                  if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert len(displayed) == 3  # the three plots are shown inline
-    assert seconds < 290, f"the QUICK notebook took {seconds:.0f} s"
+    # No wall-time assertion: how long the notebook takes depends on the machine and its load,
+    # and is a benchmark's business (BENCHMARKS.md); the time is only printed.
+    print(f"the QUICK notebook took {seconds:.0f} s")
 
 
 def test_notebook_pngs_are_pictures(executed):
