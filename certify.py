@@ -91,6 +91,7 @@ def run() -> dict:
     from linf_jax import data as data_lib
     from linf_jax import plots, train_lib
     from linf_jax.classifier import load_classifier
+    from linf_jax.cli import print_kernels
 
     # The run's files and the data first (cheap), the checkpoint(s) last.
     config, meta = train_lib.read_run_files(_WORKDIR.value[0])
@@ -99,6 +100,7 @@ def run() -> dict:
     ds = data_lib.load(source, split, _DATA_DIR.value or config.data.get("data_dir"))
     check_data(meta, ds, source)
     clf = load_classifier(_WORKDIR.value, weights=_WEIGHTS.value)
+    print_kernels()
     images, labels = ds.images, ds.labels
     if _LIMIT.value is not None:
         images, labels = images[:_LIMIT.value], labels[:_LIMIT.value]

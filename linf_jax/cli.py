@@ -179,6 +179,17 @@ def run_guarded(fn, *args, **kwargs):
         fail(_first_line(err))
 
 
+def print_kernels() -> None:
+    """Prints which kernels the distance layers run (:func:`linf_jax.ops.kernels_line`); a bad
+    ``LINF_JAX_KERNELS`` or ``LINF_JAX_NATIVE_ISA`` is one line and exit 2."""
+    from linf_jax import ops
+
+    try:
+        print(ops.kernels_line(), flush=True)
+    except ValueError as err:
+        fail(_first_line(err))
+
+
 def main_entry(main) -> None:
     """``if __name__ == "__main__": main_entry(main)``: absl's ``app.run`` with the one-line flag
     errors of :func:`parse_flags`; Ctrl-C outside training exits 130 without a traceback."""

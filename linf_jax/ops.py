@@ -158,9 +158,11 @@ def kernel_backend() -> str:
     """``'native'``, ``'xla'`` or ``'pallas'``: the implementation :func:`linf_dist` /
     :func:`lp_dist` use.
 
-    Unset: ``'native'`` on the CPU when the native kernels build (linf_jax/native: C++ XLA
-    custom calls compiled on first use, 1.5-3x faster than the XLA code, BENCHMARKS.md),
-    ``'xla'`` otherwise. ``LINF_JAX_KERNELS=native|xla|pallas`` forces one
+    Unset: ``'native'`` on a CPU with AVX-512 when the native kernels build (linf_jax/native:
+    C++ XLA custom calls compiled on first use, 1.5-3x faster than the XLA code there,
+    BENCHMARKS.md), ``'xla'`` otherwise — on AVX2-only and other CPUs the native kernels were
+    measured slower than the XLA code, so they are not the default there
+    (:func:`linf_jax.native.preferred`). ``LINF_JAX_KERNELS=native|xla|pallas`` forces one
     (``native`` needs the CPU backend and a C++ compiler; Pallas runs in interpret mode on the
     CPU, slowly); ``=auto`` is Pallas on GPU and the unset default elsewhere. The Pallas kernels
     are opt-in until they have been compiled and timed on a GPU: so far they are verified in
@@ -183,9 +185,25 @@ def kernel_backend() -> str:
     if choice == "auto" and jax.default_backend() == "gpu":
         return "pallas"
     if choice in ("", "auto"):
-        return "native" if cpu and native.available() else "xla"
+        return "native" if cpu and native.preferred()[0] and native.available() else "xla"
     raise ValueError(f"{KERNELS_ENV}={choice!r} is not one of "
                      f"{', '.join(map(repr, KERNEL_CHOICES))} (or unset)")
+
+
+def kernels_line() -> str:
+    """One line for the command lines' output: which kernels the distance layers run, and why."""
+    backend = kernel_backend()
+    platform = jax.default_backend()
+    if backend == "native":
+        return f"kernels: native CPU ({native.isa()})"
+    if backend == "pallas":
+        return f"kernels: Pallas ({platform})"
+    if platform != "cpu" or _requested() == "xla":
+        return f"kernels: XLA ({platform})"
+    use, why = native.preferred()
+    if use:  # preferred, but the build failed
+        why = f"the native kernels are unavailable: {native.unavailable_reason()}"
+    return f"kernels: XLA (cpu; {why})"
 
 
 @contextlib.contextmanager

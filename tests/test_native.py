@@ -218,6 +218,8 @@ def test_unavailable_native_is_a_clear_error(monkeypatch):
 def test_cache_is_keyed_and_rebuilt_atomically(tmp_path, monkeypatch):
     """A fresh cache directory gets one library named by its key; building again reuses it."""
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    # -O0: the keying and the atomic write are under test, not the optimiser (4x faster build)
+    monkeypatch.setattr(native, "FLAGS", tuple("-O0" if f == "-O3" else f for f in native.FLAGS))
     cxx = native._compiler()
     first = native._build(cxx)
     assert first.parent == tmp_path and first.name.startswith("linf_cpu-")
@@ -236,6 +238,7 @@ def test_partitionable_keeps_custom_calls_out_unless_asked(monkeypatch):
         return jax.jit(lambda *a: fn(*a)).lower(x, w).as_text()
 
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    monkeypatch.setattr(native, "preferred", lambda: (True, "as on an AVX-512 CPU"))
     assert "linf_jax_linf_max" in text(ops.linf_dist)
     assert "custom_call" not in text(ops.partitionable(ops.linf_dist))
     assert ops.kernel_backend() == "native"  # restored afterwards
@@ -384,9 +387,69 @@ def test_lp_decay_under_vmap_is_one_call():
 
     ws = jnp.asarray(np.random.default_rng(12).standard_normal((5, 33, 70)), jnp.float32)
     for p in (8.0, 37.5, INF):
-        fn = jax.jit(jax.vmap(optim.lp_decay_direction, in_axes=(0, None)))
+        fn = _with("native", jax.vmap(optim.lp_decay_direction, in_axes=(0, None)))
         got = fn(ws, jnp.float32(p))
-        hlo = fn.lower(ws, jnp.float32(p)).compile().as_text()
+        with ops.use_kernels("native"):
+            hlo = jax.jit(jax.vmap(optim.lp_decay_direction, in_axes=(0, None))).lower(
+                ws, jnp.float32(p)).compile().as_text()
         assert hlo.count("linf_jax_lp_decay") == 1 and "while" not in hlo
+        one = _with("native", optim.lp_decay_direction)
         for i in range(5):
-            np.testing.assert_array_equal(got[i], optim.lp_decay_direction(ws[i], jnp.float32(p)))
+            np.testing.assert_array_equal(got[i], one(ws[i], jnp.float32(p)))
+
+
+# --------------------------------------------------------------------------------------------
+# The default: native only on AVX-512 CPUs
+
+
+AVX2_FLAGS = "flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma bmi2"
+AVX512_FLAGS = AVX2_FLAGS + " avx512f avx512dq avx512cd avx512bw avx512vl"
+
+
+@pytest.mark.parametrize("machine,flags,want_isa,want_default", [
+    ("x86_64", AVX512_FLAGS, "avx512", True),
+    ("x86_64", AVX2_FLAGS, "avx2", False),
+    ("x86_64", "flags\t\t: fpu sse sse2", "generic", False),
+    ("aarch64", "Features\t: fp asimd evtstrm", "neon", False),
+])
+def test_default_takes_native_only_on_avx512(monkeypatch, machine, flags, want_isa,
+                                              want_default):
+    """``LINF_JAX_KERNELS`` unset: native where the CPU has AVX-512 (the kind the kernels were
+    tuned and measured on), the XLA code on AVX2-only, ARM and baseline CPUs — decided before
+    anything is built — and the command lines' kernels line says which and why."""
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    monkeypatch.delenv(native.ISA_ENV, raising=False)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(native.platform, "machine", lambda: machine)
+    assert native.isa() == want_isa
+    assert native.preferred()[0] is want_default
+    built = []
+    monkeypatch.setattr(native, "available", lambda: built.append(1) or True)
+    if want_default:
+        assert ops.kernel_backend() == "native"
+        assert ops.kernels_line() == "kernels: native CPU (avx512)"
+    else:
+        assert ops.kernel_backend() == "xla"
+        assert not built  # no build, no 10-45 s wait, on a CPU where native is not the default
+        line = ops.kernels_line()
+        assert line.startswith("kernels: XLA (cpu;") and f"variant is {want_isa}" in line, line
+        assert "AVX-512" in line and "LINF_JAX_KERNELS=native" in line, line
+    monkeypatch.setenv(ops.KERNELS_ENV, "xla")
+    assert ops.kernels_line() == "kernels: XLA (cpu)"
+
+
+def test_isa_choice_is_checked(monkeypatch):
+    monkeypatch.setattr(native, "_cpu_flags", lambda: AVX2_FLAGS)
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv(native.ISA_ENV, "avx512")  # this CPU cannot run it
+    with pytest.raises(ValueError, match="LINF_JAX_NATIVE_ISA=avx512: this CPU cannot run it"):
+        native.isa()
+    assert native.preferred()[0] is False
+    monkeypatch.setenv(native.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="'sse9' is not allowed: one of native, avx512"):
+        native.isa()
+    monkeypatch.setenv(native.ISA_ENV, "AVX2")
+    assert native.isa() == "avx2" and native._march() == ("-march=x86-64-v3",)
+    monkeypatch.setenv(native.ISA_ENV, "generic")
+    assert native.isa() == "generic" and native._march() == ()
+    assert native.preferred() == (False, native.preferred()[1])

@@ -113,3 +113,31 @@ def test_certify_cli_writes_json_and_plot(full_run, tmp_path):
                             "pgd_accuracy"}
     assert len(r["radii"]) == 100
     assert png.stat().st_size > 1000
+    kernels = [ln for ln in proc.stdout.splitlines() if ln.startswith("kernels: ")]
+    assert len(kernels) == 1, proc.stdout[-2000:]
+
+
+def _cpu_flags():
+    from linf_jax import native
+
+    return set(native._cpu_flags().split())
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="needs an x86 CPU with AVX2")
+def test_train_cli_on_an_avx2_cpu_uses_the_xla_code(tmp_path):
+    """``python train.py`` on an AVX2-only CPU, simulated by building for AVX2
+    (``LINF_JAX_NATIVE_ISA=avx2``): the default picks the XLA code, and one line says so."""
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={tmp_path / 'run'}",
+           "--config.model.depth=3", "--config.model.width=16",
+           "--config.data.train_split=train[:64]", "--config.train.batch_size=64",
+           "--config.train.epochs=(0,0,0,0,1)", "--config.eval.pgd_steps=1",
+           "--config.eval.eps=(0.1,)", "--progress=false"]
+    env = dict(os.environ, LINF_JAX_NATIVE_ISA="avx2")
+    env.pop("LINF_JAX_KERNELS", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kernels = [ln for ln in proc.stdout.splitlines() if ln.startswith("kernels: ")]
+    assert kernels == ["kernels: XLA (cpu; this CPU's native kernel variant is avx2; the native "
+                       "kernels are the default only on AVX-512 CPUs, where they were measured "
+                       "faster (LINF_JAX_KERNELS=native forces them))"], proc.stdout[-2000:]
+    assert "certified" in proc.stdout

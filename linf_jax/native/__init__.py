@@ -12,10 +12,21 @@ float32 operands (``LINF_JAX_KERNELS``, see :func:`linf_jax.ops.kernel_backend`)
 and loop over them inside one call.
 
 The library is compiled with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/
-``clang++``; ``-O3 -march=native``, about 10 s on a 2-core CPU) the first time it is needed and
-cached under ``$LINF_JAX_CACHE`` (default ``~/.cache/linf_jax``), keyed by the source, the
-compiler, the flags, jaxlib and the CPU's feature flags, so a shared home directory never serves
-a library built for another CPU. Writes are atomic (temporary file, then rename). If no compiler
+``clang++``; ``-O3`` and the instruction set of :func:`isa`, about 10 s on a 2-core CPU) the
+first time it is needed and cached under ``$LINF_JAX_CACHE`` (default ``~/.cache/linf_jax``),
+keyed by the source, the compiler, the flags, jaxlib and the CPU's feature flags, so a shared
+home directory never serves a library built for another CPU.
+
+Instruction sets. ``LINF_JAX_NATIVE_ISA`` picks the variant that is built: ``native`` (the
+default: ``-march=native``, i.e. what this CPU has), ``avx512`` (``-march=x86-64-v4``), ``avx2``
+(``-march=x86-64-v3``: AVX2 and FMA) or ``generic`` (the compiler's baseline for the machine).
+One x86 machine with AVX-512 can so build and time the variants that other x86 CPUs would run.
+The kernels were tuned and measured fast on AVX-512 CPUs (16-lane vectors, 4x2 register tiles
+that fit AVX-512's 32 vector registers). On an AVX2-only CPU (16 registers) the same kernels
+were measured 6-12x slower than the XLA code (a 2-core AMD EPYC, BENCHMARKS.md), so
+:func:`preferred` — what ``LINF_JAX_KERNELS`` unset or ``auto`` uses — is true only where the
+variant is ``avx512``; elsewhere the native kernels run only when asked for
+(``LINF_JAX_KERNELS=native``). Writes are atomic (temporary file, then rename). If no compiler
 is found or the build fails, :func:`available` is False, :func:`unavailable_reason` says why, a
 warning is issued once, and :mod:`linf_jax.ops` uses its XLA kernels, which give the same
 results.
@@ -40,7 +51,10 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("linf_cpu.cc")
 CACHE_ENV = "LINF_JAX_CACHE"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+ISA_ENV = "LINF_JAX_NATIVE_ISA"
+ISA_CHOICES = ("native", "avx512", "avx2", "generic")
+_MARCH = {"avx512": ("-march=x86-64-v4",), "avx2": ("-march=x86-64-v3",), "generic": ()}
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"LinfDistFwd": "linf_jax_linf_fwd", "LinfDistMax": "linf_jax_linf_max",
             "LinfDistBwd": "linf_jax_linf_bwd", "LinfBounds": "linf_jax_linf_bounds",
             "LpSum": "linf_jax_lp_sum", "LpBwd": "linf_jax_lp_bwd",
@@ -67,6 +81,64 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _cpu_has(*features: str) -> bool:
+    words = set(_cpu_flags().split())
+    return all(f in words for f in features)
+
+
+def requested_isa() -> str:
+    """``LINF_JAX_NATIVE_ISA`` (``'native'`` if unset); a bad value raises ``ValueError``."""
+    choice = os.environ.get(ISA_ENV, "").strip().lower() or "native"
+    if choice not in ISA_CHOICES:
+        raise ValueError(f"{ISA_ENV}={choice!r} is not allowed: one of "
+                         f"{', '.join(ISA_CHOICES)} (or unset)")
+    return choice
+
+
+def isa() -> str:
+    """The instruction set the native kernels are (or would be) built for: ``'avx512'``,
+    ``'avx2'``, ``'neon'`` (aarch64) or ``'generic'``. ``native`` resolves to what this CPU
+    has; an x86 variant this CPU cannot run is refused (``ValueError``)."""
+    choice = requested_isa()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if choice == "native":
+        if x86 and _cpu_has("avx512f", "avx512bw", "avx512dq", "avx512vl"):
+            return "avx512"
+        if x86 and _cpu_has("avx2", "fma"):
+            return "avx2"
+        if platform.machine().lower() in ("aarch64", "arm64"):
+            return "neon"
+        return "generic"
+    if choice in ("avx512", "avx2"):
+        need = ("avx512f", "avx512bw", "avx512dq", "avx512vl") if choice == "avx512" else \
+            ("avx2", "fma")
+        if not (x86 and _cpu_has(*need)):
+            raise ValueError(f"{ISA_ENV}={choice}: this CPU cannot run it "
+                             f"({platform.machine()}, needs {', '.join(need)}); allowed here: "
+                             "native, generic" + (", avx2" if x86 and _cpu_has("avx2", "fma")
+                                                  else ""))
+    return choice
+
+
+def _march() -> tuple[str, ...]:
+    return ("-march=native",) if requested_isa() == "native" else _MARCH[requested_isa()]
+
+
+def preferred() -> tuple[bool, str]:
+    """``(use, why)``: whether ``LINF_JAX_KERNELS`` unset/``auto`` takes the native kernels on
+    this CPU, and one phrase saying why. Decided from the instruction set alone, before any
+    build: only the AVX-512 variant was measured faster than the XLA code."""
+    try:
+        variant = isa()
+    except ValueError as e:
+        return False, str(e)
+    if variant == "avx512":
+        return True, "AVX-512 CPU, where they were measured faster than the XLA code"
+    return False, (f"this CPU's native kernel variant is {variant}; the native kernels are the "
+                   "default only on AVX-512 CPUs, where they were measured faster "
+                   "(LINF_JAX_KERNELS=native forces them)")
+
+
 def _cache_dir() -> Path:
     root = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "linf_jax")
@@ -81,9 +153,10 @@ def _build(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              timeout=60).stdout.splitlines()[:1]
     key = hashlib.sha256("\n".join([
-        SOURCE.read_text(), cxx, *version, *FLAGS, jaxlib.__version__, platform.machine(),
+        SOURCE.read_text(), cxx, *version, *FLAGS, *_march(), jaxlib.__version__,
+        platform.machine(),
         _cpu_flags()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"linf_cpu-{key}.so"
+    target = _cache_dir() / f"linf_cpu-{isa()}-{key}.so"
     if target.exists():
         return target
     try:
@@ -99,7 +172,7 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        cmd = [cxx, *FLAGS, *_march(), "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
