@@ -2,12 +2,28 @@
 
 import os
 import sys
+import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+# One persistent XLA compilation cache for the test session, shared by the pytest-xdist workers
+# and by the train.py / certify.py subprocesses the tests start (they inherit the environment;
+# JAX reads these variables when it is imported, which is after this file). The suite compiles
+# the same tiny programs many times over (every tiny run, every command-line case); a cache hit
+# loads the executable XLA compiled for the identical program, flags and devices, so no result
+# changes, only the time. The size limit turns on JAX's file lock, which makes the workers'
+# reads and writes of an entry atomic. LINF_JAX_TEST_XLA_CACHE=0 turns it off.
+if os.environ.get("LINF_JAX_TEST_XLA_CACHE", "1") != "0":
+    _user = os.getuid() if hasattr(os, "getuid") else "user"
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"linf_jax_test_xla_cache-{_user}"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 
 def tiny_config(**overrides):

@@ -34,7 +34,7 @@ def test_no_attack_breaks_a_certified_example(kind):
     shape = (64, 3, 3, 1)
     model, v = _model(CASES[kind], shape, seed=0)
     x, y = _data(shape, 1, model, v)
-    logits_fn = lambda z: model.apply(v, z)
+    logits_fn = jax.jit(lambda z: model.apply(v, z))  # one compile for the 40 probes below
     margins_fn = lambda lo, hi, yy: model.apply(v, lo, hi, yy, method="certify_margins")
     lo, hi = -1.0, 1.0
     # radii chosen around the data's margins so that some, not all, examples certify
@@ -110,7 +110,7 @@ def test_ensemble_certificate_is_sound_for_the_averaged_model():
     model = members[0][0]
     stacked = ensemble.stack([v for _, v in members])
     x, y = _data(shape, 6, model, members[0][1])
-    logits_fn = lambda z: ensemble.apply(model, stacked, z)
+    logits_fn = jax.jit(lambda z: ensemble.apply(model, stacked, z))
     margins_fn = lambda lo, hi, yy: ensemble.apply(model, stacked, lo, hi, yy,
                                                    method="certify_margins")
     np.testing.assert_allclose(

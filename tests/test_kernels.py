@@ -126,8 +126,9 @@ def test_blocks_must_be_powers_of_two():
 
 
 def test_dispatch_on_cpu(monkeypatch):
-    """Unset: the native kernels on an AVX-512 CPU (where they build), never Pallas; ``auto``: Pallas on
-    GPU only; ``use_kernels`` overrides the variable; unknown names fail with the choices."""
+    """Unset: the native kernels on an AVX-512 CPU (where they build), never Pallas; ``auto``:
+    Pallas on GPU only; ``use_kernels`` overrides the variable; unknown names fail with the
+    choices."""
     from linf_jax import native
 
     assert jax.default_backend() == "cpu"
