@@ -4,10 +4,20 @@ Every model is a trunk of ℓ∞-dist layers followed by a head:
 
 * ``head='none'`` — the pure ℓ∞-dist Net: logits are the NEGATED outputs of the last ℓ∞-dist
   layer (a class is likely when its prototype is close), so interval bounds swap.
-* ``head='mlp'`` — ``BoundedLinear(width, 256) → tanh → BoundedLinear(256, C)``, certified by
-  interval bound propagation (the ℓ∞-dist Net + MLP of v1, and the EMA paper's LeNet).
+* ``head='mlp'`` — ``BoundedLinear(width, head_hidden) → tanh → BoundedLinear(head_hidden, C)``,
+  certified by interval bound propagation (the ℓ∞-dist Net + MLP, "++", of v1, and the EMA
+  paper's LeNet). The official code's hidden width is 256 for MNIST, 512 for CIFAR-10 and
+  Fashion-MNIST (the presets set ``model.head_hidden``).
 
-Layer order (SPEC §1): distance → MeanShift (hidden layers) → bias (last ℓ∞-dist layer only).
+Layer order: distance → MeanShift → bias. With ``head='none'`` every ℓ∞-dist layer but the last
+is mean-shifted and only the last (the logits) has a bias. With ``head='mlp'`` the trunk is the
+official ``MLPFeature`` / ``LeNetFeature``: every ℓ∞-dist layer, the last included, is
+mean-shifted and none has a bias (a bias on the last trunk layer, without the shift, saturates
+most of the head's tanh units at initialisation).
+
+Only the pure nets (``head='none'``) are 1-Lipschitz in ℓ∞ (:func:`is_1_lipschitz`): the
+Lipschitz rule ``margin > 2ε`` certifies them (and ensembles of them, whose averaged logits are
+1-Lipschitz too), never a model with an MLP head, whose linear layers can stretch distances.
 
 Calls (all on NHWC inputs in normalised units):
 
@@ -105,16 +115,11 @@ class LinfDistNet(_LinfModel):
         return self.width
 
     def setup_trunk(self):
-        last = self.num_classes if self.head == "none" else self.width
-        self.dists = [LinfDist(self.width) for _ in range(self.depth - 1)] + [
-            LinfDist(last, use_bias=True)]
-        self.norms = [MeanShift() for _ in range(self.depth - 1)]
+        self.dists, self.norms = _dense_trunk([self.width] * self.depth, self.head,
+                                              self.num_classes)
 
     def trunk(self, x, p, train):
-        x = _flatten(x)
-        for dist, norm in zip(self.dists[:-1], self.norms, strict=True):
-            x = norm(dist(x, p), train)
-        return self.dists[-1](x, p)
+        return _run_dense(self.dists, self.norms, _flatten(x), p, train)
 
 
 class LinfLeNet(_LinfModel):
@@ -134,19 +139,39 @@ class LinfLeNet(_LinfModel):
     def setup_trunk(self):
         self.convs = [LinfDistConv(c, self.kernel_size) for c in self.channels]
         self.conv_norms = [MeanShift() for _ in self.channels]
-        widths = list(self.dense)
-        if self.head == "none":
-            widths[-1] = self.num_classes
-        self.dists = [LinfDist(w) for w in widths[:-1]] + [LinfDist(widths[-1], use_bias=True)]
-        self.norms = [MeanShift() for _ in widths[:-1]]
+        self.dists, self.norms = _dense_trunk(list(self.dense), self.head, self.num_classes)
 
     def trunk(self, x, p, train):
         for conv, norm in zip(self.convs, self.conv_norms, strict=True):
             x = max_pool(norm(conv(x, p), train), 2)
-        x = _flatten(x)
-        for dist, norm in zip(self.dists[:-1], self.norms, strict=True):
-            x = norm(dist(x, p), train)
-        return self.dists[-1](x, p)
+        return _run_dense(self.dists, self.norms, _flatten(x), p, train)
+
+
+def _dense_trunk(widths: list[int], head: str, num_classes: int):
+    """``(dists, norms)`` of the dense ℓ∞-dist layers. ``head='none'``: the last layer has
+    ``num_classes`` units and a bias and no MeanShift. ``head='mlp'``: every layer has a
+    MeanShift and none a bias (the official ``*Feature`` trunks)."""
+    if head == "none":
+        widths = widths[:-1] + [num_classes]
+        return ([LinfDist(w) for w in widths[:-1]] + [LinfDist(widths[-1], use_bias=True)],
+                [MeanShift() for _ in widths[:-1]])
+    return [LinfDist(w) for w in widths], [MeanShift() for _ in widths]
+
+
+def _run_dense(dists, norms, x, p, train):
+    """Each ℓ∞-dist layer, followed by its MeanShift where it has one."""
+    for i, dist in enumerate(dists):
+        x = dist(x, p)
+        if i < len(norms):
+            x = norms[i](x, train)
+    return x
+
+
+def is_1_lipschitz(model) -> bool:
+    """Whether the model's logits are 1-Lipschitz in ℓ∞ in evaluation mode (at p = ∞): true for
+    the pure nets (ℓ∞-dist layers, constant shifts, max-pooling, negation), false for a model
+    with an MLP head. Only then may the Lipschitz rule ``margin > 2ε`` certify it."""
+    return getattr(model, "head", None) == "none"
 
 
 MODELS = {

@@ -152,3 +152,30 @@ def test_models_accept_a_traced_p_schedule():
     for p in (8.0, 37.5, float("inf")):
         np.testing.assert_allclose(f(jnp.float32(p)), model.apply(v, x, p=p), rtol=1e-5,
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lenet"])
+def test_mlp_head_trunk_is_the_official_feature_trunk(kind):
+    """With an MLP head every ℓ∞-dist layer of the trunk, the last included, is mean-shifted and
+    none has a bias (the official ``MLPFeature``/``LeNetFeature``), so the head's tanh units are
+    not saturated at initialisation; the pure net keeps its bias on the logit layer only."""
+    cfg, shape = MODELS[kind]
+    model, v = init_with_running_means(cfg, shape, seed=3)
+    params, stats = v["params"], v["batch_stats"]
+    dists = sorted(k for k in params if k.startswith("dists_"))
+    assert all("bias" not in params[k] for k in dists), params.keys()
+    assert sorted(k for k in stats if k.startswith("norms_")) == [
+        d.replace("dists", "norms") for d in dists]
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(256, *shape[1:])), jnp.float32)
+    h = model.apply(v, x, p=8.0, train=True, mutable=["batch_stats"],
+                    method=lambda m, x, p, train: m.fc1(_flat(m.trunk(x, p, train))))[0]
+    saturated = float((np.abs(np.tanh(np.asarray(h))) > 0.99).mean())
+    assert saturated < 0.2, saturated
+    pure, vp = init_with_running_means(MODELS["pure"][0], MODELS["pure"][1], seed=3)
+    last = sorted(k for k in vp["params"] if k.startswith("dists_"))[-1]
+    assert "bias" in vp["params"][last]
+    assert len(vp["batch_stats"]) == len(vp["params"]) - 2  # all but the logit layer (+ scale)
+
+
+def _flat(x):
+    return x.reshape(x.shape[0], -1)
