@@ -118,10 +118,16 @@ def run() -> dict:
           f"{clf.num_members or 1} member(s): clean {100 * result['clean_accuracy']:.2f}%")
     for row in result["results"]:
         print(f"  eps={row['eps']:<6g} certified {100 * row['certified_accuracy']:6.2f}%  "
-              f"(Lipschitz {100 * row['lipschitz_certified_accuracy']:6.2f}%)  "
+              f"(Lipschitz {_percent(row['lipschitz_certified_accuracy'])})  "
               f"PGD {100 * row['pgd_accuracy']:6.2f}%")
     print(f"wrote {output}" + (f" and {_PLOT.value}" if _PLOT.value else ""))
     return result
+
+
+def _percent(fraction) -> str:
+    """``' 97.50%'``, or ``'   n/a'`` where the figure is null (the Lipschitz rule of a model
+    that is not 1-Lipschitz)."""
+    return "   n/a " if fraction is None else f"{100 * fraction:6.2f}%"
 
 
 def main(argv) -> None:

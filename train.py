@@ -85,6 +85,12 @@ def _remove_empty_tree(path: str) -> None:
             return
 
 
+def _percent(fraction) -> str:
+    """``' 97.50%'``, or ``'n/a: not 1-Lipschitz'`` where the figure is null (the Lipschitz rule
+    does not apply to a model with an MLP head)."""
+    return "n/a: not 1-Lipschitz" if fraction is None else f"{100 * fraction:6.2f}%"
+
+
 def main(argv) -> None:
     from linf_jax import cli
 
@@ -128,7 +134,7 @@ def main(argv) -> None:
     for row in r["results"]:
         print(f"  eps={row['eps']:<6g} PGD-{r['pgd_steps']} {100 * row['pgd_accuracy']:6.2f}%   "
               f"certified {100 * row['certified_accuracy']:6.2f}%   "
-              f"(Lipschitz rule {100 * row['lipschitz_certified_accuracy']:6.2f}%)")
+              f"(Lipschitz rule {_percent(row['lipschitz_certified_accuracy'])})")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ def main(root: str = "runs/mnist_local") -> None:
             row = by_eps.get(e)
             cells += (["—", "—"] if row is None else [
                 f"{100 * row['pgd_accuracy']:.2f}%",
-                f"**{100 * row['certified_accuracy']:.2f}%** "
-                f"({100 * row['lipschitz_certified_accuracy']:.2f}%)"])
+                f"**{100 * row['certified_accuracy']:.2f}%** " + (
+                    "(n/a)" if row.get("lipschitz_certified_accuracy") is None
+                    else f"({100 * row['lipschitz_certified_accuracy']:.2f}%)")])
         print(f"| {name} | {r.get('members', 1)} | {weights} | "
               f"{100 * r['clean_accuracy']:.2f}% | " + " | ".join(cells) + " |")
 

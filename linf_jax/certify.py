@@ -1,9 +1,18 @@
-"""Certificates, certified radii and the PGD attack (SPEC.md §6).
+"""Certificates, certified radii and the PGD attack.
 
 Nothing here knows about training or about a particular model: functions take a
 ``logits_fn(x) -> [B, C]`` and a ``margins_fn(lo, hi, labels) -> [B, C]`` (upper bounds of
 ``z_j − z_y`` over a box), both in normalised units, so a single model and a vmapped ensemble
-(averaged logits, averaged margins; SPEC §5) are certified by the same code.
+(averaged logits, averaged margins) are certified by the same code.
+
+Two certificates. The interval certificate (``margins_fn``: exact interval bounds through the
+ℓ∞-dist layers, interval arithmetic through an MLP head) is sound for every model. The Lipschitz
+rule ``margin > 2ε`` is sound only for a model whose logits are 1-Lipschitz in ℓ∞ — a pure
+ℓ∞-dist net or an ensemble of them (:func:`linf_jax.models.is_1_lipschitz`); callers say so with
+``lipschitz=True``, and for any other model no Lipschitz figure is computed (``None`` in the
+JSON). Certified radii likewise: the Lipschitz radius ``(margin − tol)/2`` for 1-Lipschitz
+models, else :func:`interval_radius`, a bisection on ε whose answer is always a radius at which
+the interval certificate was actually verified.
 
 Soundness under float32: a certificate must survive rounding. Every certificate here demands a
 safety margin ``tol`` beyond the exact condition (``margin > 2ε + tol`` for the Lipschitz rule,
@@ -51,6 +60,37 @@ def interval_certified(margins: Array, labels: Array, tol: float = DEFAULT_TOL) 
     """Certified iff every worst-case margin ``r_j`` (j ≠ y) is below ``−tol``."""
     others = jnp.where(jax.nn.one_hot(labels, margins.shape[-1], dtype=bool), -jnp.inf, margins)
     return others.max(axis=1) < -tol
+
+
+def interval_radius(margins_fn: Callable[[Array, Array, Array], Array], x: Array,
+                    labels: Array, lo, hi, tol: float = DEFAULT_TOL, steps: int = 20) -> Array:
+    """Per-example ℓ∞ radius (normalised units) certified by the interval certificate, by
+    bisection on ε: ``steps`` halvings of ``[0, hi − lo]`` (the widest box that can matter,
+    the whole valid input range). Each example keeps the largest ε at which
+    :func:`interval_certified` held, so the answer errs on the safe side by at most
+    ``max(hi − lo) / 2^steps``; interval bounds only widen with the box, so every smaller ε is
+    certified too. 0 where not even ε = 0 certifies (misclassified, or inside ``tol``)."""
+    labels = jnp.asarray(labels)
+    bshape = (-1,) + (1,) * (x.ndim - 1)
+
+    def certified_at(eps):  # eps [B]
+        b_lo, b_hi = input_box(x, eps.reshape(bshape), lo, hi)
+        return interval_certified(margins_fn(b_lo, b_hi, labels), labels, tol)
+
+    top = jnp.max(jnp.asarray(hi, jnp.float32) - jnp.asarray(lo, jnp.float32))
+    good = jnp.zeros(labels.shape, jnp.float32)
+    bad = jnp.full(labels.shape, top, jnp.float32)
+    ok_at_zero = certified_at(good)
+
+    def step(_, carry):
+        good, bad = carry
+        mid = (good + bad) / 2
+        ok = certified_at(mid)
+        return jnp.where(ok, mid, good), jnp.where(ok, bad, mid)
+
+    good, _ = jax.lax.fori_loop(0, steps, step, (good, bad))
+    full = certified_at(jnp.full(labels.shape, top, jnp.float32))  # the whole input range
+    return jnp.where(full, top, jnp.where(ok_at_zero, good, 0.0))
 
 
 def pgd_attack(
@@ -108,18 +148,24 @@ def evaluate_batch(
     pgd_steps: int = 100,
     pgd_restarts: int = 1,
     tol: float = DEFAULT_TOL,
+    lipschitz: bool = True,
 ) -> dict[str, Array]:
     """Per-example results for one batch, every ε (normalised units) at once.
 
-    Returns ``correct [B]``, ``radius [B]`` (Lipschitz, normalised), and ``[len(eps), B]`` masks
-    ``certified`` (interval certificate; Lipschitz if ``margins_fn`` is None),
-    ``lipschitz_certified`` and ``pgd_robust``.
+    ``lipschitz``: whether ``logits_fn`` is 1-Lipschitz in ℓ∞ (a pure net or an ensemble of
+    them). Returns ``correct [B]``, ``radius [B]`` (normalised; the Lipschitz radius if
+    ``lipschitz``, else :func:`interval_radius`), and ``[len(eps), B]`` masks ``certified``
+    (interval certificate; the Lipschitz rule if ``margins_fn`` is None), ``pgd_robust`` and,
+    only if ``lipschitz``, ``lipschitz_certified``.
     """
+    if not lipschitz and margins_fn is None:
+        raise ValueError("a model that is not 1-Lipschitz needs margins_fn (interval bounds): "
+                         "the Lipschitz rule would not be sound for it")
     logits = logits_fn(x)
     correct = logits.argmax(-1) == labels
     cert, lip, robust = [], [], []
     for i, eps in enumerate(eps_list):
-        lip_i = lipschitz_certified(logits, labels, eps, tol) & correct
+        lip_i = lipschitz_certified(logits, labels, eps, tol) & correct if lipschitz else None
         if margins_fn is not None:
             b_lo, b_hi = input_box(x, eps, lo, hi)
             cert_i = interval_certified(margins_fn(b_lo, b_hi, labels), labels, tol) & correct
@@ -134,13 +180,19 @@ def evaluate_batch(
         cert.append(cert_i)
         lip.append(lip_i)
         robust.append(robust_i)
-    return {
+    if lipschitz:
+        radius = certified_radius(logits, labels, tol)
+    else:
+        radius = jnp.where(correct, interval_radius(margins_fn, x, labels, lo, hi, tol), 0.0)
+    out = {
         "correct": correct,
-        "radius": certified_radius(logits, labels, tol),
+        "radius": radius,
         "certified": jnp.stack(cert),
-        "lipschitz_certified": jnp.stack(lip),
         "pgd_robust": jnp.stack(robust),
     }
+    if lipschitz:
+        out["lipschitz_certified"] = jnp.stack(lip)
+    return out
 
 
 def evaluate_dataset(
@@ -158,12 +210,19 @@ def evaluate_dataset(
     key: Array | None = None,
     tol: float = DEFAULT_TOL,
     progress: bool = True,
+    lipschitz: bool = True,
+    per_example: bool = False,
 ) -> dict:
     """Evaluates a data set (pixel images, uint8 or float in [0, 1]) at every ε in pixels.
 
     Returns the JSON-ready summary: ``clean_accuracy``, ``num_examples``, ``seconds``,
+    ``lipschitz`` (whether the model is 1-Lipschitz, see :func:`evaluate_batch`),
+    ``radius_certificate`` (``'lipschitz'`` or ``'interval'``: what the radii come from),
     ``results`` (one ``{eps, certified_accuracy, lipschitz_certified_accuracy, pgd_accuracy}`` per
-    ε) and ``radii`` (per-example Lipschitz certified radius in pixels).
+    ε; ``lipschitz_certified_accuracy`` is ``None`` for a model that is not 1-Lipschitz) and
+    ``radii`` (per-example certified radius in pixels). ``per_example=True`` adds
+    ``"per_example"``: the boolean masks (``certified``, ``pgd_robust``, ``lipschitz_certified``
+    ``[len(eps), N]``; ``correct [N]``) behind the figures, for tests and analyses (not JSON).
     """
     import time
 
@@ -182,7 +241,7 @@ def evaluate_dataset(
     def run(x_raw, y, bkey):
         x = data_lib.normalize(data_lib.as_pixels(x_raw), mean_arr, std)
         return evaluate_batch(logits_fn, margins_fn, bkey, x, y, eps_norm, lo, hi,
-                              pgd_steps, pgd_restarts, tol)
+                              pgd_steps, pgd_restarts, tol, lipschitz)
 
     images = np.asarray(images)
     labels = np.asarray(labels)
@@ -203,16 +262,22 @@ def evaluate_dataset(
     results = [
         {"eps": float(e),
          "certified_accuracy": float(cat["certified"][i].mean()),
-         "lipschitz_certified_accuracy": float(cat["lipschitz_certified"][i].mean()),
+         "lipschitz_certified_accuracy": (float(cat["lipschitz_certified"][i].mean())
+                                          if lipschitz else None),
          "pgd_accuracy": float(cat["pgd_robust"][i].mean())}
         for i, e in enumerate(eps_pixels)]
-    return {
+    summary = {
         "clean_accuracy": float(cat["correct"].mean()),
         "num_examples": int(n),
         "seconds": round(time.time() - t0, 3),
         "pgd_steps": int(pgd_steps),
         "pgd_restarts": int(pgd_restarts),
         "tolerance": float(tol),
+        "lipschitz": bool(lipschitz),
+        "radius_certificate": "lipschitz" if lipschitz else "interval",
         "results": results,
         "radii": [float(r) * std for r in cat["radius"]],
     }
+    if per_example:
+        summary["per_example"] = {k: np.asarray(v) for k, v in cat.items() if k != "radius"}
+    return summary

@@ -21,6 +21,7 @@ from linf_jax import certify as certify_lib
 from linf_jax import data as data_lib
 from linf_jax import ensemble as ensemble_lib
 from linf_jax import train_lib
+from linf_jax.models import is_1_lipschitz
 
 
 class InputError(ValueError):
@@ -47,8 +48,10 @@ class Classifier:
         self._mean = jnp.asarray(meta["mean"], jnp.float32)
         self._lo, self._hi = data_lib.pixel_bounds(meta["mean"], self.std)
         self._logits_fn, self._margins_fn = train_lib.make_eval_fns(model, variables, members)
+        self.lipschitz = is_1_lipschitz(model)  # pure nets and ensembles of them
         self._logits = jax.jit(lambda x: self._logits_fn(self._normalize(x)))
         self._certify = jax.jit(self._certify_impl)
+        self._radius = jax.jit(self._radius_impl)
 
     def _normalize(self, x):
         return data_lib.normalize(x, self._mean, self.std)
@@ -102,19 +105,36 @@ class Classifier:
         x, y = self._check(x, y)
         return self._certify(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.float32(eps / self.std))
 
+    def _radius_impl(self, x, y):
+        xn = self._normalize(x)
+        logits = self._logits_fn(xn)
+        if self.lipschitz:
+            return certify_lib.certified_radius(logits, y)
+        correct = logits.argmax(-1) == y
+        radius = certify_lib.interval_radius(self._margins_fn, xn, y, self._lo, self._hi)
+        return jnp.where(correct, radius, 0.0)
+
     def certified_radius(self, x, y) -> jax.Array:
-        """Per-example ℓ∞ radius in pixels certified by the Lipschitz margin."""
+        """Per-example ℓ∞ radius in pixels that a sound certificate proves: the Lipschitz
+        radius for a 1-Lipschitz model (a pure net or an ensemble of them), else the interval
+        certificate's by bisection (:func:`linf_jax.certify.interval_radius`, on the safe side);
+        0 for a misclassified example."""
         x, y = self._check(x, y)
-        return certify_lib.certified_radius(self(x), jnp.asarray(y)) * self.std
+        return self._radius(jnp.asarray(x), jnp.asarray(y, jnp.int32)) * self.std
 
     def evaluate(self, x, y, eps=(0.1,), pgd_steps: int = 100, pgd_restarts: int = 1,
-                 batch_size: int = 500, progress: bool = False) -> dict:
-        """Clean / PGD / certified accuracy at every pixel ε (the JSON of certify.py)."""
+                 batch_size: int = 500, progress: bool = False,
+                 per_example: bool = False) -> dict:
+        """Clean / PGD / certified accuracy at every pixel ε (the JSON of certify.py; the
+        Lipschitz-rule figures are ``None`` unless the model is 1-Lipschitz).
+        ``per_example=True`` adds the masks behind the figures
+        (:func:`linf_jax.certify.evaluate_dataset`)."""
         x, y = self._check(x, y)
         return certify_lib.evaluate_dataset(
             self._logits_fn, self._margins_fn, x, y, mean=self.meta["mean"], std=self.std,
             eps_pixels=list(eps), batch_size=min(batch_size, len(y)), pgd_steps=pgd_steps,
-            pgd_restarts=pgd_restarts, progress=progress)
+            pgd_restarts=pgd_restarts, progress=progress, lipschitz=self.lipschitz,
+            per_example=per_example)
 
     @cached_property
     def members(self) -> list[Classifier]:

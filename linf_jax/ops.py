@@ -598,7 +598,12 @@ def extract_patches(
     x: Array, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1
 ) -> Array:
     """NHWC image → ``[B, H', W', C·k·k]`` patches, feature order (C, kh, kw), the same
-    padding/stride/dilation semantics as a convolution (zero padding)."""
+    padding/stride/dilation semantics as a convolution (zero padding).
+
+    The patches are a convolution with one-hot filters, run at ``HIGHEST`` precision whatever
+    ``jax_default_matmul_precision`` says: at TF32 or bfloat16 (the default on recent NVIDIA
+    GPUs and on TPUs) the copy would round every input value, which would make the interval
+    bounds of certification unsound."""
     return lax.conv_general_dilated_patches(
         x,
         filter_shape=(kernel_size, kernel_size),
@@ -606,6 +611,7 @@ def extract_patches(
         padding=((padding, padding), (padding, padding)),
         rhs_dilation=(dilation, dilation),
         dimension_numbers=("NHWC", "OIHW", "NHWC"),
+        precision=lax.Precision.HIGHEST,
     )
 
 

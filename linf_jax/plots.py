@@ -8,9 +8,11 @@ Command line (matplotlib's Agg backend, no display needed)::
 
 ``RESULT.json`` is what certify.py writes (also a run's results.json, or the dict returned by
 ``Classifier.evaluate``): ``results`` (one ``{eps, certified_accuracy,
-lipschitz_certified_accuracy, pgd_accuracy}`` per evaluated ε, pixels) and ``radii`` (the
-per-example Lipschitz certified radius, pixels; 0 for misclassified examples). Bad input ends
-with one line ``error: ...`` on stderr and exit code 2.
+lipschitz_certified_accuracy, pgd_accuracy}`` per evaluated ε, pixels;
+``lipschitz_certified_accuracy`` is null for a model that is not 1-Lipschitz) and ``radii``
+(the per-example certified radius, pixels, 0 for misclassified examples: from the Lipschitz
+rule or, where ``radius_certificate`` is ``"interval"``, from the interval certificate). Bad
+input ends with one line ``error: ...`` on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ def check_result(result, field: str, need: str = "any") -> Mapping:
                                      "'certified_accuracy'; allowed: rows {eps, "
                                      "certified_accuracy, pgd_accuracy}")
             for key in ("certified_accuracy", "lipschitz_certified_accuracy", "pgd_accuracy"):
+                if key == "lipschitz_certified_accuracy" and row.get(key, 0) is None:
+                    continue  # null: the model is not 1-Lipschitz, the rule does not apply
                 if key in row and not (_is_number(row[key]) and 0 <= row[key] <= 1):
                     raise PlotInputError(f"{field}: results[{i}].{key}={row[key]!r} is not "
                                          "allowed: a fraction in [0, 1]")
@@ -173,7 +177,8 @@ def certified_curve(radii, eps_grid) -> np.ndarray:
     """Fraction of examples whose certified radius exceeds each ε (non-increasing in ε).
 
     ``radii`` are per-example radii (pixels) or a certify summary with a ``radii`` key. A radius
-    ``r`` certifies exactly the ε < r (the Lipschitz rule ``margin > 2ε + tol``)."""
+    ``r`` is counted for the ε < r (exactly what the Lipschitz rule ``margin > 2ε + tol``
+    certifies; an interval radius also holds at ε = r, so the curve errs on the safe side)."""
     if isinstance(radii, Mapping):
         radii = radii.get("radii", [])
     r = np.sort(np.asarray(radii, np.float64).ravel())
@@ -188,7 +193,7 @@ def _eps_top(runs: Mapping[str, Mapping], eps_max: float | None) -> float:
         return float(eps_max)
     all_eps = [row["eps"] for r in runs.values() for row in r.get("results", [])]
     top = max([*all_eps, 0.05]) * 1.5
-    for r in runs.values():  # show the Lipschitz curve until (nearly) every radius is passed
+    for r in runs.values():  # show the radius curve until (nearly) every radius is passed
         if r.get("radii"):
             top = max(top, float(np.quantile(r["radii"], 0.995)) * 1.05)
     return min(top, 1.0)
@@ -197,8 +202,9 @@ def _eps_top(runs: Mapping[str, Mapping], eps_max: float | None) -> float:
 def plot_certified_accuracy(runs: Mapping[str, Mapping], path: str, eps_max: float | None = None,
                             title: str = "Certified accuracy versus ε") -> str:
     """One chart, one colour per run. ``runs[label]`` is a certify.py/evaluate summary: its
-    ``radii`` (pixels) give the Lipschitz curve, its ``results`` the interval-certified and
-    PGD points at the evaluated ε."""
+    ``radii`` (pixels) give the certified-radius curve (Lipschitz or interval radii, as its
+    ``radius_certificate`` says), its ``results`` the interval-certified and PGD points at the
+    evaluated ε."""
     for label, r in runs.items():
         check_result(r, f"runs[{label!r}]")
     plt = _pyplot()
@@ -208,8 +214,9 @@ def plot_certified_accuracy(runs: Mapping[str, Mapping], path: str, eps_max: flo
     for i, (label, r) in enumerate(runs.items()):
         color = f"C{i}"
         if r.get("radii"):
+            kind = "interval" if r.get("radius_certificate") == "interval" else "Lipschitz"
             ax.plot(grid, 100 * certified_curve(r["radii"], grid), color=color,
-                    label=f"{label} (Lipschitz radius)")
+                    label=f"{label} ({kind} radius)")
         rows = sorted(r.get("results", []), key=lambda row: row["eps"])
         if rows:
             eps = [row["eps"] for row in rows]

@@ -124,3 +124,122 @@ def test_ensemble_certificate_is_sound_for_the_averaged_model():
     assert cert.any()
     _, fooled = certify.pgd_attack(logits_fn, jax.random.key(2), x, y, eps, -1.0, 1.0, 40, 4)
     assert not np.any(cert & np.asarray(fooled))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models that are not 1-Lipschitz: no Lipschitz rule, interval radii, full-precision products
+
+
+def _stretched_mlp(seed=0, gain=20.0):
+    """A model with an MLP head whose linear layers stretch ℓ∞ distances ``gain``-fold: far from
+    1-Lipschitz, so the Lipschitz rule would certify examples an attack breaks."""
+    shape = (64, 3, 3, 1)
+    model, v = _model(CASES["mlp"], shape, seed)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: a * gain if "kernel" in jax.tree_util.keystr(path) else a, v["params"])
+    return model, {**v, "params": params}, shape
+
+
+def test_lipschitz_rule_is_not_reported_for_an_mlp_head():
+    """The rule ``margin > 2ε`` is unsound for a model with an MLP head (here PGD breaks examples
+    it would certify); evaluation computes it only for 1-Lipschitz models, and what it does
+    report (interval certificate, interval radii) survives the attack."""
+    from linf_jax.models import is_1_lipschitz
+
+    model, v, shape = _stretched_mlp()
+    assert not is_1_lipschitz(model) and is_1_lipschitz(_model(CASES["pure"], shape, 0)[0])
+    x, y = _data(shape, 1, model, v)
+    logits_fn = jax.jit(lambda z: model.apply(v, z))
+    margins_fn = lambda lo, hi, yy: model.apply(v, lo, hi, yy, method="certify_margins")
+    logits = logits_fn(x)
+    correct = np.asarray(logits.argmax(-1) == y)
+    eps = float(np.quantile(np.asarray(certify.certified_radius(logits, y))[correct], 0.5))
+    naive = np.asarray(certify.lipschitz_certified(logits, y, eps)) & correct
+    _, fooled = certify.pgd_attack(logits_fn, jax.random.key(3), x, y, eps, -1.0, 1.0, steps=40,
+                                   restarts=4)
+    assert np.any(naive & np.asarray(fooled)), "the rule should have been unsound here"
+    out = certify.evaluate_batch(logits_fn, margins_fn, jax.random.key(0), x, y, (eps,), -1.0,
+                                 1.0, pgd_steps=0, lipschitz=is_1_lipschitz(model))
+    assert "lipschitz_certified" not in out
+    assert not np.any(np.asarray(out["certified"][0]) & np.asarray(fooled))
+    with pytest.raises(ValueError, match="not 1-Lipschitz needs margins_fn"):
+        certify.evaluate_batch(logits_fn, None, jax.random.key(0), x, y, (eps,), -1.0, 1.0,
+                               pgd_steps=0, lipschitz=False)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_interval_radius_is_verified_and_tight(kind):
+    """The bisection radius is one at which the interval certificate holds, a slightly larger
+    one fails (the bisection's resolution), an attack at the radius finds nothing, and for the
+    pure net it is at least the Lipschitz radius (the interval certificate contains that rule)."""
+    shape = (64, 3, 3, 1)
+    model, v = _model(CASES[kind], shape, seed=4)
+    x, y = _data(shape, 5, model, v)
+    logits_fn = jax.jit(lambda z: model.apply(v, z))
+    margins_fn = jax.jit(lambda lo, hi, yy: model.apply(v, lo, hi, yy, method="certify_margins"))
+    lo, hi, steps = -1.0, 1.0, 20
+    radius = np.asarray(jax.jit(lambda x, y: certify.interval_radius(
+        margins_fn, x, y, lo, hi, steps=steps))(x, y))
+    correct = np.asarray(logits_fn(x).argmax(-1) == y)
+    assert np.all(radius[~correct] == 0) and (radius > 0).any()
+    resolution = (hi - lo) / 2 ** steps
+    col = (-1, 1, 1, 1)
+
+    def certified_at(r):
+        b_lo, b_hi = certify.input_box(x, jnp.asarray(r, jnp.float32).reshape(col), lo, hi)
+        return np.asarray(certify.interval_certified(margins_fn(b_lo, b_hi, y), y))
+
+    has = radius > 0
+    assert np.all(certified_at(radius)[has])
+    below_top = has & (radius < (hi - lo) - 2 * resolution)
+    assert not np.any(certified_at(radius + 2 * resolution)[below_top])
+    r_col = jnp.asarray(radius).reshape(col)
+    _, fooled = certify.pgd_attack(logits_fn, jax.random.key(9), x[has], y[has], r_col[has], lo,
+                                   hi, steps=40, restarts=4)
+    assert not np.asarray(fooled).any()
+    if kind == "pure":
+        lip = np.asarray(certify.certified_radius(logits_fn(x), y))
+        assert np.all(radius >= lip - resolution)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lenet"])
+def test_certification_products_run_at_highest_precision(kind):
+    """Every dot_general and convolution of the certification path carries HIGHEST precision,
+    even under ``jax_default_matmul_precision='bfloat16'`` (TF32 or bfloat16 products would carry
+    ~5e-4 relative error, more than the certificate's margin); the certificates are the same."""
+    cfg = CASES["mlp"] if kind == "mlp" else dict(name="linf_lenet", channels=(3,),
+                                                    kernel_size=3, dense=(12, 8), head_hidden=8)
+    shape = (16, 6, 6, 1)
+    model, v = _model(cfg, shape, seed=6)
+    x, y = _data(shape, 7, model, v)
+
+    def certified(x, y):
+        logits = model.apply(v, x)
+        margins = model.apply(v, x - 0.05, x + 0.05, y, method="certify_margins")
+        return certify.interval_certified(margins, y) & (logits.argmax(-1) == y)
+
+    want = np.asarray(jax.jit(certified)(x, y))
+    with jax.default_matmul_precision("bfloat16"):
+        jaxpr = jax.make_jaxpr(certified)(x, y)
+        got = np.asarray(jax.jit(certified)(x, y))
+    np.testing.assert_array_equal(got, want)
+    products = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                products.append(eqn)
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    names = {e.primitive.name for e in products}
+    assert "dot_general" in names and (kind == "mlp" or "conv_general_dilated" in names)
+    highest = jax.lax.Precision.HIGHEST
+    for eqn in products:
+        if eqn.primitive.name == "dot_general":
+            assert eqn.params["precision"] == (highest, highest), eqn.params
+        else:  # the patch copy: the data operand at HIGHEST; the one-hot filter is exact in
+            # any format (jax.lax.conv_general_dilated_patches leaves it DEFAULT) and XLA
+            # computes at the highest precision of the two operands
+            assert eqn.params["precision"][0] == highest, eqn.params

@@ -3,8 +3,10 @@ with PGD (cross-entropy and margin losses, many restarts), random corners of the
 points inside it, at the evaluation radii and at each example's own certified radius (where
 rounding matters most); no attack may find a misclassified point.
 
-By default the model is a tiny run trained here (~20 s). Point ``LINF_SOUNDNESS_WORKDIR`` at a
-trained run (e.g. ``runs/default`` after ``python train.py``) to stress that model instead, with
+The models are tiny runs trained here: a pure ℓ∞-dist net (EMA and raw weights), a net with an
+MLP head, an ℓ∞-dist LeNet, and a joint ensemble of each of the last two. Point
+``LINF_SOUNDNESS_WORKDIR`` at a trained pure-net run (e.g. ``runs/default`` after
+``python train.py``) to stress that model instead of the tiny pure net, with
 ``LINF_SOUNDNESS_RESTARTS`` restarts (default 8); the count of attacked points is printed
 (``pytest -s``)."""
 
@@ -24,16 +26,42 @@ STEPS = 50
 RANDOM_DRAWS = 64  # random corners and random interior points, each
 
 
+# The models whose certificates are attacked: the pure net (EMA and raw weights), a net with an
+# MLP head (not 1-Lipschitz: interval certificate and interval radii only), an ℓ∞-dist LeNet, and
+# a 2-member joint ensemble of each of the last two.
+MLP = {"model.name": "linf_dist_net_mlp", "model.depth": 2, "model.width": 32,
+       "model.head": "mlp", "model.head_hidden": 16}
+LENET = {"model.name": "linf_lenet", "model.channels": (4,), "model.kernel_size": 3,
+         "model.dense": (32, 32), "model.head": "mlp", "model.head_hidden": 16}
+ENSEMBLE = {"ensemble.size": 2, "ensemble.mode": "joint"}
+KINDS = {"pure": {}, "mlp": MLP, "mlp-ensemble": {**MLP, **ENSEMBLE}, "lenet": LENET,
+         "lenet-ensemble": {**LENET, **ENSEMBLE}}
+CASES = [("pure", "ema"), ("pure", "raw"), ("mlp", "ema"), ("mlp-ensemble", "ema"),
+         ("lenet", "ema"), ("lenet-ensemble", "ema")]
+# The pure net is attacked on 1000 test examples (all 360 of the digits) with RESTARTS restarts;
+# the other four on 240 examples with half the restarts, to keep the suite's time.
+EXAMPLES = {"pure": 1000}
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    workdir = os.environ.get("LINF_SOUNDNESS_WORKDIR")
-    if not workdir:
-        workdir = str(tmp_path_factory.mktemp("sound"))
-        train_lib.train_and_evaluate(tiny_config(), workdir, progress=False,
-                                     evaluate_at_end=False)
-    config, meta, _, _ = train_lib.load_run(workdir)
-    ds = data.load(meta["source"], config.data.test_split, config.data.get("data_dir"))
-    return workdir, config, ds
+    """``kind -> (workdir, config, test data)``, each run trained on first use."""
+    runs = {}
+
+    def get(kind):
+        if kind in runs:
+            return runs[kind]
+        workdir = os.environ.get("LINF_SOUNDNESS_WORKDIR") if kind == "pure" else None
+        if not workdir:
+            workdir = str(tmp_path_factory.mktemp(f"sound_{kind}"))
+            train_lib.train_and_evaluate(tiny_config(**KINDS[kind]), workdir, progress=False,
+                                         evaluate_at_end=False)
+        config, meta, _, _ = train_lib.load_run(workdir)
+        ds = data.load(meta["source"], config.data.test_split, config.data.get("data_dir"))
+        runs[kind] = workdir, config, ds
+        return runs[kind]
+
+    return get
 
 
 def _margin_pgd(logits_fn, key, x, y, eps, steps, restarts):
@@ -55,17 +83,34 @@ def _margin_pgd(logits_fn, key, x, y, eps, steps, restarts):
     return fooled
 
 
-@pytest.mark.parametrize("weights", ["ema", "raw"])
-def test_no_attack_breaks_a_certified_example(trained, weights):
-    workdir, config, ds = trained
+@pytest.mark.parametrize("kind,weights", CASES, ids=[f"{k}-{w}" for k, w in CASES])
+def test_no_attack_breaks_a_certified_example(trained, kind, weights):
+    """Every figure certify.py and train.py report as certified — the interval certificate and,
+    for the 1-Lipschitz pure net only, the Lipschitz rule, at every evaluation ε — and every
+    example's reported certified radius are attacked; nothing may break."""
+    workdir, config, ds = trained(kind)
     clf = load_classifier(workdir, weights=weights)
-    x = jnp.asarray(data.as_pixels(ds.images[:1000]))
-    y = jnp.asarray(ds.labels[:1000], jnp.int32)
+    n = EXAMPLES.get(kind, 240)
+    restarts = RESTARTS if kind == "pure" else max(1, RESTARTS // 2)
+    x = jnp.asarray(data.as_pixels(ds.images[:n]))
+    y = jnp.asarray(ds.labels[:n], jnp.int32)
     logits_fn = jax.jit(lambda z: clf._logits_fn(clf._normalize(z)))  # pixels in, no checks
-    # the evaluation radii, then each example's own certified (Lipschitz) radius: the tightest
-    radius = np.asarray(clf.certified_radius(x, y))
-    settings = [(float(e), clf.certify(x, y, float(e))) for e in config.eval.eps]
-    settings.append((jnp.asarray(radius).reshape(-1, 1, 1, 1), jnp.asarray(radius > 0)))
+    eval_eps = [float(e) for e in config.eval.eps]
+    report = clf.evaluate(x, y, eps=eval_eps, pgd_steps=0, per_example=True)
+    masks = report["per_example"]
+    lipschitz = kind == "pure"
+    assert report["lipschitz"] is lipschitz and clf.lipschitz is lipschitz
+    assert report["radius_certificate"] == ("lipschitz" if lipschitz else "interval")
+    for row in report["results"]:
+        assert (row["lipschitz_certified_accuracy"] is None) is (not lipschitz), row
+    assert ("lipschitz_certified" in masks) is lipschitz
+    radius = np.asarray(report["radii"], np.float32)
+    np.testing.assert_allclose(radius, np.asarray(clf.certified_radius(x, y)), atol=1e-6)
+    # what is attacked: each reported mask at its ε, then each example's own radius (tightest)
+    settings = [(eps, masks["certified"][i]) for i, eps in enumerate(eval_eps)]
+    if lipschitz:
+        settings += [(eps, masks["lipschitz_certified"][i]) for i, eps in enumerate(eval_eps)]
+    settings.append((jnp.asarray(radius).reshape(-1, 1, 1, 1), radius > 0))
     rng = np.random.default_rng(0)
     attacked, certified_total = 0, 0
     for i, (eps, cert) in enumerate(settings):
@@ -77,10 +122,10 @@ def test_no_attack_breaks_a_certified_example(trained, weights):
         ec = eps if isinstance(eps, float) else eps[idx]
         certified_total += len(idx)
         _, fooled = certify.pgd_attack(logits_fn, jax.random.key(i), xc, yc, ec, 0.0, 1.0,
-                                       steps=STEPS, restarts=RESTARTS)
+                                       steps=STEPS, restarts=restarts)
         fooled = np.asarray(fooled) | np.asarray(
-            _margin_pgd(logits_fn, jax.random.key(100 + i), xc, yc, ec, STEPS, RESTARTS))
-        attacked += 2 * len(idx) * STEPS * RESTARTS
+            _margin_pgd(logits_fn, jax.random.key(100 + i), xc, yc, ec, STEPS, restarts))
+        attacked += 2 * len(idx) * STEPS * restarts
         b_lo, b_hi = certify.input_box(xc, ec, 0.0, 1.0)
         for _ in range(RANDOM_DRAWS):
             corner = jnp.where(jnp.asarray(rng.random(xc.shape) < 0.5), b_lo, b_hi)
@@ -89,14 +134,15 @@ def test_no_attack_breaks_a_certified_example(trained, weights):
                 fooled |= np.asarray(logits_fn(z).argmax(-1) != yc)
             attacked += 2 * len(idx)
         assert not fooled.any(), (
-            f"{int(fooled.sum())} certified examples broken at eps setting {i} ({weights})")
+            f"{int(fooled.sum())} certified examples broken at eps setting {i} ({kind}, "
+            f"{weights})")
     assert certified_total > 0, "nothing certified: the stress test attacked nothing"
     # the attack has teeth: at the largest radius it breaks correct but uncertified examples
-    eps, cert = settings[len(config.eval.eps) - 1]
+    eps, cert = settings[len(eval_eps) - 1]
     open_ = np.flatnonzero(~np.asarray(cert) & np.asarray(logits_fn(x).argmax(-1) == y))
     if len(open_):
         broken = _margin_pgd(logits_fn, jax.random.key(7), x[open_], y[open_], eps, STEPS,
-                             RESTARTS)
+                             restarts)
         assert np.asarray(broken).any(), "PGD broke no uncertified example: a blunt attack"
-    print(f"\nsoundness ({weights}, {workdir}): {certified_total} certified (example, ε) pairs, "
-          f"{attacked} attacked points, 0 violations")
+    print(f"\nsoundness ({kind}, {weights}, {workdir}): {certified_total} certified (example, ε) "
+          f"pairs, {attacked} attacked points, 0 violations")
