@@ -5,10 +5,15 @@ tiny shapes, NaN/inf semantics, and the dispatch that picks them.
 Skipped only where the machine has no C++ compiler; where one exists the kernels must build.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 
 from linf_jax import native, ops
 
@@ -449,7 +454,37 @@ def test_isa_choice_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="'sse9' is not allowed: one of native, avx512"):
         native.isa()
     monkeypatch.setenv(native.ISA_ENV, "AVX2")
-    assert native.isa() == "avx2" and native._march() == ("-march=x86-64-v3",)
+    assert native.isa() == "avx2"
+    assert native._march() == ("-march=x86-64-v3", "-DLINF_VW=8", "-DLINF_TB=2", "-DLINF_TO=2")
     monkeypatch.setenv(native.ISA_ENV, "generic")
-    assert native.isa() == "generic" and native._march() == ()
+    assert native.isa() == "generic"
+    assert native._march() == ("-DLINF_VW=4", "-DLINF_TB=2", "-DLINF_TO=2")
     assert native.preferred() == (False, native.preferred()[1])
+
+
+# Tests of values, arg-max, ties, NaN/inf, gradients, ℓp and bounds that are rerun, in a
+# subprocess, on every other instruction-set variant this CPU can run.
+VARIANT_TESTS = ("values_index_and_gradients or ties_take_the_first or nan_and_inf_follow or "
+                 "lp_uses_native or bounds_match or bounds_nan or lp_decay_non_finite")
+
+
+def _runnable_variants():
+    out = ["generic"]
+    if native.platform.machine().lower() in ("x86_64", "amd64") and native._cpu_has("avx2",
+                                                                                      "fma"):
+        out.append("avx2")
+    return out
+
+
+@pytest.mark.skipif(os.environ.get(native.ISA_ENV, "native") != "native",
+                    reason="already running one variant")
+@pytest.mark.parametrize("variant", _runnable_variants())
+def test_other_instruction_set_variants_pass_the_value_tests(variant):
+    """The generic build (SSE2 on x86, 4 lanes) and the AVX2 build (8 lanes, 2x2 tiles) pass
+    this file's float64 / XLA comparisons too (each built here for its target)."""
+    env = dict(os.environ, **{native.ISA_ENV: variant}, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           __file__, "-k", VARIANT_TESTS], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-500:]

@@ -54,6 +54,12 @@ CACHE_ENV = "LINF_JAX_CACHE"
 ISA_ENV = "LINF_JAX_NATIVE_ISA"
 ISA_CHOICES = ("native", "avx512", "avx2", "generic")
 _MARCH = {"avx512": ("-march=x86-64-v4",), "avx2": ("-march=x86-64-v3",), "generic": ()}
+# (lanes per vector, input rows and weight rows per register tile) per instruction set, passed to
+# linf_cpu.cc as LINF_VW / LINF_TB / LINF_TO. AVX-512: 32 registers of 16 floats hold 4x2 tiles;
+# AVX2 has 16 registers of 8 floats, where the 16-lane 4x2 tiles spilled (ℓ∞ forward+backward
+# 17x slower at 512x1024x1024); 8 lanes and 2x2 tiles were fastest of the tiles tried
+# (BENCHMARKS.md). NEON (32 registers of 4) and the SSE2 baseline (16 of 4): 4 lanes.
+_TILES = {"avx512": (16, 4, 2), "avx2": (8, 2, 2), "neon": (4, 4, 2), "generic": (4, 2, 2)}
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"LinfDistFwd": "linf_jax_linf_fwd", "LinfDistMax": "linf_jax_linf_max",
             "LinfDistBwd": "linf_jax_linf_bwd", "LinfBounds": "linf_jax_linf_bounds",
@@ -121,7 +127,10 @@ def isa() -> str:
 
 
 def _march() -> tuple[str, ...]:
-    return ("-march=native",) if requested_isa() == "native" else _MARCH[requested_isa()]
+    """The target flags of the build: the instruction set and its vector width and tiles."""
+    march = ("-march=native",) if requested_isa() == "native" else _MARCH[requested_isa()]
+    vw, tb, to = _TILES[isa()]
+    return (*march, f"-DLINF_VW={vw}", f"-DLINF_TB={tb}", f"-DLINF_TO={to}")
 
 
 def preferred() -> tuple[bool, str]:

@@ -41,11 +41,22 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int VW = 16;  // lanes per vector (one AVX-512 register; two AVX2 registers)
+// Vector width and register tile per instruction set (linf_jax/native/__init__.py passes them
+// for each build target): 16 lanes and 4x2 tiles fit AVX-512's 32 registers of 16 floats.
+#ifndef LINF_VW
+#define LINF_VW 16
+#endif
+#ifndef LINF_TB
+#define LINF_TB 4
+#endif
+#ifndef LINF_TO
+#define LINF_TO 2
+#endif
+constexpr int VW = LINF_VW;  // lanes per vector
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
-constexpr int TB = 4;  // input rows per register tile
-constexpr int TO = 2;  // weight rows per register tile
+constexpr int TB = LINF_TB;  // input rows per register tile
+constexpr int TO = LINF_TO;  // weight rows per register tile
 constexpr int64_t kScatterRows = 16;  // rows per job of the scatter and sum passes
 
 inline vf loadv(const float* p) {
