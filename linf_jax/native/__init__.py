@@ -21,9 +21,11 @@ Instruction sets. ``LINF_JAX_NATIVE_ISA`` picks the variant that is built: ``nat
 default: ``-march=native``, i.e. what this CPU has), ``avx512`` (``-march=x86-64-v4``), ``avx2``
 (``-march=x86-64-v3``: AVX2 and FMA) or ``generic`` (the compiler's baseline for the machine).
 One x86 machine with AVX-512 can so build and time the variants that other x86 CPUs would run.
-The kernels were tuned and measured fast on AVX-512 CPUs (16-lane vectors, 4x2 register tiles
-that fit AVX-512's 32 vector registers). On an AVX2-only CPU (16 registers) the same kernels
-were measured 6-12x slower than the XLA code (a 2-core AMD EPYC, BENCHMARKS.md), so
+The vector width and register tile follow the instruction set (``_TILES``). The kernels were
+tuned and measured fast on AVX-512 CPUs (16 lanes, 4x2 tiles in AVX-512's 32 registers). A build
+with those tiles for an AVX2-only CPU (16 registers of 8 floats) spilled and was measured 6-12x
+slower than the XLA code on a 2-core AMD EPYC; the AVX2 variant now has 8 lanes and 2x2 tiles,
+measured about 2x the XLA code only in a simulation so far (BENCHMARKS.md). So
 :func:`preferred` — what ``LINF_JAX_KERNELS`` unset or ``auto`` uses — is true only where the
 variant is ``avx512``; elsewhere the native kernels run only when asked for
 (``LINF_JAX_KERNELS=native``). Writes are atomic (temporary file, then rename). If no compiler
