@@ -243,6 +243,14 @@ def native_ok(*arrays) -> bool:
     return all(a.dtype == jnp.float32 for a in arrays) and kernel_backend() == "native"
 
 
+def on_cpu(cpu_fn, other_fn, *args):
+    """``cpu_fn(*args)`` in the program lowered for the CPU, ``other_fn(*args)`` for every other
+    platform (``jax.lax.platform_dependent``). The native kernels are CPU custom calls: a program
+    traced on a CPU host and lowered (or exported) for a GPU or TPU must carry the XLA code
+    there. Lowered for the CPU alone, only ``cpu_fn`` is compiled."""
+    return lax.platform_dependent(*args, cpu=cpu_fn, default=other_fn)
+
+
 def _pallas():
     """The Pallas kernels module and the interpret flag for this backend (lazy import)."""
     from linf_jax.kernels import distance
@@ -271,7 +279,7 @@ def linf_dist(x: Array, w: Array) -> Array:
     # inside jit) cannot be indexed by the traced arg-max in the backward pass.
     x, w = jnp.asarray(x), jnp.asarray(w)
     if native_ok(x, w):
-        return _linf_native(x, w)
+        return on_cpu(_linf_native, _linf_dist, x, w)
     return _linf_dist(x, w)
 
 
@@ -328,7 +336,7 @@ _linf_native.defvjp(_linf_native_fwd, _linf_native_bwd)
 def _row_max(x: Array, w: Array) -> Array:
     """``max_i |x_bi - w_oi|`` (no gradient: the ℓp passes' scale), native where it can."""
     if native_ok(x, w):
-        return native.linf_max(x, w)
+        return on_cpu(native.linf_max, _max_abs_diff, x, w)
     return _max_abs_diff(x, w)
 
 
@@ -365,10 +373,13 @@ def _lp_forward(x, w, p, k):
         s, im = carry
         return s + _pow(jnp.abs(xj - wj) * im, p, k), im
 
+    def xla_sum(x, w, inv_m):
+        return _scan_blocks(step, (jnp.zeros_like(inv_m), inv_m), x, w)[0]
+
     if native_ok(x, w):
-        s = native.lp_sum(x, w, inv_m, p, k)
+        s = on_cpu(lambda x, w, im: native.lp_sum(x, w, im, p, k), xla_sum, x, w, inv_m)
     else:
-        s, _ = _scan_blocks(step, (jnp.zeros_like(m), inv_m), x, w)
+        s = xla_sum(x, w, inv_m)
     root = _int_root(s, k) if k is not None else jnp.exp(jnp.log(s) / p)
     # s ≥ 1 wherever m > 0 (the max term contributes 1); where m == 0 the distance is 0.
     return jnp.where(m > 0, m * root, 0.0)
@@ -384,7 +395,13 @@ def _lp_backward(x, w, y, g, p, k):
     tiles are independent, and each chunk's ``[B, oc, tile]`` temporaries stay small (untiled,
     (512, 3072, 5120) at p = 8 ran at 0.16 G elements/s against 1.5 at n = 1024)."""
     if native_ok(x, w):
-        return native.lp_bwd(x, w, 1.0 / jnp.where(y > 0, y, 1.0), g, p, k)
+        return on_cpu(lambda x, w, y, g: native.lp_bwd(x, w, 1.0 / jnp.where(y > 0, y, 1.0), g,
+                                                       p, k),
+                      lambda x, w, y, g: _lp_backward_xla(x, w, y, g, p, k), x, w, y, g)
+    return _lp_backward_xla(x, w, y, g, p, k)
+
+
+def _lp_backward_xla(x, w, y, g, p, k):
     b, n = x.shape
     tile = max(_LP_BWD_ELEMENTS // (b * _OUT_CHUNK), _BLOCK)
     if n <= tile:
@@ -521,7 +538,7 @@ def linf_dist_bounds(lower: Array, upper: Array, w: Array) -> tuple[Array, Array
 
 def _bounds_value(lower, upper, w):
     if native_ok(lower, upper, w):
-        return native.linf_bounds(lower, upper, w)
+        return on_cpu(native.linf_bounds, _bounds_scan, lower, upper, w)
     return _members_one_by_one(_bounds_scan)(lower, upper, w)
 
 

@@ -488,3 +488,47 @@ def test_other_instruction_set_variants_pass_the_value_tests(variant):
                           env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-500:]
+
+
+# --------------------------------------------------------------------------------------------
+# One traced program, the right kernels on every platform it is lowered for
+
+
+def test_train_step_and_logits_export_for_cpu_cuda_and_tpu_from_a_cpu_host(monkeypatch):
+    """Traced on this CPU host with the default kernel choice, the train step (p ramp: ℓp
+    forward and backward, ℓp weight decay) and the classifier's logits and certification
+    margins lower for CPU, CUDA and TPU together; the native custom calls appear only in the
+    CPU part, and only where the default chose them; CUDA or TPU alone needs no exception for
+    custom calls."""
+    from conftest import tiny_config
+
+    from linf_jax import data as data_lib
+    from linf_jax import train_lib
+    from linf_jax.models import build_model
+
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    cfg = tiny_config(**{"ensemble.size": 2, "ensemble.mode": "joint"})
+    ds = data_lib.load("digits", "train[:128]")
+    meta = train_lib.dataset_meta(ds)
+    schedule = train_lib.make_schedule(cfg, 2, meta["std"])
+    tx = train_lib.optim.make_optimizer(schedule, cfg.train.weight_decay)
+    model = build_model(cfg.model, meta["num_classes"])
+    state = train_lib.create_train_state(cfg, model, tuple(meta["input_shape"]), tx)
+    step = train_lib.make_train_step(cfg, model, tx, schedule, meta)
+    args = (state, jnp.asarray(ds.images), jnp.asarray(ds.labels), jnp.arange(64))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits_fn, margins_fn = train_lib.make_eval_fns(model, variables, 2)
+    x = jnp.zeros((4, *meta["input_shape"]), jnp.float32)
+    y = jnp.zeros((4,), jnp.int32)
+    checks = native.export_disabled_checks()
+    uses_native = ops.kernel_backend() == "native"
+    for fn, fargs in ((lambda *a: step(*a, p_mode="ramp"), args),
+                      (lambda x: logits_fn(x), (x,)),
+                      (lambda x, y: margins_fn(x - 0.1, x + 0.1, y), (x, y))):
+        exported = jax.export.export(jax.jit(fn), platforms=["cpu", "cuda", "tpu"],
+                                     disabled_checks=checks)(*fargs)
+        assert exported.platforms == ("cpu", "cuda", "tpu")
+        assert ("linf_jax_" in exported.mlir_module()) is uses_native
+        for accelerator in ("cuda", "tpu"):  # alone: no custom call at all, no check disabled
+            text = jax.export.export(jax.jit(fn), platforms=[accelerator])(*fargs).mlir_module()
+            assert "linf_jax_" not in text

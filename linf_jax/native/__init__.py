@@ -228,6 +228,15 @@ def unavailable_reason() -> str | None:
     return _state.get("reason")
 
 
+def export_disabled_checks() -> list:
+    """The ``disabled_checks`` that ``jax.export.export`` needs for a program whose CPU part
+    carries the native kernels: they are this library's own custom calls, built on the machine
+    that runs them, with no cross-version compatibility guarantee (an exported program is to be
+    run where linf_jax registers them). Programs lowered for GPUs or TPUs never contain them
+    (:func:`linf_jax.ops.on_cpu`)."""
+    return [jax.export.DisabledSafetyCheck.custom_call(t) for t in _TARGETS.values()]
+
+
 def _call(name: str, out_types, *args, **attrs):
     if not _load():
         raise RuntimeError(f"linf_jax native kernels unavailable: {_state['reason']}")
