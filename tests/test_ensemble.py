@@ -234,3 +234,61 @@ def test_auto_execution_is_batched_when_training_or_sharded_and_rejects_unknown_
         ensemble.resolve_execution("fast")
     with pytest.raises(train_lib.ConfigError, match="ensemble.execution"):
         train_lib.validate_config(tiny_config(**{"ensemble.execution": "fast"}))
+
+
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_joint_and_independent_steps_take_different_gradients(mode):
+    """A joint step's gradient is that of ONE loss on the members' averaged logits and margins
+    (the EMA paper's ensemble training), not the average of the members' own losses; an
+    independent step's is that of each member's own loss. Both are told apart by the step's
+    loss and gradient-norm metrics, all members seeing the same batch here. (κ-CE: a loss
+    whose value on averaged logits differs from the average of its values.)"""
+    cfg = tiny_config(**{"ensemble.size": 3, "ensemble.mode": mode, "train.loss": "kappa_ce"})
+    ds = data_lib.load("digits", cfg.data.train_split)
+    meta = train_lib.dataset_meta(ds)
+    schedule = train_lib.make_schedule(cfg, 10, meta["std"])
+    tx = train_lib.optim.make_optimizer(schedule, cfg.train.weight_decay)
+    model = build_model(cfg.model, meta["num_classes"])
+    state = train_lib.create_train_state(cfg, model, tuple(meta["input_shape"]), tx)
+    step = train_lib.make_train_step(cfg, model, tx, schedule, meta)
+    rows = np.arange(64)
+    idx = rows if mode == "joint" else np.stack([rows] * 3)
+    images, labels = jnp.asarray(ds.images), jnp.asarray(ds.labels)
+    _, metrics = step(state, images, labels, jnp.asarray(idx), "start")
+
+    x = data_lib.normalize(data_lib.as_pixels(images[rows]), jnp.asarray(meta["mean"]),
+                           meta["std"])
+    y = labels[rows]
+    p, eps, lam = schedule.p_start, schedule.eps(0), schedule.lam(0)
+
+    def member(params, stats):
+        (logits, margins), _ = model.apply({"params": params, "batch_stats": stats}, x, p=p,
+                                           train=True, eps=eps, labels=y,
+                                           mutable=["batch_stats"])
+        return logits, margins
+
+    def loss_of(logits, margins, scale):
+        return train_lib.training_loss(cfg, logits, margins, y, eps, lam, scale)
+
+    def joint(params):
+        logits, margins = jax.vmap(member)(params, state.batch_stats)
+        return loss_of(logits.mean(0), margins.mean(0), params["logit_scale"].mean())
+
+    def summed(params):  # every member's own loss; its gradient is each member's own
+        losses = jax.vmap(lambda q, s: loss_of(*member(q, s), q["logit_scale"]))(
+            params, state.batch_stats)
+        return losses.sum()
+
+    norm = lambda g: float(jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree.leaves(g))))
+    grad_joint, grad_members = jax.grad(joint)(state.params), jax.grad(summed)(state.params)
+    g_joint, g_members = norm(grad_joint), norm(grad_members)
+    # the two rules do differ here: joint is not the average of the members' own gradients
+    gap = norm(jax.tree.map(lambda a, b: a - b / 3, grad_joint, grad_members))
+    assert gap > 0.05 * g_joint and abs(g_joint - g_members / 3) > 1e-3 * g_joint
+    if mode == "joint":
+        np.testing.assert_allclose(float(metrics["loss"]), float(joint(state.params)), rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["grad_norm"]), g_joint, rtol=1e-4)
+    else:
+        np.testing.assert_allclose(float(metrics["loss"]), float(summed(state.params)) / 3,
+                                   rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["grad_norm"]), g_members, rtol=1e-4)
