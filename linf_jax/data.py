@@ -24,8 +24,8 @@ A data set is named by ONE string, ``source``:
     (``[H, W]`` or ``[H, W, C]``) and ``'label'`` are read; ``num_classes`` comes from a
     ``ClassLabel`` feature, else from ``max(label) + 1`` of the loaded split.
     Known normalisation (SPEC §3): mnist mean 0.1307 std 0.3081; fashion_mnist mean 0.2860 std
-    0.3520; cifar10 mean (0.4914, 0.4822, 0.4465) std 0.2009; cifar100 mean (0.5071, 0.4865,
-    0.4409) std 0.2667.  Augmentation ``'mnist'`` for mnist/fashion_mnist, ``'cifar'`` for
+    0.3520; cifar10 mean (0.4914, 0.4822, 0.4465) std 0.2009; cifar100 mean (0.5071, 0.4867,
+    0.4408) std 0.2667.  Augmentation ``'mnist'`` for mnist/fashion_mnist, ``'cifar'`` for
     cifar10/cifar100, ``'none'`` otherwise.  Other names: per-channel mean and ONE pooled std
     (``sqrt`` of the mean over channels of the per-channel variance) computed from the data
     set's full ``train`` split when it has one — so that every split of it is normalised
@@ -86,6 +86,7 @@ __all__ = [
     "Dataset",
     "as_pixels",
     "augment",
+    "crop_flip",
     "eps_to_normalized",
     "load",
     "normalize",
@@ -93,7 +94,9 @@ __all__ = [
 ]
 
 AUGMENTATIONS = ("none", "mnist", "cifar")
-_PAD = {"mnist": 1, "cifar": 4}
+# The crop padding of each data set kind (the v1 code's: MNIST-like 1, CIFAR-like 4).
+DEFAULT_PADDING = {"none": 0, "mnist": 1, "cifar": 4}
+CROP_MODES = ("zeros", "edge")
 
 # Computed once from all 1,797 scikit-learn digits, pixel units (value / 16).
 DIGITS_MEAN = 0.30526029
@@ -107,7 +110,7 @@ KNOWN_TFDS = {
     "mnist": (MNIST_MEAN, MNIST_STD, "mnist"),
     "fashion_mnist": ((0.2860,), 0.3520, "mnist"),
     "cifar10": ((0.4914, 0.4822, 0.4465), 0.2009, "cifar"),
-    "cifar100": ((0.5071, 0.4865, 0.4409), 0.2667, "cifar"),
+    "cifar100": ((0.5071, 0.4867, 0.4408), 0.2667, "cifar"),
 }
 
 _SOURCES_HELP = "'digits', 'tfds:NAME', 'idx:DIR' or 'npz:FILE'"
@@ -185,20 +188,40 @@ def augment(key: jax.Array, pixels: jax.Array, kind: str) -> jax.Array:
     crop back to ``H×W`` at a random offset in ``[0, 2]²``.  ``'cifar'``: the same with 4-pixel
     padding, then a horizontal flip with probability 0.5.  ``'none'``: identity.  Each example
     gets its own key from ``jax.random.split(key, N)``; derive ``key`` from (seed, step).
+    :func:`crop_flip` takes the padding, its mode and the flip explicitly.
     """
     if kind not in AUGMENTATIONS:
         raise DataError(f"data.augment: got {kind!r}; allowed: {', '.join(AUGMENTATIONS)}")
     if kind == "none":
         return pixels
-    pad = _PAD[kind]
-    flip = kind == "cifar"
+    return crop_flip(key, pixels, DEFAULT_PADDING[kind], "zeros", kind == "cifar")
+
+
+def crop_flip(key: jax.Array, pixels: jax.Array, padding: int, mode: str = "zeros",
+              flip: bool = False) -> jax.Array:
+    """torchvision's ``RandomCrop(H, padding, padding_mode)`` (+ ``RandomHorizontalFlip``) on a
+    batch ``[N, H, W, C]`` of pixels; ``padding``, ``mode`` and ``flip`` must be static.
+
+    Each image is padded by ``padding`` pixels on every side, with zeros (``'zeros'``: black
+    pixels, torchvision's default ``fill=0``; the official v1 code) or by repeating the border
+    pixel (``'edge'``; the official v2 code), and cropped back to ``H×W`` at a random offset in
+    ``[0, 2·padding]²``; then, with ``flip``, mirrored left-right with probability 0.5. Each
+    example gets its own key from ``jax.random.split(key, N)``.
+    """
+    if mode not in CROP_MODES:
+        raise DataError(f"train.crop_mode={mode!r} is not allowed: one of {CROP_MODES}")
+    if padding == 0 and not flip:
+        return pixels
     n, h, w, c = pixels.shape
+    pad_mode = "constant" if mode == "zeros" else "edge"
 
     def one(k, x):
         k_crop, k_flip = jax.random.split(k)
-        offset = jax.random.randint(k_crop, (2,), 0, 2 * pad + 1)
-        padded = jnp.pad(x, ((pad, pad), (pad, pad), (0, 0)))
-        out = lax.dynamic_slice(padded, (offset[0], offset[1], 0), (h, w, c))
+        out = x
+        if padding > 0:
+            offset = jax.random.randint(k_crop, (2,), 0, 2 * padding + 1)
+            padded = jnp.pad(x, ((padding, padding), (padding, padding), (0, 0)), mode=pad_mode)
+            out = lax.dynamic_slice(padded, (offset[0], offset[1], 0), (h, w, c))
         if flip:
             out = jnp.where(jax.random.bernoulli(k_flip), out[:, ::-1, :], out)
         return out

@@ -2,7 +2,14 @@
 
 ``r`` is ``[B, C]`` with ``r_j`` an upper bound of ``z_j − z_y`` over the training ε-ball and
 ``r_y = 0``; the models produce it (``model.apply(..., eps=eps, labels=y)``), and
-:func:`lipschitz_margins` builds it for a pure ℓ∞-dist net from its logits.
+:func:`lipschitz_margins` builds it for a pure ℓ∞-dist net from its logits (with ε = 0: the
+clean margins ``z − z_y``). ε is in normalised units throughout.
+
+* ``hinge`` (v1): :func:`hinge_loss`, and with κ < 1 :func:`kappa_mix` of the worst-case and the
+  clean margins, as the official ``Loss`` of ``zbh2047/L_inf-dist-net`` (``main.py``);
+* ``kappa_ce`` (v1 +MLP models): :func:`kappa_ce_loss`;
+* ``v2``: :func:`v2_mixture_loss` (``mixture`` of ``zbh2047/L_inf-dist-net-v2``), finite for
+  every ε ≥ 0.
 """
 
 from __future__ import annotations
@@ -32,13 +39,33 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def kappa_mix(loss_fn, logits, margins, labels, kappa):
+    """``κ · ℓ(r) + (1 − κ) · ℓ(z − z_y)``: the official v1 ``Loss`` for any ``ℓ`` taking
+    margins and labels (``κ = 1``: ``ℓ(r)`` alone, the clean term is not computed)."""
+    worst = loss_fn(margins, labels)
+    if isinstance(kappa, (int, float)) and kappa == 1:
+        return worst
+    clean = lipschitz_margins(logits, labels, 0.0)
+    return kappa * worst + (1.0 - kappa) * loss_fn(clean, labels)
+
+
 def kappa_ce_loss(logits, margins, labels, kappa):
-    """``κ · CE(r) + (1 − κ) · CE(z)`` (the +MLP models)."""
+    """``κ · CE(r) + (1 − κ) · CE(z)`` (the +MLP models; ``CE(z − z_y) = CE(z)``)."""
     return kappa * cross_entropy(margins, labels) + (1.0 - kappa) * cross_entropy(logits, labels)
 
 
 def v2_mixture_loss(logits, margins, labels, eps, lam, scale):
-    """``mean_batch max_j clip(r_j / 2ε, 0, 1) + λ · CE(s · z)`` (ℓ∞-dist Net v2)."""
-    clipped = jnp.clip(margins / (2.0 * eps), 0.0, 1.0).max(axis=-1).mean()
+    """``mean_batch max_j clip(r_j / 2ε, 0, 1) + λ · CE(s · z)`` (ℓ∞-dist Net v2).
+
+    At ε = 0 the first term is its limit ε → 0⁺: for j ≠ y, ``r_j / 2ε = (z_j − z_y)/2ε + 1``
+    tends to +∞ where ``z_j ≥ z_y`` and to −∞ where ``z_j < z_y``, so the clipped term is
+    ``1[r_j ≥ 0]`` (the 0-1 error, no gradient), and 0 for the label (``r_y = 0``). Finite for
+    every ε ≥ 0, value and gradient (ε may be a traced scalar)."""
+    eps = jnp.asarray(eps, margins.dtype)
+    positive = eps > 0
+    ratio = margins / jnp.where(positive, 2.0 * eps, 1.0)
+    onehot = jax.nn.one_hot(labels, margins.shape[-1], dtype=bool)
+    limit = jnp.where(onehot | (margins < 0), 0.0, 1.0).astype(margins.dtype)
+    clipped = jnp.where(positive, jnp.clip(ratio, 0.0, 1.0), limit).max(axis=-1).mean()
     return clipped + lam * cross_entropy(scale * logits, labels)
 

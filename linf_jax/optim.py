@@ -1,14 +1,22 @@
 """Adam with the ℓp-aware decoupled weight decay, and the parameter EMA (SPEC.md §4–§5).
 
 The chain is ``scale_by_adam → add decoupled decay → scale by −lr(step)``. The decay terms are
-computed from the parameters *before* the update, so the result is exactly the official order
-"decay the weights, then take the Adam step", both scaled by the current learning rate:
+computed from the parameters *before* the update, so the result is exactly the official v1
+``AdamW`` (``zbh2047/L_inf-dist-net``, ``adamw.py``) order "decay the weights, then take the
+Adam step", both scaled by the current learning rate. Every parameter is decayed as there:
 
 * ℓ∞-dist weights (leaves named ``linf_weight``, one row per output neuron, any trailing shape):
   ``w ← w − lr·wd·(|w|/‖w‖_p)^(p−2)·w``, the gradient of ½‖w‖_p², with p the current p of the
   schedule; at p = ∞ only each row's largest |w| decays;
-* other weight matrices (leaves named ``kernel``): plain decoupled decay ``w ← w − lr·wd·w``;
-* biases, the mean-shift statistics and the logit scale are not decayed.
+* every other parameter (head weights ``kernel``, the biases of the ℓ∞-dist layers and of the
+  head): plain decoupled decay ``θ ← θ − lr·wd·θ`` (for the bias of an ℓ∞-dist layer this is
+  the ℓp form on its rows of length 1, which is what the official code computes);
+* except the logit scale ``logit_scale`` (the v2 model's s; v1 models have no such parameter,
+  and the v2 code decays nothing). The mean-shift statistics are not parameters.
+
+``weight_decay = 0`` (the v2 recipe: plain Adam) skips the decay altogether. The lr is the
+schedule's for every parameter but the logit scale, whose base lr may differ (v2: 0.006 where
+the rest has 0.03) on the same schedule (:func:`scale_by_learning_rate`).
 
 The EMA is :func:`optax.incremental_update` applied to parameters and batch statistics alike.
 """
@@ -49,14 +57,16 @@ def lp_decay_direction(w, p):
     rows = w.reshape(w.shape[0], -1)
     if static and math.isinf(p):  # a select that fuses into the optimiser's update loop
         return _infinite_direction(rows).reshape(w.shape)
-    if ops.native_ok(rows):
+    def xla(rows):
+        if static:
+            return _finite_direction(rows, float(p))
+        q = jnp.asarray(p, jnp.float32)
+        return jax.lax.cond(jnp.isfinite(q), _finite_direction, _infinite_direction, rows, q)
+
+    if ops.native_ok(rows):  # the custom call on the CPU, the XLA code on other platforms
         k = int(p) - 2 if static and p == int(p) and p <= 10 else None
-        return native.lp_decay(rows, p, k).reshape(w.shape)
-    if static:
-        return _finite_direction(rows, float(p)).reshape(w.shape)
-    p = jnp.asarray(p, jnp.float32)
-    return jax.lax.cond(jnp.isfinite(p), _finite_direction, _infinite_direction,
-                        rows, p).reshape(w.shape)
+        return ops.on_cpu(lambda rows: native.lp_decay(rows, p, k), xla, rows).reshape(w.shape)
+    return xla(rows).reshape(w.shape)
 
 
 def _row_abs_max(rows):
@@ -85,9 +95,13 @@ class DecayState(NamedTuple):
     count: jax.Array
 
 
+NO_DECAY = ("logit_scale",)
+
+
 def lp_weight_decay(weight_decay: float, p_fn) -> optax.GradientTransformationExtraArgs:
     """Adds ``wd · ∇(½‖w‖_p²)`` (row-wise, ``p = p_fn(count)``) to the updates of ``linf_weight``
-    leaves and ``wd · w`` to those of ``kernel`` leaves.
+    leaves and ``wd · θ`` to those of every other leaf but the logit scale (module docstring);
+    ``weight_decay = 0`` leaves the updates as they are.
 
     ``tx.update(..., decay_p=p)`` (an Optax extra argument, passed through ``optax.chain``) may
     give that p as a Python number when the caller knows it statically: the train step does in
@@ -103,34 +117,65 @@ def lp_weight_decay(weight_decay: float, p_fn) -> optax.GradientTransformationEx
         del extra_args
         if params is None:
             raise ValueError("lp_weight_decay needs the parameters: tx.update(g, s, params)")
+        new_state = DecayState(count=optax.safe_increment(state.count))
+        if weight_decay == 0:
+            return updates, new_state
         p = decay_p if isinstance(decay_p, (int, float)) else p_fn(state.count)
 
         def one(path, u, w):
             name = _leaf_name(path)
             if name == "linf_weight":
                 return u + weight_decay * lp_decay_direction(w, p)
-            if name == "kernel":
-                return u + weight_decay * w
-            return u
+            if name in NO_DECAY:
+                return u
+            return u + weight_decay * w
 
-        new = jax.tree_util.tree_map_with_path(one, updates, params)
-        return new, DecayState(count=optax.safe_increment(state.count))
+        return jax.tree_util.tree_map_with_path(one, updates, params), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def scale_by_learning_rate(schedule: Schedule, logit_scale_lr: float | None = None
+                           ) -> optax.GradientTransformation:
+    """Multiplies the updates by ``−lr0 · schedule.lr_factor(count)``: ``lr0 = schedule.lr``
+    for every leaf but ``logit_scale``, which has ``logit_scale_lr`` (None: ``schedule.lr``),
+    on the same schedule (the v2 code's two parameter groups). The state is optax's
+    ``ScaleByScheduleState``, as ``optax.scale_by_schedule``'s."""
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        factor = schedule.lr_factor(state.count)
+        lr = -schedule.lr * factor
+        scale_lr = lr if logit_scale_lr is None else -logit_scale_lr * factor
+
+        def one(path, u):
+            rate = scale_lr if _leaf_name(path) == "logit_scale" else lr
+            return (rate * u).astype(u.dtype)
+
+        new = jax.tree_util.tree_map_with_path(one, updates)
+        return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(schedule: Schedule, weight_decay: float, adam_eps: float = 1e-10,
-                   p_fn=None) -> optax.GradientTransformation:
+                   p_fn=None, logit_scale_lr: float | None = None
+                   ) -> optax.GradientTransformation:
     """Adam(β = (0.9, 0.99), eps = 1e-10) with the ℓp-aware decoupled decay and the lr schedule.
 
     With eps = 1e-10 Adam's first steps are nearly ``lr · sign(g)``, so rounding differences in
     tiny gradients (another device count, another summation order) become differences of order
     lr in the parameters; a larger ``adam_eps`` makes the update smooth in g. ``p_fn(count)``
-    is the p of the ℓp decay (default ``schedule.p``: the p of the step being taken)."""
+    is the p of the ℓp decay (default ``schedule.p``: the p of the step being taken).
+    ``logit_scale_lr``: the base lr of the logit scale (None: ``schedule.lr``)."""
     return optax.chain(
         optax.scale_by_adam(b1=0.9, b2=0.99, eps=adam_eps),
         lp_weight_decay(weight_decay, schedule.p if p_fn is None else p_fn),
-        optax.scale_by_schedule(lambda count: -schedule.lr_at(count)),
+        scale_by_learning_rate(schedule, logit_scale_lr),
     )
 
 

@@ -11,6 +11,9 @@ member axis): ``joint`` averages the members' logits and margins before one loss
 paper), ``independent`` vmaps the whole single-member loss with member-specific data order and
 augmentation. The optimiser update and the EMA are vmapped over members in both modes.
 
+An epoch is ``ceil(N / batch_size)`` steps over a permutation of the training split, the last
+batch partial (PyTorch's DataLoader default, which the official scripts use; ``train.drop_last``
+drops it), and the schedules are those of the family ``train.schedule`` (docs/RECIPES.md).
 Randomness comes only from keys derived from ``(seed, step)`` (augmentation) and
 ``(seed, epoch)`` (data order), so a resumed run is bit-identical to an uninterrupted one.
 """
@@ -40,7 +43,7 @@ from linf_jax import data as data_lib
 from linf_jax import ensemble as ensemble_lib
 from linf_jax import losses, ops, optim, parallel
 from linf_jax.models import build_model
-from linf_jax.schedules import Schedule
+from linf_jax.schedules import FAMILIES, Schedule
 
 INF = float("inf")
 LOSSES = ("hinge", "kappa_ce", "v2")
@@ -101,17 +104,33 @@ def validate_config(config) -> None:
         _require(isinstance(v, str) and v.strip() != "", f"data.{f}", v, "a non-empty string")
     _require(isinstance(t.batch_size, int) and t.batch_size >= 1, "train.batch_size",
              t.batch_size, "a positive integer")
+    family = t.get("schedule", "v1")
+    _require(family in FAMILIES, "train.schedule", family,
+             f"one of {FAMILIES} (how train.epochs is read; docs/RECIPES.md)")
     epochs = tuple(t.epochs)
-    _require(len(epochs) == 5 and all(isinstance(e, int) and e >= 0 for e in epochs),
-             "train.epochs", epochs, "five non-negative integers (e0, e1, e2, e3, T)")
-    e0, e1, e2, e3, total = epochs
-    _require(total >= 1 and e1 <= e3 <= total and e0 <= total, "train.epochs", epochs,
-             "e1 <= e3 <= T, e0 <= T and T >= 1")
+    names = "(e0, e1, e2, e3, T)" if family == "v1" else "(es, ee, ps, pe, T)"
+    _require(len(epochs) == 5 and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0
+                                      for e in epochs),
+             "train.epochs", epochs, f"five non-negative integers {names}")
+    if family == "v1":
+        e0, e1, e2, e3, total = epochs
+        _require(total >= 1 and e1 <= e3 <= total and e0 <= total, "train.epochs", epochs,
+                 "v1 (e0, e1, e2, e3, T) with e1 <= e3 <= T, e0 <= T and T >= 1")
+    else:
+        es, ee, ps, pe, total = epochs
+        _require(total >= 1 and ps <= pe <= total and es <= total and ee <= total,
+                 "train.epochs", epochs,
+                 "v2 (es, ee, ps, pe, T) with ps <= pe <= T, es <= T, ee <= T and T >= 1")
+    _require(isinstance(t.get("drop_last", False), bool), "train.drop_last",
+             t.get("drop_last"), "True or False")
     _require(_is_number(t.adam_eps) and t.adam_eps > 0, "train.adam_eps", t.adam_eps,
              "a finite number > 0")
     for f in ("lr", "weight_decay", "ema_decay", "mix", "kappa", "lam_start", "lam_end"):
         v = t[f]
         _require(_is_number(v) and v >= 0, f"train.{f}", v, "a finite number >= 0")
+    scale_lr = t.get("logit_scale_lr")
+    _require(scale_lr is None or (_is_number(scale_lr) and scale_lr >= 0),
+             "train.logit_scale_lr", scale_lr, "None (train.lr) or a finite number >= 0")
     _require(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "a number in [0, 1)")
     _require(0 <= t.mix <= 1, "train.mix", t.mix, "a number in [0, 1]")
     _require(0 <= t.kappa <= 1, "train.kappa", t.kappa, "a number in [0, 1]")
@@ -119,11 +138,28 @@ def validate_config(config) -> None:
              "a number of pixels in [0, 1]")
     _require(_is_number(t.p_start) and t.p_start >= 1, "train.p_start", t.p_start,
              "a finite number >= 1")
+    _require(t.weight_decay == 0 or t.p_start >= 2, "train.p_start", t.p_start,
+             ">= 2 with weight decay (the l_p decay is the gradient of ½||w||_p², p >= 2), or "
+             "train.weight_decay=0")
     _require(_is_number(t.p_end) and t.p_end >= t.p_start, "train.p_end", t.p_end,
              "a finite number >= train.p_start")
     _require(t.loss in LOSSES, "train.loss", t.loss, f"one of {LOSSES}")
-    _require(not (t.loss == "v2" and t.eps_train == 0), "train.eps_train", t.eps_train,
-             "> 0 with the v2 loss (it divides margins by 2ε)")
+    if t.loss == "v2":
+        _require(t.eps_train > 0 and _eps_ever_positive(family, epochs), "train.eps_train",
+                 t.eps_train, "> 0 at some step with the v2 loss: with ε = 0 its margin term "
+                 "(r / 2ε clipped to [0, 1]) is the 0-1 error, which has no gradient; check "
+                 f"train.eps_train and the ε ramp of train.epochs={epochs}")
+        _require((t.lam_start > 0) == (t.lam_end > 0), "train.lam_end", t.lam_end,
+                 f"> 0 with train.lam_start={t.lam_start} (λ moves geometrically, lam_start · "
+                 "(lam_end/lam_start)^r, which is undefined when only one of them is 0), or "
+                 "both 0 (no cross-entropy term)")
+    _require(t.get("crop_mode", "zeros") in data_lib.CROP_MODES, "train.crop_mode",
+             t.get("crop_mode"), f"one of {data_lib.CROP_MODES}")
+    pad = t.get("crop_padding")
+    _require(pad is None or (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0),
+             "train.crop_padding", pad, "None (the data set's) or an integer >= 0")
+    _require(t.get("flip") is None or isinstance(t.get("flip"), bool), "train.flip",
+             t.get("flip"), "None (the data set's), True or False")
     _require(isinstance(t.checkpoint_every_epochs, int) and t.checkpoint_every_epochs >= 1,
              "train.checkpoint_every_epochs", t.checkpoint_every_epochs, "a positive integer")
     _require(isinstance(t.log_every, int) and t.log_every >= 1, "train.log_every", t.log_every,
@@ -144,6 +180,15 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.{err}") from None
 
 
+def _eps_ever_positive(family: str, epochs) -> bool:
+    """Whether the training ε is > 0 at some step of the run (given eps_train > 0)."""
+    if family == "v1":
+        e0, _, e2, _, total = epochs
+        return e2 == 0 or e0 < total
+    es, ee, _, _, total = epochs
+    return ee <= es or es < total
+
+
 def validate_eval_config(ev) -> None:
     eps = ev.eps if isinstance(ev.eps, (list, tuple)) else (ev.eps,)
     for v in eps:
@@ -157,7 +202,10 @@ def validate_eval_config(ev) -> None:
 
 
 def make_schedule(config, steps_per_epoch: int, std: float) -> Schedule:
+    """The run's :class:`Schedule` (family ``train.schedule``), ε in normalised units
+    (``eps_train / std``); λ is 0 unless the loss is v2 (the other losses have none)."""
     t = config.train
+    v2_loss = t.loss == "v2"
     return Schedule(
         epochs=tuple(int(e) for e in t.epochs),
         steps_per_epoch=steps_per_epoch,
@@ -165,10 +213,61 @@ def make_schedule(config, steps_per_epoch: int, std: float) -> Schedule:
         eps_train=float(t.eps_train) / std,
         p_start=float(t.p_start),
         p_end=float(t.p_end),
-        lam_start=float(t.lam_start),
-        lam_end=float(t.lam_end),
+        lam_start=float(t.lam_start) if v2_loss else 0.0,
+        lam_end=float(t.lam_end) if v2_loss else 0.0,
         ema_decay=float(t.ema_decay),
+        family=t.get("schedule", "v1"),
     )
+
+
+def logit_scale_lr(config) -> float:
+    """The base lr of the logit scale: ``train.logit_scale_lr``, or ``train.lr`` when None."""
+    v = config.train.get("logit_scale_lr")
+    return float(config.train.lr if v is None else v)
+
+
+def make_run_optimizer(config, schedule: Schedule) -> optax.GradientTransformation:
+    """The optimiser of a run: Adam, ``train.weight_decay`` (0: none, the v2 recipe) and the
+    schedule's lr, with ``train.logit_scale_lr`` for the logit scale."""
+    t = config.train
+    return optim.make_optimizer(schedule, float(t.weight_decay), float(t.get("adam_eps", 1e-10)),
+                                logit_scale_lr=logit_scale_lr(config))
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False, data_devices: int = 1
+                    ) -> int:
+    """Steps of an epoch over ``n`` examples: ``ceil(n / batch_size)`` (the last batch partial,
+    as PyTorch's DataLoader with its default ``drop_last=False``) or ``floor`` with
+    ``drop_last``; see :func:`epoch_batches`."""
+    return len(epoch_batches(n, batch_size, drop_last, data_devices))
+
+
+def epoch_batches(n: int, batch_size: int, drop_last: bool = False, data_devices: int = 1
+                  ) -> list[tuple[int, int]]:
+    """``(start, stop)`` into the epoch's order for each step: full batches, then the partial
+    one unless ``drop_last``. With several devices on the data axis the partial batch is cut to
+    a multiple of their number (at most ``data_devices − 1`` examples of an epoch left out;
+    none left means no partial step)."""
+    full, rest = divmod(n, batch_size)
+    out = [(i * batch_size, (i + 1) * batch_size) for i in range(full)]
+    rest -= rest % data_devices
+    if rest and not drop_last:
+        out.append((full * batch_size, full * batch_size + rest))
+    return out
+
+
+def augmentation(config, meta: dict) -> tuple[int, str, bool]:
+    """``(padding, mode, flip)`` of the random crop (:func:`linf_jax.data.crop_flip`):
+    ``train.crop_padding`` / ``train.crop_mode`` / ``train.flip``, the data set's where None;
+    ``(0, 'zeros', False)`` (nothing) without ``train.augment``."""
+    t = config.train
+    if not t.augment:
+        return 0, "zeros", False
+    kind = meta.get("augment", "none")
+    pad = t.get("crop_padding")
+    flip = t.get("flip")
+    return (data_lib.DEFAULT_PADDING[kind] if pad is None else int(pad),
+            t.get("crop_mode", "zeros"), kind == "cifar" if flip is None else bool(flip))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +359,18 @@ def _squared_norm(tree) -> jax.Array:
     return sum(jnp.sum(jnp.abs(g) * jnp.abs(g)) for g in jax.tree.leaves(tree))
 
 
+def training_loss(config, logits, margins, labels, eps, lam, scale):
+    """The loss ``train.loss`` of a batch: ``hinge`` (mix, κ), ``kappa_ce`` (κ) or ``v2`` (ε in
+    normalised units, λ, the logit scale ``scale``); :mod:`linf_jax.losses`."""
+    t = config.train
+    if t.loss == "hinge":
+        return losses.kappa_mix(lambda m, _: losses.hinge_loss(m, t.mix), logits, margins,
+                                labels, float(t.kappa))
+    if t.loss == "kappa_ce":
+        return losses.kappa_ce_loss(logits, margins, labels, t.kappa)
+    return losses.v2_mixture_loss(logits, margins, labels, eps, lam, scale)
+
+
 def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict,
                     mesh=None, state_sharding=None) -> Callable:
     """Builds the jitted ``train_step(state, images, labels, batch_idx, p_mode)``.
@@ -269,7 +380,6 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
     (independent ensembles). With a ``mesh`` the batch is constrained to the ``data`` axis and
     the state keeps ``state_sharding``; the program is the global-batch program either way.
     """
-    t = config.train
     k = _members(config)
     mode = config.ensemble.mode
     execution = ensemble_lib.resolve_execution(config.ensemble.get("execution", "auto"),
@@ -277,11 +387,11 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
                                                training=True)
     mean = jnp.asarray(meta["mean"], jnp.float32)
     std = float(meta["std"])
-    augment_kind = meta["augment"] if t.augment else "none"
+    pad, pad_mode, flip = augmentation(config, meta)
 
     def prepare(images, labels, idx, key):
         x = data_lib.as_pixels(images[idx])
-        x = data_lib.augment(key, x, augment_kind)
+        x = data_lib.crop_flip(key, x, pad, pad_mode, flip)
         return data_lib.normalize(x, mean, std), labels[idx]
 
     def constrain(x, y, member_axis: bool):
@@ -298,11 +408,7 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
         return logits, margins, new.get("batch_stats", {})
 
     def loss_value(logits, margins, y, eps, lam, scale):
-        if t.loss == "hinge":
-            return losses.hinge_loss(margins, t.mix)
-        if t.loss == "kappa_ce":
-            return losses.kappa_ce_loss(logits, margins, y, t.kappa)
-        return losses.v2_mixture_loss(logits, margins, y, eps, lam, scale)
+        return training_loss(config, logits, margins, y, eps, lam, scale)
 
     def single_loss(params, batch_stats, x, y, p, eps, lam):
         logits, margins, bs = member_apply(params, batch_stats, x, y, p, eps)
@@ -383,7 +489,8 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
             ema_params=ema_params, ema_batch_stats=ema_bs)
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
                    "param_norm": optax.global_norm(params), "p": jnp.asarray(p, jnp.float32),
-                   "eps": eps * std, "lr": schedule.lr_at(step), "ema_decay": alpha}
+                   "eps": eps * std, "lr": schedule.lr_at(step), "lam": lam,
+                   "ema_decay": alpha}
         return new_state, metrics
 
     # No buffer donation: with donate_argnums=(0,) jaxlib 0.10.2 on the CPU corrupted the
@@ -541,13 +648,16 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
     model = build_model(config.model, train_ds.num_classes)
     k = _members(config)
     n = len(train_ds.labels)
-    steps_per_epoch = max(n // config.train.batch_size, 1)
-    if n < config.train.batch_size:
-        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not allowed: "
-                          f"at most the {n} training examples of {d.source}:{d.train_split}")
-    schedule = make_schedule(config, steps_per_epoch, meta["std"])
-    tx = optim.make_optimizer(schedule, config.train.weight_decay, config.train.adam_eps)
     mesh = make_mesh(config)
+    drop_last = bool(config.train.get("drop_last", False))
+    batches = epoch_batches(n, config.train.batch_size, drop_last, mesh.shape[parallel.DATA])
+    if not batches:
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not allowed: "
+                          f"at most the {n} training examples of {d.source}:{d.train_split} "
+                          "with train.drop_last=True")
+    steps_per_epoch = len(batches)
+    schedule = make_schedule(config, steps_per_epoch, meta["std"])
+    tx = make_run_optimizer(config, schedule)
     state = create_train_state(config, model, train_ds.input_shape, tx, mesh)
     state_sharding = jax.tree.map(lambda a: a.sharding, state)
     mngr = checkpoint_manager(workdir, config.train.keep_checkpoints)
@@ -566,7 +676,6 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
     start = int(state.step)
     log = _metrics_log(workdir, start) if main_process else open(os.devnull, "a")
     stop = _StopFlag()
-    bs = config.train.batch_size
     order, order_epoch = None, -1
     order_k = k if config.ensemble.mode == "independent" else None  # joint: one shared order
     pending = None  # (step, metrics) read one step late so the host never stalls the device
@@ -602,8 +711,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
             epoch, pos = divmod(step, steps_per_epoch)
             if epoch != order_epoch:
                 order, order_epoch = np.asarray(epoch_order(state.rng, epoch, n, order_k)), epoch
-            idx = parallel.global_array(order[..., pos * bs:(pos + 1) * bs],
-                                        parallel.replicated(mesh))
+            lo, hi = batches[pos]  # the last batch of an epoch may be partial (its own compile)
+            idx = parallel.global_array(order[..., lo:hi], parallel.replicated(mesh))
             state, metrics = train_step(state, images, labels, idx, schedule.p_phase(step))
             if pending is not None:
                 emit(pending)
@@ -738,8 +847,7 @@ def load_run(workdir: str):
         raise CheckpointError(f"workdir={workdir!r} is not a linf-jax run: {ckpt_dir} is missing")
     try:
         model = build_model(config.model, meta["num_classes"])
-        tx = optim.make_optimizer(make_schedule(config, 1, meta["std"]),
-                                  config.train.weight_decay)
+        tx = make_run_optimizer(config, make_schedule(config, 1, meta["std"]))
         state = create_train_state(config, model, tuple(meta["input_shape"]), tx)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(

@@ -1,4 +1,5 @@
-"""Schedules at their boundary steps, losses and the optimiser against NumPy (SPEC §4–§5)."""
+"""Schedules at their boundary steps (both recipe families), losses and the optimiser against
+NumPy (SPEC §4–§5, docs/RECIPES.md)."""
 
 import math
 
@@ -8,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from linf_jax import losses, ops, optim
+from linf_jax import data, losses, ops, optim, train_lib
 from linf_jax.schedules import Schedule
 
 SPE = 7  # steps per epoch
@@ -62,9 +63,10 @@ def test_eps_schedule_boundaries():
     assert f(s.eps(e0 + e2 // 2)) == pytest.approx(s.eps_train * (e2 // 2) / e2, rel=1e-6)
     assert f(s.eps(e0 + e2)) == pytest.approx(s.eps_train, rel=1e-6)
     assert f(s.eps(s.total_steps - 1)) == pytest.approx(s.eps_train, rel=1e-6)
+    # e2 = 0: eps_train from step 0, whatever e0 (the official code's r_eps = 1)
     flat = make(epochs=(3, 10, 0, 30, 40))
-    assert f(flat.eps(3 * SPE - 1)) == 0.0
-    assert f(flat.eps(3 * SPE)) == pytest.approx(flat.eps_train)
+    assert f(flat.eps(0)) == pytest.approx(flat.eps_train)
+    assert f(flat.eps(3 * SPE - 1)) == pytest.approx(flat.eps_train)
 
 
 def test_lambda_and_ema_decay():
@@ -210,7 +212,177 @@ def test_optimizer_step_matches_reference():
                    5e-3 * np_decay(np.asarray(params["layer"]["linf_weight"]), p))
     ref_k = -lr * (np.asarray(direction["head"]["kernel"]) + 5e-3 * np.asarray(
         params["head"]["kernel"]))
-    ref_b = -lr * np.asarray(direction["layer"]["bias"])
+    # biases decay too (plain), as every parameter of the official AdamW
+    ref_b = -lr * (np.asarray(direction["layer"]["bias"]) + 5e-3 * np.asarray(
+        params["layer"]["bias"]))
     np.testing.assert_allclose(updates["layer"]["linf_weight"], ref_w, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(updates["head"]["kernel"], ref_k, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(updates["layer"]["bias"], ref_b, rtol=1e-5, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The v2 family, the v2 loss at ε = 0, κ for the hinge, the v2 optimiser, batches, crops
+# ----------------------------------------------------------------------------------------------
+
+V2_EPOCHS = (0, 0, 10, 30, 40)  # (es, ee, ps, pe, T)
+
+
+def make_v2(**kw):
+    return make(**{"epochs": V2_EPOCHS, "family": "v2", "lr": 0.03, **kw})
+
+
+def test_v2_schedule_boundaries():
+    s = make_v2()
+    ps, pe, total = 10 * SPE, 30 * SPE, 40 * SPE
+    # ε constant from step 0 (ee <= es); lr a cosine from step 0 over the whole run
+    assert f(s.eps(0)) == pytest.approx(s.eps_train) and f(s.eps(total)) == pytest.approx(
+        s.eps_train)
+    for step in (0, 1, ps, total // 2, total - 1, total):
+        want = 0.015 * (1 + math.cos(math.pi * step / total))
+        assert f(s.lr_at(step)) == pytest.approx(want, rel=1e-5, abs=1e-9)
+    assert f(s.lr_at(1)) < 0.03
+    # p: p_start until ps, geometric on [ps, pe), inf from pe (p_end >= 100)
+    assert f(s.p(ps)) == 8.0 and f(s.p(ps - 1)) == 8.0
+    mid = (ps + pe) // 2
+    r = (mid - ps) / (pe - ps)
+    assert f(s.p(mid)) == pytest.approx(8 * 125 ** r, rel=1e-5)
+    assert f(s.p(pe - 1)) < 1000 and math.isinf(f(s.p(pe)))
+    assert [s.p_phase(t) for t in (0, ps - 1, ps, pe - 1, pe)] == \
+        ["start", "start", "ramp", "ramp", "inf"]
+    # λ along the p ratio
+    assert f(s.lam(ps)) == pytest.approx(0.05)
+    assert f(s.lam(mid)) == pytest.approx(0.05 * (2e-4 / 0.05) ** r, rel=1e-5)
+    assert f(s.lam(pe)) == pytest.approx(2e-4, rel=1e-5)
+    # an ε ramp es -> ee when ee > es
+    ramp = make_v2(epochs=(2, 6, 10, 30, 40))
+    assert f(ramp.eps(2 * SPE)) == 0.0
+    assert f(ramp.eps(4 * SPE)) == pytest.approx(0.5 * ramp.eps_train, rel=1e-6)
+    assert f(ramp.eps(6 * SPE)) == pytest.approx(ramp.eps_train, rel=1e-6)
+
+
+def test_v2_p_end_below_100_never_switches_to_inf():
+    s = make_v2(p_end=64.0)
+    pe = 30 * SPE
+    assert f(s.p(pe)) == pytest.approx(64.0) and f(s.p(40 * SPE)) == pytest.approx(64.0)
+    assert s.p_phase(pe) == "ramp" and s.p_phase(40 * SPE - 1) == "ramp"
+    # ps == pe: the official ratio is 1 from step 0
+    flat = make_v2(epochs=(0, 0, 0, 0, 4))
+    assert math.isinf(f(flat.p(0))) and flat.p_phase(0) == "inf"
+
+
+def test_lr_keeps_float32_accuracy_to_the_last_step():
+    """½(1 + cos) cancels near T in float32; the schedule uses sin² and stays accurate."""
+    s = make(epochs=(0, 100, 0, 750, 800), steps_per_epoch=98)
+    total = 800 * 98
+    for step in (total - 1, total - 50, total - 2000):
+        want = 0.01 * (1 + math.cos(math.pi * (step - 9800) / (total - 9800)))
+        assert f(s.lr_at(step)) == pytest.approx(want, rel=1e-5)
+
+
+def test_v2_loss_is_finite_at_eps_zero_with_its_limit():
+    rng = np.random.default_rng(7)
+    z = jnp.asarray(rng.normal(size=(32, 10)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 32))
+    z = z.at[0].set(z[0].at[y[0]].set(z[0].max() + 1.0))  # one correct example
+    scale = jnp.float32(1.3)
+    r0 = losses.lipschitz_margins(z, y, 0.0)
+
+    @jax.jit
+    def loss(z, eps):
+        return losses.v2_mixture_loss(z, losses.lipschitz_margins(z, y, eps), y, eps, 0.05,
+                                      scale)
+
+    at0 = loss(z, jnp.float32(0.0))
+    wrong = np.asarray((z.argmax(-1) != y) | (np.asarray(r0) >= 0).sum(-1) > 1)
+    want = wrong.mean() + 0.05 * f(losses.cross_entropy(scale * z, y))
+    assert f(at0) == pytest.approx(want, rel=1e-6)
+    # the limit from above, and finite gradients (ε traced, and a Python 0.0)
+    assert f(loss(z, jnp.float32(1e-12))) == pytest.approx(f(at0), rel=1e-6)
+    g_z, g_eps = jax.jit(jax.grad(loss, argnums=(0, 1)))(z, jnp.float32(0.0))
+    assert bool(jnp.isfinite(g_z).all()) and bool(jnp.isfinite(g_eps))
+    static = losses.v2_mixture_loss(z, r0, y, 0.0, 0.05, scale)
+    assert f(static) == pytest.approx(f(at0), rel=1e-6)
+
+
+def test_hinge_kappa_mixes_worst_case_and_clean_margins():
+    rng = np.random.default_rng(8)
+    z = jnp.asarray(rng.normal(size=(16, 10)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 16))
+    r = losses.lipschitz_margins(z, y, 0.4)
+    clean = losses.lipschitz_margins(z, y, 0.0)
+    hinge = lambda m, _: losses.hinge_loss(m, 0.75)  # noqa: E731
+    assert f(losses.kappa_mix(hinge, z, r, y, 1.0)) == f(losses.hinge_loss(r, 0.75))
+    want = 0.3 * f(losses.hinge_loss(r, 0.75)) + 0.7 * f(losses.hinge_loss(clean, 0.75))
+    assert f(losses.kappa_mix(hinge, z, r, y, 0.3)) == pytest.approx(want, rel=1e-6)
+
+
+def test_v2_optimizer_is_plain_adam_with_its_own_scale_lr():
+    """weight_decay = 0: Adam only; the logit scale's lr is its own base lr on the same
+    cosine (0.006 vs 0.03 in the v2 scripts)."""
+    rng = np.random.default_rng(9)
+    s = make_v2()
+    params = {"layer": {"linf_weight": jnp.asarray(rng.normal(size=(5, 7)), jnp.float32),
+                        "bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32)},
+              "logit_scale": jnp.float32(1.0)}
+    grads = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=np.shape(a)), jnp.float32),
+                         params)
+    tx = optim.make_optimizer(s, 0.0, logit_scale_lr=0.006)
+    step_at = 123
+    state = jax.tree.map(lambda a: jnp.full_like(a, step_at) if a.dtype == jnp.int32 else a,
+                         tx.init(params))
+    updates, _ = tx.update(grads, state, params)
+    adam = optax.scale_by_adam(b1=0.9, b2=0.99, eps=1e-10)
+    ast = jax.tree.map(lambda a: jnp.full_like(a, step_at) if a.dtype == jnp.int32 else a,
+                       adam.init(params))
+    direction, _ = adam.update(grads, ast, params)
+    factor = 0.5 * (1 + math.cos(math.pi * step_at / (40 * SPE)))
+    for path in (("layer", "linf_weight"), ("layer", "bias")):
+        got, d = updates, direction
+        for k in path:
+            got, d = got[k], d[k]
+        np.testing.assert_allclose(got, -0.03 * factor * np.asarray(d), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(updates["logit_scale"],
+                               -0.006 * factor * np.asarray(direction["logit_scale"]),
+                               rtol=1e-5)
+    # v1: the logit scale (no such parameter in v1) is the one leaf that is not decayed
+    tx1 = optim.make_optimizer(make(), 5e-3)
+    st1 = tx1.init(params)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    up1, _ = tx1.update(zero, st1, params)
+    assert f(up1["logit_scale"]) == 0.0 and bool((up1["layer"]["bias"] != 0).all())
+
+
+def test_epoch_batches_keep_the_last_partial_batch():
+    assert train_lib.epoch_batches(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert train_lib.epoch_batches(10, 4, drop_last=True) == [(0, 4), (4, 8)]
+    assert train_lib.epoch_batches(8, 4) == [(0, 4), (4, 8)]
+    assert train_lib.epoch_batches(3, 4) == [(0, 3)]
+    assert train_lib.epoch_batches(3, 4, drop_last=True) == []
+    # several data devices: the partial batch is cut to a multiple of their number
+    assert train_lib.epoch_batches(11, 4, data_devices=2) == [(0, 4), (4, 8), (8, 10)]
+    assert train_lib.epoch_batches(9, 4, data_devices=2) == [(0, 4), (4, 8)]
+    assert train_lib.steps_per_epoch(60000, 512) == 118
+    assert train_lib.steps_per_epoch(50000, 512) == 98
+    assert train_lib.steps_per_epoch(60000, 512, drop_last=True) == 117
+
+
+@pytest.mark.parametrize("mode", ["zeros", "edge"])
+def test_crop_padding_modes(mode):
+    """Crops of an all-ones image: zero padding brings in black pixels, edge padding never."""
+    x = jnp.ones((64, 6, 6, 1), jnp.float32)
+    out = np.asarray(data.crop_flip(jax.random.key(0), x, 3, mode, flip=True))
+    assert out.shape == x.shape
+    if mode == "edge":
+        assert (out == 1).all()
+    else:
+        assert (out == 0).any() and set(np.unique(out)) == {0.0, 1.0}
+    ramp = jnp.broadcast_to(jnp.arange(6, dtype=jnp.float32)[None, None, :, None], (64, 6, 6, 1))
+    edge = np.asarray(data.crop_flip(jax.random.key(1), ramp, 2, "edge", flip=False))
+    # every crop row is a run of the ramp with its ends clamped to the edge values 0 and 5
+    assert edge.min() == 0 and edge.max() == 5 and (np.diff(edge[:, 0, :, 0], axis=1) >= 0).all()
+    # the data set's default kinds are the zero-padded crops of before
+    for kind in ("mnist", "cifar"):
+        k = jax.random.key(2)
+        np.testing.assert_array_equal(
+            data.augment(k, ramp, kind),
+            data.crop_flip(k, ramp, data.DEFAULT_PADDING[kind], "zeros", kind == "cifar"))
