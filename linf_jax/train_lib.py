@@ -798,6 +798,9 @@ def read_run_files(workdir: str):
 # Fields a resumed run must share with the checkpoint it resumes (they fix the parameter shapes
 # and what the parameters mean).
 RESUME_FIELDS = ("model", "ensemble.size", "ensemble.mode", "data.source")
+# Config fields added after runs were made: a run whose config.json lacks one was trained with
+# the value given here (so that such runs still resume).
+ADDED_FIELDS = {"model.head_hidden": 256}
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -826,6 +829,7 @@ def check_resume(config, workdir: str) -> None:
     for key in sorted(set(new_flat) | set(old_flat)):
         if not any(key == f or key.startswith(f + ".") for f in RESUME_FIELDS):
             continue
+        old_flat.setdefault(key, ADDED_FIELDS.get(key))
         if new_flat.get(key) != old_flat.get(key):
             raise ConfigError(
                 f"config.{key}={new_flat.get(key)!r} is not allowed: the run in "

@@ -218,3 +218,43 @@ def test_undefined_or_bad_schedule_settings_are_refused(overrides, words):
     assert "\n" not in line
     for w in words:
         assert w in line, (w, line)
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                      for x, y in zip(la, lb, strict=True))
+
+
+def test_resume_is_bit_identical_with_a_partial_last_batch(tmp_path):
+    """600 examples in batches of 64: 10 steps per epoch, the 10th of 24 examples. A run
+    stopped inside the second epoch's partial-batch neighbourhood and resumed ends exactly as
+    an uninterrupted one; a run folder made before ``model.head_hidden`` existed resumes."""
+    overrides = ["--config.data.source=digits", "--config.data.train_split=train[:600]",
+                 "--config.model.depth=3", "--config.model.width=16",
+                 "--config.train.batch_size=64", "--config.train.epochs=(0,0,1,1,2)",
+                 "--config.train.checkpoint_every_epochs=1"]
+    config = load("mnist_01.py", overrides)
+    full = train_lib.train_and_evaluate(config, str(tmp_path / "full"), progress=False,
+                                        evaluate_at_end=False)
+    assert int(full.state.step) == 20
+    work = str(tmp_path / "parts")
+    part = train_lib.train_and_evaluate(config, work, progress=False, evaluate_at_end=False,
+                                        max_steps=9)  # stops before the first partial batch
+    assert part.preempted and int(part.state.step) == 9
+    part = train_lib.train_and_evaluate(config, work, progress=False, evaluate_at_end=False,
+                                        max_steps=10)  # through it, into the second epoch
+    assert part.preempted and int(part.state.step) == 19
+    # a config.json written before model.head_hidden existed
+    path = os.path.join(work, "config.json")
+    old = json.load(open(path))
+    del old["model"]["head_hidden"]
+    json.dump(old, open(path, "w"))
+    train_lib.check_resume(config, work)
+    done = train_lib.train_and_evaluate(config, work, progress=False, evaluate_at_end=False)
+    assert int(done.state.step) == 20
+    for field in ("params", "opt_state", "ema_params", "batch_stats", "ema_batch_stats"):
+        assert _leaves_equal(getattr(done.state, field), getattr(full.state, field)), field
+    with pytest.raises(train_lib.ConfigError, match="head_hidden=512"):
+        train_lib.check_resume(load("mnist_01.py", [*overrides, "--config.model.head_hidden=512"]),
+                               str(tmp_path / "full"))
