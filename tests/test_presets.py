@@ -1,5 +1,6 @@
 """Every paper preset in configs/ pinned to the official script it mirrors, and its schedule
-preview against the official formulas and the published schedule tables (docs/RECIPES.md).
+preview against the official formulas and against values of the official schedule functions
+(docs/RECIPES.md describes both).
 
 The values below were read from the official repositories' scripts and ``main.py`` (V1
 ``zbh2047/L_inf-dist-net``, EMA ``Theia-4869/EMA-and-Ensemble-Lip-Networks``, V2
@@ -231,8 +232,8 @@ def test_preview_follows_the_official_formulas(name):
         assert got["phase"][i] == want_phase, (where, got["phase"][i], want_phase)
 
 
-# The tables of values at selected epochs (docs/RECIPES.md: computed with the official
-# create_schedule functions), printed to six significant digits:
+# Values of the official create_schedule functions (V1 and V2 main.py, run with these scripts'
+# arguments) at selected epochs, to six significant digits:
 # (epoch, p, eps normalised, eps pixels, lr, lam or None).
 TABLES = {
     "mnist_03.py": [  # command/ell_inf_dist_net_mnist.sh, B = 118
