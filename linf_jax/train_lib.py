@@ -42,7 +42,7 @@ from linf_jax import certify as certify_lib
 from linf_jax import data as data_lib
 from linf_jax import ensemble as ensemble_lib
 from linf_jax import losses, ops, optim, parallel
-from linf_jax.models import build_model
+from linf_jax.models import build_model, is_1_lipschitz
 from linf_jax.schedules import FAMILIES, Schedule
 
 INF = float("inf")
@@ -759,8 +759,9 @@ def make_eval_fns(model: nn.Module, variables, members: int | None, execution: s
 
 def evaluate(model: nn.Module, variables, ds: data_lib.Dataset, meta: dict, eval_config,
              members: int | None = None, progress: bool = True, key=None) -> dict:
-    """Clean, PGD and certified accuracy (interval and Lipschitz) for every ε in
-    ``eval_config.eps`` (pixels), plus per-example certified radii (pixels)."""
+    """Clean, PGD and certified accuracy (interval, and the Lipschitz rule for 1-Lipschitz
+    models only) for every ε in ``eval_config.eps`` (pixels), plus per-example certified radii
+    (pixels)."""
     logits_fn, margins_fn = make_eval_fns(model, variables, members)
     eps_pixels = [float(e) for e in (eval_config.eps if isinstance(eval_config.eps, (list, tuple))
                                      else (eval_config.eps,))]
@@ -768,7 +769,8 @@ def evaluate(model: nn.Module, variables, ds: data_lib.Dataset, meta: dict, eval
         logits_fn, margins_fn, ds.images, ds.labels, mean=meta["mean"], std=meta["std"],
         eps_pixels=eps_pixels, batch_size=eval_config.batch_size,
         pgd_steps=eval_config.pgd_steps, pgd_restarts=eval_config.pgd_restarts,
-        key=jax.random.PRNGKey(0) if key is None else key, progress=progress)
+        key=jax.random.PRNGKey(0) if key is None else key, progress=progress,
+        lipschitz=is_1_lipschitz(model))
 
 
 def read_run_files(workdir: str):
