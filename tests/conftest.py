@@ -64,3 +64,22 @@ def init_with_running_means(cfg, shape, seed=0, num_classes=10):
     v = model.init(jax.random.key(seed), x, p=8.0, train=True)
     _, upd = model.apply(v, x, p=8.0, train=True, mutable=["batch_stats"])
     return model, {**v, **upd}
+
+
+class StepSetup:
+    """What a test needs to call one train step of ``cfg`` directly: the data set, its meta,
+    the schedule, optimiser, model, a fresh state and the jitted step."""
+
+    def __init__(self, cfg, split=None, steps_per_epoch=10, adam_eps=1e-10):
+        from linf_jax import data as data_lib
+        from linf_jax import train_lib
+        from linf_jax.models import build_model
+
+        self.ds = data_lib.load("digits", split or cfg.data.train_split)
+        self.meta = train_lib.dataset_meta(self.ds)
+        self.schedule = train_lib.make_schedule(cfg, steps_per_epoch, self.meta["std"])
+        self.tx = train_lib.optim.make_optimizer(self.schedule, cfg.train.weight_decay, adam_eps)
+        self.model = build_model(cfg.model, self.meta["num_classes"])
+        self.state = train_lib.create_train_state(cfg, self.model,
+                                                  tuple(self.meta["input_shape"]), self.tx)
+        self.step = train_lib.make_train_step(cfg, self.model, self.tx, self.schedule, self.meta)

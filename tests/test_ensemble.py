@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, StepSetup, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -201,14 +201,10 @@ def test_train_step_is_the_same_batched_or_sequential(mode):
     for execution in ("batched", "sequential"):
         cfg = tiny_config(**{"ensemble.size": 3, "ensemble.mode": mode,
                              "ensemble.execution": execution, "train.adam_eps": 1e-3})
-        ds = data_lib.load("digits", cfg.data.train_split)
-        meta = train_lib.dataset_meta(ds)
-        schedule = train_lib.make_schedule(cfg, 10, meta["std"])
-        tx = train_lib.optim.make_optimizer(schedule, cfg.train.weight_decay, 1e-3)
-        model = build_model(cfg.model, meta["num_classes"])
+        setup = StepSetup(cfg, adam_eps=1e-3)
+        ds, step = setup.ds, setup.step
         if state is None:
-            state = train_lib.create_train_state(cfg, model, tuple(meta["input_shape"]), tx)
-        step = train_lib.make_train_step(cfg, model, tx, schedule, meta)
+            state = setup.state
         idx = np.arange(64) if mode == "joint" else np.stack([np.arange(64) + 64 * i
                                                               for i in range(3)])
         steps[execution] = step(state, jnp.asarray(ds.images), jnp.asarray(ds.labels),
@@ -244,13 +240,10 @@ def test_joint_and_independent_steps_take_different_gradients(mode):
     loss and gradient-norm metrics, all members seeing the same batch here. (κ-CE: a loss
     whose value on averaged logits differs from the average of its values.)"""
     cfg = tiny_config(**{"ensemble.size": 3, "ensemble.mode": mode, "train.loss": "kappa_ce"})
-    ds = data_lib.load("digits", cfg.data.train_split)
-    meta = train_lib.dataset_meta(ds)
-    schedule = train_lib.make_schedule(cfg, 10, meta["std"])
-    tx = train_lib.optim.make_optimizer(schedule, cfg.train.weight_decay)
-    model = build_model(cfg.model, meta["num_classes"])
-    state = train_lib.create_train_state(cfg, model, tuple(meta["input_shape"]), tx)
-    step = train_lib.make_train_step(cfg, model, tx, schedule, meta)
+    setup = StepSetup(cfg)
+    ds, meta, schedule, model, state = (setup.ds, setup.meta, setup.schedule, setup.model,
+                                        setup.state)
+    step = setup.step
     rows = np.arange(64)
     idx = rows if mode == "joint" else np.stack([rows] * 3)
     images, labels = jnp.asarray(ds.images), jnp.asarray(ds.labels)

@@ -500,21 +500,14 @@ def test_train_step_and_logits_export_for_cpu_cuda_and_tpu_from_a_cpu_host(monke
     margins lower for CPU, CUDA and TPU together; the native custom calls appear only in the
     CPU part, and only where the default chose them; CUDA or TPU alone needs no exception for
     custom calls."""
-    from conftest import tiny_config
+    from conftest import StepSetup, tiny_config
 
-    from linf_jax import data as data_lib
     from linf_jax import train_lib
-    from linf_jax.models import build_model
 
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
     cfg = tiny_config(**{"ensemble.size": 2, "ensemble.mode": "joint"})
-    ds = data_lib.load("digits", "train[:128]")
-    meta = train_lib.dataset_meta(ds)
-    schedule = train_lib.make_schedule(cfg, 2, meta["std"])
-    tx = train_lib.optim.make_optimizer(schedule, cfg.train.weight_decay)
-    model = build_model(cfg.model, meta["num_classes"])
-    state = train_lib.create_train_state(cfg, model, tuple(meta["input_shape"]), tx)
-    step = train_lib.make_train_step(cfg, model, tx, schedule, meta)
+    setup = StepSetup(cfg, "train[:128]", steps_per_epoch=2)
+    ds, meta, model, state, step = setup.ds, setup.meta, setup.model, setup.state, setup.step
     args = (state, jnp.asarray(ds.images), jnp.asarray(ds.labels), jnp.arange(64))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     logits_fn, margins_fn = train_lib.make_eval_fns(model, variables, 2)
