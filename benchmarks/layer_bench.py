@@ -8,7 +8,10 @@ pass (gradients of ``sum(dist(x, w, p) * g)`` with respect to x and w) of
 * ours-xla: the same with ``LINF_JAX_KERNELS=xla`` (blocked scans, custom VJPs; the kernels used
   where the native ones cannot build, and on accelerators);
 * naive: broadcast-and-reduce over a ``[B, out, in]`` tensor under plain ``jax.grad``, jitted;
-* torch: ``torch.cdist`` with the same p, ``backward(g)`` (optional: skipped without torch).
+* torch: ``torch.cdist`` with the same p, ``backward(g)`` (optional: skipped without torch);
+* native-ISA (``--variants avx512,avx2,generic`` or ``all``): the native kernels built for that
+  instruction set (``LINF_JAX_NATIVE_ISA``), each timed in its own subprocess on this machine,
+  so one AVX-512 machine shows the AVX-512, AVX2 and baseline builds side by side.
 
 Prints a table of medians (ms) and G-elements/s (``B·in·out / time``), then one line of speed-up
 ratios. Compilation is excluded (compiled ahead of time, plus one warm-up call). A method slower
@@ -17,21 +20,25 @@ above ``--naive-max-elements`` (it materialises several ``B·out·in`` float32 t
 
     PYTHONPATH=. python benchmarks/layer_bench.py            # every shape
     PYTHONPATH=. python benchmarks/layer_bench.py --quick    # (512, 1024, 1024) only
+    PYTHONPATH=. python benchmarks/layer_bench.py --quick --variants all
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linf_jax import ops
+from linf_jax import native, ops
 
 SHAPES = [(512, 1024, 1024), (128, 784, 5120), (512, 3072, 5120)]
 PS = [float("inf"), 8.0]
@@ -110,6 +117,39 @@ def time_it(run, repeats: int, slow_s: float) -> tuple[float, int]:
     return statistics.median(times), n
 
 
+def runnable_variants(spec: str) -> list[str]:
+    """The native build variants named by ``--variants`` that this CPU can run."""
+    if not spec:
+        return []
+    names = list(native.ISA_CHOICES[1:]) if spec == "all" else spec.split(",")
+    out = []
+    for name in names:
+        os.environ[native.ISA_ENV] = name
+        try:
+            native.isa()
+            out.append(name)
+        except ValueError as err:
+            print(f"variant {name}: skipped ({err})")
+        finally:
+            del os.environ[native.ISA_ENV]
+    return out
+
+
+def time_variant(variant: str, args) -> dict:
+    """``{(shape, p, pass): (seconds, note)}`` of the native kernels built for ``variant``,
+    timed in a subprocess (one process holds one build of the kernels)."""
+    cmd = [sys.executable, __file__, "--emit-json", "--no-torch", "--no-xla", "--no-naive",
+           "--shapes", args.shapes, "--ps", args.ps, "--repeats", str(args.repeats),
+           "--slow-s", str(args.slow_s)] + (["--quick"] if args.quick else [])
+    env = dict(os.environ, **{native.ISA_ENV: variant, ops.KERNELS_ENV: "native"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"variant {variant}: failed ({proc.stderr.strip().splitlines()[-1:]})")
+        return {}
+    cells = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {(tuple(c[0]), c[1], c[2]): (c[3], c[4]) for c in cells}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
@@ -124,6 +164,11 @@ def main() -> None:
     ap.add_argument("--no-xla", action="store_true",
                     help="skip the ours-xla column (ours with LINF_JAX_KERNELS=xla)")
     ap.add_argument("--ps", default="inf,8", help="comma-separated p values (default inf,8)")
+    ap.add_argument("--variants", default="",
+                    help="native builds to time too, each in a subprocess: comma-separated "
+                         f"from {', '.join(native.ISA_CHOICES[1:])}, or 'all'")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive column")
+    ap.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
@@ -142,7 +187,9 @@ def main() -> None:
             print("torch is not installed: the torch.cdist columns are skipped "
                   "(pip install -r requirements-bench.txt)")
     methods = [m for m in METHODS if (m != "torch" or torch is not None)
-               and (m != "ours-xla" or not args.no_xla)]
+               and (m != "ours-xla" or not args.no_xla) and (m != "naive" or not args.no_naive)]
+    variants = {v: time_variant(v, args) for v in runnable_variants(args.variants)}
+    methods += [f"native-{v}" for v in variants]
 
     print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.devices()[0].device_kind})"
           + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "")
@@ -161,6 +208,10 @@ def main() -> None:
             for backward in (False, True):
                 cells = {}
                 for method in methods:
+                    if method.startswith("native-"):
+                        cells[method] = variants[method[7:]].get(
+                            (shape, p, PASSES[backward]), (None, "failed"))
+                        continue
                     if method == "naive" and elems > args.naive_max_elements:
                         cells[method] = (None, "skipped (memory)")
                         continue
@@ -177,8 +228,12 @@ def main() -> None:
                     del run
                 row = (shape, p, PASSES[backward], cells)
                 rows.append(row)
-                print_row(row, methods, header=len(rows) == 1)
+                if not args.emit_json:
+                    print_row(row, methods, header=len(rows) == 1)
 
+    if args.emit_json:  # for time_variant
+        print(json.dumps([[list(r[0]), r[1], r[2], *r[3]["ours"]] for r in rows]))
+        return
     print()
     print_table(rows, methods)
     print()
