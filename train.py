@@ -113,7 +113,7 @@ def main(argv) -> None:
     # Every check that needs no training data runs before anything is written.
     cli.run_guarded(train_lib.validate_config, config)
     cli.run_guarded(train_lib.check_resume, config, workdir)
-    cli.print_kernels()
+    cli.print_kernels(train_lib.kernels_choice(config))
     created = not os.path.exists(workdir)
     try:
         result = cli.run_guarded(train_lib.train_and_evaluate, config, workdir,

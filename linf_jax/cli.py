@@ -179,13 +179,15 @@ def run_guarded(fn, *args, **kwargs):
         fail(_first_line(err))
 
 
-def print_kernels() -> None:
-    """Prints which kernels the distance layers run (:func:`linf_jax.ops.kernels_line`); a bad
-    ``LINF_JAX_KERNELS`` or ``LINF_JAX_NATIVE_ISA`` is one line and exit 2."""
+def print_kernels(choice: str | None = None) -> None:
+    """Prints which kernels the distance layers run (:func:`linf_jax.ops.kernels_line`) under
+    ``choice`` (None: ``LINF_JAX_KERNELS`` or the automatic rule); a bad ``LINF_JAX_KERNELS``
+    or ``LINF_JAX_NATIVE_ISA`` is one line and exit 2."""
     from linf_jax import ops
 
     try:
-        print(ops.kernels_line(), flush=True)
+        with ops.use_kernels(choice):
+            print(ops.kernels_line(), flush=True)
     except ValueError as err:
         fail(_first_line(err))
 

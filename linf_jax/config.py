@@ -12,6 +12,10 @@ def base_config() -> ml_collections.ConfigDict:
     """The default experiment (configs/default.py): a small net on the 8×8 digits."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # Which kernels the distance layers run (linf_jax.ops.kernel_backend): 'auto' (the library
+    # default: LINF_JAX_KERNELS when set, else the native CPU kernels where they are the default
+    # and the XLA code elsewhere), 'native', 'xla' or 'pallas'.
+    c.kernels = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"

@@ -99,6 +99,8 @@ def validate_config(config) -> None:
     t = config.train
     _require(isinstance(config.seed, int) and not isinstance(config.seed, bool), "seed",
              config.seed, "an integer")
+    _require(config.get("kernels", "auto") in ops.KERNEL_CHOICES, "kernels",
+             config.get("kernels"), f"one of {', '.join(ops.KERNEL_CHOICES)}")
     for f in ("source", "train_split", "test_split"):
         v = config.data[f]
         _require(isinstance(v, str) and v.strip() != "", f"data.{f}", v, "a non-empty string")
@@ -631,16 +633,29 @@ def variables_for(state: TrainState, weights: str) -> dict:
     return {"params": params, "batch_stats": bs} if bs else {"params": params}
 
 
+def kernels_choice(config) -> str | None:
+    """The :func:`linf_jax.ops.use_kernels` argument of ``config.kernels``: None for 'auto'
+    (the library default, ``LINF_JAX_KERNELS`` when set), else the choice itself."""
+    choice = config.get("kernels", "auto")
+    return None if choice == "auto" else choice
+
+
 def train_and_evaluate(config, workdir: str, progress: bool = True,
                        evaluate_at_end: bool = True, max_steps: int | None = None) -> TrainResult:
     """Trains from ``config`` in ``workdir`` (resuming from its latest checkpoint) and, at the
     end, evaluates the EMA weights on the test split. Returns the final state and results.
+    Everything is traced with the kernels of ``config.kernels``.
 
     ``max_steps`` stops after that many steps of this call (checkpoint saved, ``preempted`` set),
     exactly as a SIGTERM would; calling again resumes."""
+    validate_config(config)
+    with ops.use_kernels(kernels_choice(config)):
+        return _train_and_evaluate(config, workdir, progress, evaluate_at_end, max_steps)
+
+
+def _train_and_evaluate(config, workdir, progress, evaluate_at_end, max_steps) -> TrainResult:
     from tqdm.auto import tqdm  # local: keeps `import linf_jax` light
 
-    validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     d = config.data
     train_ds = data_lib.load(d.source, d.train_split, d.get("data_dir"))

@@ -44,6 +44,8 @@ CASES = [
      ["config.model.width", "0", "positive integer"]),
     ("train-depth-negative", "train.py", ["--workdir={run}", "--config.model.depth=-2"],
      ["config.model.depth", "-2", "positive integer"]),
+    ("train-unknown-kernels", "train.py", ["--workdir={run}", "--config.kernels=cuda"],
+     ["config.kernels", "cuda", "native, xla"]),
     ("train-unknown-model", "train.py", ["--workdir={run}", "--config.model.name=resnet50"],
      ["config.model.name", "resnet50", "linf_dist_net"]),
     # --- schedules and losses (docs/RECIPES.md)

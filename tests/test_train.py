@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, tiny_config
@@ -115,6 +116,35 @@ def test_certify_cli_writes_json_and_plot(full_run, tmp_path):
     assert png.stat().st_size > 1000
     kernels = [ln for ln in proc.stdout.splitlines() if ln.startswith("kernels: ")]
     assert len(kernels) == 1, proc.stdout[-2000:]
+
+
+def test_config_kernels_is_recorded_and_used(full_run, monkeypatch, tmp_path):
+    """``config.kernels`` is part of the run's config.json, and a run traces under it: with
+    'xla' no native kernel is called, whatever LINF_JAX_KERNELS says."""
+    from linf_jax import native, ops
+
+    workdir, _ = full_run
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["kernels"] == "auto"
+    assert train_lib.kernels_choice(tiny_config()) is None  # auto: the library default
+    if not native.available():
+        pytest.skip("no native kernels to keep out")
+    monkeypatch.setenv(ops.KERNELS_ENV, "native")
+    called = []
+
+    def spy(name, *args, **kwargs):
+        called.append(name)
+        raise RuntimeError(f"native kernel {name} called")
+
+    monkeypatch.setattr(native, "_call", spy)
+    cfg = tiny_config(**{"kernels": "xla", "train.epochs": (0, 1, 1, 2, 2)})
+    train_lib.train_and_evaluate(cfg, str(tmp_path / "xla"), progress=False,
+                                 evaluate_at_end=False, max_steps=12)
+    assert called == []
+    with open(tmp_path / "xla" / "config.json") as f:
+        assert json.load(f)["kernels"] == "xla"
+    with pytest.raises(RuntimeError, match="native kernel"):  # the spy is live
+        ops.linf_dist(jnp.ones((2, 3)), jnp.zeros((4, 3)))
 
 
 def _cpu_flags():
