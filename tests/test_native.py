@@ -220,16 +220,19 @@ def test_unavailable_native_is_a_clear_error(monkeypatch):
         ops.kernel_backend()
 
 
-def test_cache_is_keyed_and_rebuilt_atomically(tmp_path, monkeypatch):
+def test_cache_is_keyed_and_rebuilt_atomically(tmp_path, monkeypatch, capsys):
     """A fresh cache directory gets one library named by its key; building again reuses it."""
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
     # -O0: the keying and the atomic write are under test, not the optimiser (4x faster build)
     monkeypatch.setattr(native, "FLAGS", tuple("-O0" if f == "-O3" else f for f in native.FLAGS))
     cxx = native._compiler()
     first = native._build(cxx)
-    assert first.parent == tmp_path and first.name.startswith("linf_cpu-")
+    assert first.parent == tmp_path and first.name.startswith(f"linf_cpu-{native.isa()}-")
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("linf_jax: building the native CPU kernels"), out
     mtime = first.stat().st_mtime_ns
     assert native._build(cxx) == first and first.stat().st_mtime_ns == mtime
+    assert capsys.readouterr().out == ""  # cached: no build, no line
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
 
 

@@ -182,6 +182,10 @@ def _build(cxx: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    # One line before the compiler's silence (standard output: the command lines keep standard
+    # error for their one-line errors).
+    print(f"linf_jax: building the native CPU kernels ({isa()}) once, about 10-60 s; cached in "
+          f"{target.parent}", flush=True)
     try:
         cmd = [cxx, *FLAGS, *_march(), "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
