@@ -1,0 +1,197 @@
+"""One short GPU run: are the Pallas kernels right there, how fast are they, which tiles are best.
+
+Prepared for the first session that is lent a GPU (none has been so far, BENCHMARKS.md). In one
+process it
+
+1. checks the Pallas kernels against the XLA code of ``linf_jax.ops`` and a float64 NumPy
+   reference on small ragged shapes: values and gradients for p = ∞, 8, 2.5 and 100, and the
+   interval bounds of certification (XLA code) against float64;
+2. times forward+backward of one layer at (512, 3072, 5120) with the XLA code and with Pallas
+   under a small grid of :class:`linf_jax.kernels.distance.Blocks`, for p = ∞ and p = 8;
+3. times the 6 × 5120 CIFAR-10 epoch of ``benchmarks/epoch_bench.py`` with the XLA code and
+   with Pallas at its default and its best tiles (subprocesses);
+4. prints the tables BENCHMARKS.md needs, and one last line ``GPU CHECK: PASS`` or ``FAIL``.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py            # on the GPU machine (a few minutes)
+    PYTHONPATH=. python benchmarks/gpu_check.py --smoke    # tiny, any machine (Pallas interpreted)
+
+Run with ``--smoke`` on a CPU it checks itself (tests/test_benchmarks.py): the kernels run in
+Pallas interpret mode, the shapes are tiny and the epoch timing is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from linf_jax import ops
+from linf_jax.kernels import distance
+
+INF = float("inf")
+SHAPES = [(5, 37, 131), (64, 300, 260), (3, 16, 7)]
+PS = [INF, 8.0, 2.5, 100.0]
+
+
+def np_dist(x, w, p):
+    d = np.abs(np.float64(x)[:, None, :] - np.float64(w)[None, :, :])
+    return d.max(-1) if p == INF else (d ** p).sum(-1) ** (1.0 / p)
+
+
+def value_and_grads(fn, x, w, g):
+    y, vjp = jax.vjp(fn, x, w)
+    return (y, *vjp(g))
+
+
+def check_correctness(interpret: bool, shapes) -> list[str]:
+    """Failures (empty when every comparison holds)."""
+    failures = []
+    for (b, n, out), p in itertools.product(shapes, PS):
+        rng = np.random.default_rng(b * 1000 + n + out)
+        x = jnp.asarray(rng.standard_normal((b, n)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((out, n)), jnp.float32)
+        g = jnp.asarray(rng.standard_normal((b, out)), jnp.float32)
+        pallas = jax.jit(lambda x, w, g, p=p: value_and_grads(
+            lambda x, w: distance.pallas_dist(x, w, p, interpret=interpret), x, w, g))
+        with ops.use_kernels("xla"):
+            xla = jax.jit(lambda x, w, g, p=p: value_and_grads(
+                lambda x, w: ops.dist(x, w, p), x, w, g))
+            want = [np.asarray(a) for a in xla(x, w, g)]
+        got = [np.asarray(a) for a in pallas(x, w, g)]
+        name = f"(B, n, out) = {(b, n, out)}, p = {p:g}"
+        rtol = 1e-6 if p == INF else 2e-4
+        for label, a, c in zip(("value", "dx", "dw"), got, want, strict=True):
+            if not np.allclose(a, c, rtol=rtol, atol=1e-4 if p != INF else 1e-6):
+                failures.append(f"{name}: Pallas {label} differs from the XLA code by "
+                                f"{np.abs(a - c).max():.3g}")
+        ref = np_dist(x, w, p)
+        if not np.allclose(got[0], ref, rtol=1e-5 if p == INF else 1e-4, atol=1e-5):
+            failures.append(f"{name}: Pallas value differs from float64 by "
+                            f"{np.abs(got[0] - ref).max():.3g}")
+    for b, n, out in shapes:  # the bounds of certification: the XLA code on this backend
+        rng = np.random.default_rng(7 + b)
+        lo = rng.standard_normal((b, n)).astype(np.float32)
+        hi = lo + rng.uniform(0, 0.5, (b, n)).astype(np.float32)
+        w = rng.standard_normal((out, n)).astype(np.float32)
+        with ops.use_kernels("xla"):
+            got_lo, got_hi = (np.asarray(a) for a in jax.jit(ops.linf_dist_bounds)(lo, hi, w))
+        l3, u3, w3 = np.float64(lo)[:, None], np.float64(hi)[:, None], np.float64(w)[None]
+        ref_lo = np.maximum(np.maximum(l3 - w3, w3 - u3), 0).max(-1)
+        ref_hi = np.maximum(u3 - w3, w3 - l3).max(-1)
+        for label, a, c in (("lower", got_lo, ref_lo), ("upper", got_hi, ref_hi)):
+            if not np.allclose(a, c, rtol=1e-6, atol=1e-6):
+                failures.append(f"bounds {(b, n, out)}: {label} differs from float64 by "
+                                f"{np.abs(a - c).max():.3g}")
+    return failures
+
+
+def time_fn(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def layer_grid(shape, interpret: bool, grid, repeats: int):
+    """``[(p, label, ms)]``: fwd+bwd of the layer with the XLA code and with each Blocks."""
+    b, n, out = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((b, n)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((out, n)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((b, out)), jnp.float32)
+    rows = []
+    for p in (INF, 8.0):
+        loss = lambda f: jax.jit(jax.grad(lambda x, w: (f(x, w) * g).sum(), argnums=(0, 1)))
+        with ops.use_kernels("xla"):
+            fn = loss(lambda x, w, p=p: ops.dist(x, w, p))
+            rows.append((p, "xla", 1e3 * time_fn(fn, (x, w), repeats)))
+        for blocks in grid:
+            fn = loss(lambda x, w, p=p, bl=blocks: distance.pallas_dist(
+                x, w, p, interpret=interpret, blocks=bl))
+            try:
+                ms = 1e3 * time_fn(fn, (x, w), repeats)
+            except Exception as err:  # a tile that does not compile on this GPU
+                print(f"  {blocks}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+                continue
+            rows.append((p, blocks, ms))
+    return rows
+
+
+def blocks_label(bl) -> str:
+    if isinstance(bl, str):
+        return bl
+    return f"b{bl.b} out{bl.out} n{bl.n} unroll{bl.unroll} warps{bl.num_warps}"
+
+
+def epoch_times(backend: str, extra: list[str]) -> str:
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "epoch_bench.py"),
+           "--backend", backend, "--steps", "3", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    return "\n".join(lines[-8:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes, one tile, no epoch timing (a self-check on any machine)")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    backend = jax.default_backend()
+    interpret = backend == "cpu"
+    print(f"jax {jax.__version__}, backend {backend} ({jax.devices()[0].device_kind}), "
+          f"Pallas {'interpret mode' if interpret else 'compiled'}")
+    if backend == "cpu" and not args.smoke:
+        print("no GPU here: use --smoke for the self-check")
+        return 2
+
+    shapes = SHAPES[2:] if args.smoke else SHAPES
+    failures = check_correctness(interpret, shapes)
+    print(f"correctness: {len(shapes) * len(PS)} Pallas/XLA/float64 comparisons and "
+          f"{len(shapes)} bounds checks, {len(failures)} failures")
+    for f in failures:
+        print("  FAIL " + f)
+
+    if args.smoke:
+        shape, grid = (8, 32, 16), [distance.Blocks(b=8, out=8, n=16, unroll=2)]
+    else:
+        shape = (512, 3072, 5120)
+        grid = [distance.Blocks(b=b, out=o, n=n, unroll=8, num_warps=wp)
+                for b, o, n, wp in itertools.product((64, 128), (64, 128), (32, 64), (4, 8))]
+    repeats = 1 if args.smoke else args.repeats
+    rows = layer_grid(shape, interpret, grid, repeats)
+    print(f"\nLayer forward+backward at (B, in, out) = {shape}, median of {repeats} (ms):\n")
+    print("| p | kernels | ms | vs XLA |")
+    print("|---|---|---|---|")
+    best = {}
+    for p, label, ms in rows:
+        base = next(m for q, lab, m in rows if q == p and lab == "xla")
+        print(f"| {p:g} | {blocks_label(label)} | {ms:.2f} | {base / ms:.2f}x |")
+        if label != "xla" and (p not in best or ms < best[p][1]):
+            best[p] = (label, ms)
+    for p, (label, ms) in best.items():
+        print(f"best Pallas tiles at p = {p:g}: {blocks_label(label)} ({ms:.2f} ms)")
+
+    if not args.smoke:
+        print("\nEpoch of the 6 x 5120 CIFAR-10 model (benchmarks/epoch_bench.py):")
+        for name in ("xla", "pallas"):
+            print(f"--- {name}\n{epoch_times(name, [])}")
+    ok = not failures and bool(best)
+    print("GPU CHECK: " + ("PASS" if ok else "FAIL"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
