@@ -104,11 +104,12 @@ def main(argv) -> None:
         cli.fail("--coordinator_address, --num_processes and --process_id are only allowed "
                  "with --distributed")
     config = cli.load_config(_CONFIG)
+    from linf_jax import train_lib
+
+    train_lib.request_determinism(config)  # before JAX starts its backend
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)
     cli.check_writable_dir(workdir, "--workdir")
-
-    from linf_jax import train_lib
 
     # Every check that needs no training data runs before anything is written.
     cli.run_guarded(train_lib.validate_config, config)

@@ -68,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.checkpoint_every_epochs = 10
     c.train.keep_checkpoints = 2
+    # GPU only: XLA's deterministic ops (scatter-adds in a fixed order), so that a resumed run is
+    # bit-identical to an uninterrupted one there too, at some cost in speed. The CPU and TPU
+    # backends are deterministic already. Needs XLA_FLAGS before JAX starts its backend:
+    # train.py sets it; in a notebook, see linf_jax.train_lib.request_determinism.
+    c.train.deterministic = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.eps = (0.1,)  # pixels

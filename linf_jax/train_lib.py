@@ -101,6 +101,8 @@ def validate_config(config) -> None:
              config.seed, "an integer")
     _require(config.get("kernels", "auto") in ops.KERNEL_CHOICES, "kernels",
              config.get("kernels"), f"one of {', '.join(ops.KERNEL_CHOICES)}")
+    _require(isinstance(t.get("deterministic", False), bool), "train.deterministic",
+             t.get("deterministic"), "True or False")
     for f in ("source", "train_split", "test_split"):
         v = config.data[f]
         _require(isinstance(v, str) and v.strip() != "", f"data.{f}", v, "a non-empty string")
@@ -633,6 +635,29 @@ def variables_for(state: TrainState, weights: str) -> dict:
     return {"params": params, "batch_stats": bs} if bs else {"params": params}
 
 
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def request_determinism(config) -> None:
+    """With ``config.train.deterministic``, adds XLA's deterministic-ops flag to ``XLA_FLAGS``.
+    Effective only before JAX starts its GPU backend (train.py calls it right after reading the
+    config); :func:`train_and_evaluate` refuses a deterministic run on a GPU without it."""
+    if config.train.get("deterministic", False):
+        flags = os.environ.get("XLA_FLAGS", "")
+        if DETERMINISTIC_FLAG not in flags:
+            os.environ["XLA_FLAGS"] = (flags + " " + DETERMINISTIC_FLAG).strip()
+
+
+def _check_determinism(config) -> None:
+    if (config.train.get("deterministic", False) and jax.default_backend() == "gpu"
+            and DETERMINISTIC_FLAG not in os.environ.get("XLA_FLAGS", "")):
+        raise ConfigError(
+            f"config.train.deterministic=True is not allowed here: the GPU backend started "
+            f"without XLA_FLAGS={DETERMINISTIC_FLAG}; allowed: set it before JAX starts "
+            "(train.py does; in Python call linf_jax.train_lib.request_determinism(config) "
+            "before the first JAX computation)")
+
+
 def kernels_choice(config) -> str | None:
     """The :func:`linf_jax.ops.use_kernels` argument of ``config.kernels``: None for 'auto'
     (the library default, ``LINF_JAX_KERNELS`` when set), else the choice itself."""
@@ -649,6 +674,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
     ``max_steps`` stops after that many steps of this call (checkpoint saved, ``preempted`` set),
     exactly as a SIGTERM would; calling again resumes."""
     validate_config(config)
+    _check_determinism(config)
     with ops.use_kernels(kernels_choice(config)):
         return _train_and_evaluate(config, workdir, progress, evaluate_at_end, max_steps)
 

@@ -171,3 +171,20 @@ def test_train_cli_on_an_avx2_cpu_uses_the_xla_code(tmp_path):
                        "kernels are the default only on AVX-512 CPUs, where they were measured "
                        "faster (LINF_JAX_KERNELS=native forces them))"], proc.stdout[-2000:]
     assert "certified" in proc.stdout
+
+
+def test_deterministic_gpu_runs_set_or_demand_xla_flag(monkeypatch):
+    """``train.deterministic``: the flag is added to XLA_FLAGS (once); a GPU backend started
+    without it is refused in one line; CPU runs need nothing."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    cfg = tiny_config(**{"train.deterministic": True})
+    train_lib._check_determinism(cfg)  # CPU: deterministic already
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(train_lib.ConfigError, match="config.train.deterministic=True .*XLA_FLAGS"):
+        train_lib._check_determinism(cfg)
+    train_lib.request_determinism(cfg)
+    train_lib.request_determinism(cfg)
+    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=1 "
+                                       + train_lib.DETERMINISTIC_FLAG)
+    train_lib._check_determinism(cfg)
+    train_lib._check_determinism(tiny_config())  # not asked for: nothing demanded
