@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from linf_jax import native
+from linf_jax import calibration, native
 
 Array = jax.Array
 
@@ -158,11 +158,11 @@ def kernel_backend() -> str:
     """``'native'``, ``'xla'`` or ``'pallas'``: the implementation :func:`linf_dist` /
     :func:`lp_dist` use.
 
-    Unset: ``'native'`` on a CPU with AVX-512 when the native kernels build (linf_jax/native:
-    C++ XLA custom calls compiled on first use, 1.5-3x faster than the XLA code there,
-    BENCHMARKS.md), ``'xla'`` otherwise — on AVX2-only and other CPUs the native kernels were
-    measured slower than the XLA code, so they are not the default there
-    (:func:`linf_jax.native.preferred`). ``LINF_JAX_KERNELS=native|xla|pallas`` forces one
+    Unset (or ``auto``) on the CPU: ``'native'`` when the native kernels build (linf_jax/native:
+    C++ XLA custom calls compiled on first use) and were measured faster than the XLA code on
+    this machine for at least one pass family; :func:`native_ok` then picks per family
+    (:mod:`linf_jax.calibration`: timed once per machine and build, a few seconds, cached).
+    ``'xla'`` otherwise. ``LINF_JAX_KERNELS=native|xla|pallas`` forces one
     (``native`` needs the CPU backend and a C++ compiler; Pallas runs in interpret mode on the
     CPU, slowly); ``=auto`` is Pallas on GPU and the unset default elsewhere. The Pallas kernels
     are opt-in until they have been compiled and timed on a GPU: so far they are verified in
@@ -174,6 +174,8 @@ def kernel_backend() -> str:
     if choice in ("xla", "pallas"):
         return choice
     cpu = jax.default_backend() == "cpu"
+    if cpu and choice in ("", "auto", "native"):
+        native.isa()  # a bad LINF_JAX_NATIVE_ISA is a one-line ValueError, not a fallback
     if choice == "native":
         if not cpu:
             raise ValueError(f"{KERNELS_ENV}=native needs the CPU backend, not "
@@ -185,7 +187,7 @@ def kernel_backend() -> str:
     if choice == "auto" and jax.default_backend() == "gpu":
         return "pallas"
     if choice in ("", "auto"):
-        return "native" if cpu and native.preferred()[0] and native.available() else "xla"
+        return "native" if cpu and any(calibration.decisions().values()) else "xla"
     raise ValueError(f"{KERNELS_ENV}={choice!r} is not one of "
                      f"{', '.join(map(repr, KERNEL_CHOICES))} (or unset)")
 
@@ -195,14 +197,24 @@ def kernels_line() -> str:
     backend = kernel_backend()
     platform = jax.default_backend()
     if backend == "native":
-        return f"kernels: native CPU ({native.isa()})"
+        if _requested() == "native":
+            return f"kernels: native CPU ({native.isa()})"
+        d = calibration.decisions()
+        how = {"measured": "measured on this machine", "cached": "measured on this machine",
+               }.get(calibration.how_decided(), calibration.how_decided())
+        return f"kernels: {calibration.summary(d)} (native CPU build {native.isa()}; {how})"
     if backend == "pallas":
         return f"kernels: Pallas ({platform})"
     if platform != "cpu" or _requested() == "xla":
         return f"kernels: XLA ({platform})"
-    use, why = native.preferred()
-    if use:  # preferred, but the build failed
+    how = calibration.how_decided()
+    if how == "unavailable":
         why = f"the native kernels are unavailable: {native.unavailable_reason()}"
+    elif how == "instruction-set rule":
+        why = native.preferred()[1]
+    else:
+        why = (f"the native kernels ({native.isa()}) were measured slower than the XLA code "
+               "on this machine for every pass")
     return f"kernels: XLA (cpu; {why})"
 
 
@@ -238,9 +250,15 @@ def partitionable(fn):
     return wrapped
 
 
-def native_ok(*arrays) -> bool:
-    """Whether the native kernels take these operands (float32) under the current choice."""
-    return all(a.dtype == jnp.float32 for a in arrays) and kernel_backend() == "native"
+def native_ok(*arrays, family: str | None = None) -> bool:
+    """Whether the native kernels take these operands (float32) under the current choice: for
+    ``auto``, where the pass ``family`` (:data:`linf_jax.calibration.FAMILIES`) was measured
+    faster native on this machine; always with an explicit ``native``."""
+    if not all(a.dtype == jnp.float32 for a in arrays) or kernel_backend() != "native":
+        return False
+    if family is None or _requested() == "native":
+        return True
+    return calibration.decisions()[family]
 
 
 def on_cpu(cpu_fn, other_fn, *args):
@@ -278,7 +296,7 @@ def linf_dist(x: Array, w: Array) -> Array:
     # NumPy inputs are made JAX arrays first: a NumPy residual (a NumPy constant closed over
     # inside jit) cannot be indexed by the traced arg-max in the backward pass.
     x, w = jnp.asarray(x), jnp.asarray(w)
-    if native_ok(x, w):
+    if native_ok(x, w, family="linf"):
         return on_cpu(_linf_native, _linf_dist, x, w)
     return _linf_dist(x, w)
 
@@ -335,7 +353,7 @@ _linf_native.defvjp(_linf_native_fwd, _linf_native_bwd)
 
 def _row_max(x: Array, w: Array) -> Array:
     """``max_i |x_bi - w_oi|`` (no gradient: the ℓp passes' scale), native where it can."""
-    if native_ok(x, w):
+    if native_ok(x, w, family="lp"):
         return on_cpu(native.linf_max, _max_abs_diff, x, w)
     return _max_abs_diff(x, w)
 
@@ -376,7 +394,7 @@ def _lp_forward(x, w, p, k):
     def xla_sum(x, w, inv_m):
         return _scan_blocks(step, (jnp.zeros_like(inv_m), inv_m), x, w)[0]
 
-    if native_ok(x, w):
+    if native_ok(x, w, family="lp"):
         s = on_cpu(lambda x, w, im: native.lp_sum(x, w, im, p, k), xla_sum, x, w, inv_m)
     else:
         s = xla_sum(x, w, inv_m)
@@ -394,7 +412,7 @@ def _lp_backward(x, w, y, g, p, k):
     for wide inputs, tiled over i: every coordinate's G needs only its own d and y, so input
     tiles are independent, and each chunk's ``[B, oc, tile]`` temporaries stay small (untiled,
     (512, 3072, 5120) at p = 8 ran at 0.16 G elements/s against 1.5 at n = 1024)."""
-    if native_ok(x, w):
+    if native_ok(x, w, family="lp"):
         return on_cpu(lambda x, w, y, g: native.lp_bwd(x, w, 1.0 / jnp.where(y > 0, y, 1.0), g,
                                                        p, k),
                       lambda x, w, y, g: _lp_backward_xla(x, w, y, g, p, k), x, w, y, g)
@@ -449,7 +467,7 @@ def _lp_backward_tile(x, w, y, g, p, k):
 def _one_by_one_unless_native(fn, x, w):
     """``fn`` as is for the native kernels (they take vmapped axes as leading dimensions and
     loop over them inside one call), else :func:`_members_one_by_one`."""
-    return fn if native_ok(x, w) else _members_one_by_one(fn)
+    return fn if native_ok(x, w, family="lp") else _members_one_by_one(fn)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -537,7 +555,7 @@ def linf_dist_bounds(lower: Array, upper: Array, w: Array) -> tuple[Array, Array
 
 
 def _bounds_value(lower, upper, w):
-    if native_ok(lower, upper, w):
+    if native_ok(lower, upper, w, family="bounds"):
         return on_cpu(native.linf_bounds, _bounds_scan, lower, upper, w)
     return _members_one_by_one(_bounds_scan)(lower, upper, w)
 

@@ -63,7 +63,7 @@ def lp_decay_direction(w, p):
         q = jnp.asarray(p, jnp.float32)
         return jax.lax.cond(jnp.isfinite(q), _finite_direction, _infinite_direction, rows, q)
 
-    if ops.native_ok(rows):  # the custom call on the CPU, the XLA code on other platforms
+    if ops.native_ok(rows, family="decay"):  # the custom call on the CPU, XLA elsewhere
         k = int(p) - 2 if static and p == int(p) and p <= 10 else None
         return ops.on_cpu(lambda rows: native.lp_decay(rows, p, k), xla, rows).reshape(w.shape)
     return xla(rows).reshape(w.shape)

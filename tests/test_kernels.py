@@ -126,13 +126,14 @@ def test_blocks_must_be_powers_of_two():
 
 
 def test_dispatch_on_cpu(monkeypatch):
-    """Unset: the native kernels on an AVX-512 CPU (where they build), never Pallas; ``auto``:
+    """Unset: the native kernels where measured faster (and they build), never Pallas; ``auto``:
     Pallas on GPU only; ``use_kernels`` overrides the variable; unknown names fail with the
     choices."""
-    from linf_jax import native
 
     assert jax.default_backend() == "cpu"
-    cpu_default = "native" if native.preferred()[0] and native.available() else "xla"
+    from linf_jax import calibration
+
+    cpu_default = "native" if any(calibration.decisions().values()) else "xla"
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
     assert ops.kernel_backend() == cpu_default
     x, w, _ = _inputs(seed=5, b=3, n=10, out=4)

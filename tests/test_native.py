@@ -5,6 +5,7 @@ tiny shapes, NaN/inf semantics, and the dispatch that picks them.
 Skipped only where the machine has no C++ compiler; where one exists the kernels must build.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from linf_jax import native, ops
+from linf_jax import calibration, native, ops
 
 pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler")
 
@@ -246,7 +247,8 @@ def test_partitionable_keeps_custom_calls_out_unless_asked(monkeypatch):
         return jax.jit(lambda *a: fn(*a)).lower(x, w).as_text()
 
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
-    monkeypatch.setattr(native, "preferred", lambda: (True, "as on an AVX-512 CPU"))
+    monkeypatch.setattr(calibration, "_state", {
+        "decisions": dict.fromkeys(calibration.FAMILIES, True), "how": "measured"})
     assert "linf_jax_linf_max" in text(ops.linf_dist)
     assert "custom_call" not in text(ops.partitionable(ops.linf_dist))
     assert ops.kernel_backend() == "native"  # restored afterwards
@@ -420,13 +422,16 @@ AVX512_FLAGS = AVX2_FLAGS + " avx512f avx512dq avx512cd avx512bw avx512vl"
     ("x86_64", "flags\t\t: fpu sse sse2", "generic", False),
     ("aarch64", "Features\t: fp asimd evtstrm", "neon", False),
 ])
-def test_default_takes_native_only_on_avx512(monkeypatch, machine, flags, want_isa,
-                                              want_default):
-    """``LINF_JAX_KERNELS`` unset: native where the CPU has AVX-512 (the kind the kernels were
-    tuned and measured on), the XLA code on AVX2-only, ARM and baseline CPUs — decided before
-    anything is built — and the command lines' kernels line says which and why."""
+def test_instruction_set_rule_without_calibration(monkeypatch, machine, flags, want_isa,
+                                                  want_default):
+    """``LINF_JAX_CALIBRATION=off``, ``LINF_JAX_KERNELS`` unset: native where the CPU has
+    AVX-512 (the kind the kernels were tuned and measured on), the XLA code on AVX2-only, ARM
+    and baseline CPUs — decided before anything is built — and the command lines' kernels line
+    says which and why."""
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
     monkeypatch.delenv(native.ISA_ENV, raising=False)
+    monkeypatch.setenv(calibration.CALIBRATION_ENV, "off")
+    monkeypatch.setattr(calibration, "_state", {})
     monkeypatch.setattr(native, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(native.platform, "machine", lambda: machine)
     assert native.isa() == want_isa
@@ -435,7 +440,8 @@ def test_default_takes_native_only_on_avx512(monkeypatch, machine, flags, want_i
     monkeypatch.setattr(native, "available", lambda: built.append(1) or True)
     if want_default:
         assert ops.kernel_backend() == "native"
-        assert ops.kernels_line() == "kernels: native CPU (avx512)"
+        assert ops.kernels_line() == ("kernels: native kernels for linf, lp, bounds, decay "
+                                      "(native CPU build avx512; instruction-set rule)")
     else:
         assert ops.kernel_backend() == "xla"
         assert not built  # no build, no 10-45 s wait, on a CPU where native is not the default
@@ -528,3 +534,57 @@ def test_train_step_and_logits_export_for_cpu_cuda_and_tpu_from_a_cpu_host(monke
         for accelerator in ("cuda", "tpu"):  # alone: no custom call at all, no check disabled
             text = jax.export.export(jax.jit(fn), platforms=[accelerator])(*fargs).mlir_module()
             assert "linf_jax_" not in text
+
+
+
+# --------------------------------------------------------------------------------------------
+# auto: native per pass family where measured faster on this machine
+
+
+def test_calibration_measures_every_family_here():
+    times = calibration.measure(rounds=1)
+    assert set(times) == set(calibration.FAMILIES)
+    for t in times.values():
+        assert 0 < t["native_ms"] < 1e4 and 0 < t["xla_ms"] < 1e4
+
+
+def test_calibration_decides_per_family_caches_and_dispatches(monkeypatch, tmp_path, capsys):
+    """Measured faster native for ℓ∞ and the bounds, slower for ℓp and the decay: auto takes the
+    native kernels for the first two only; the decision is written once, read back, announced
+    in one line and named by the kernels line; an explicit native choice overrides it."""
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    monkeypatch.delenv(calibration.CALIBRATION_ENV, raising=False)
+    monkeypatch.setattr(calibration, "_state", {})
+    path = tmp_path / "lib.calibration.json"
+    monkeypatch.setattr(calibration, "_path", lambda: path)
+    fake = {"linf": (1.0, 2.0), "lp": (3.0, 2.0), "bounds": (1.0, 5.0), "decay": (2.0, 1.0)}
+    calls = []
+
+    def measure(rounds=calibration.ROUNDS):
+        calls.append(rounds)
+        return {f: {"native_ms": a, "xla_ms": b} for f, (a, b) in fake.items()}
+
+    monkeypatch.setattr(calibration, "measure", measure)
+    want = {"linf": True, "lp": False, "bounds": True, "decay": False}
+    assert calibration.decisions() == want and calibration.how_decided() == "measured"
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "timing the native CPU kernels" in out[0], out
+    assert "native kernels for linf, bounds; XLA code for lp, decay" in out[1]
+    assert json.loads(path.read_text())["decisions"] == want
+    monkeypatch.setattr(calibration, "_state", {})
+    assert calibration.decisions() == want and calibration.how_decided() == "cached"
+    assert calls == [calibration.ROUNDS] and capsys.readouterr().out == ""
+    assert ops.kernel_backend() == "native"
+    assert ops.kernels_line() == ("kernels: native kernels for linf, bounds; XLA code for lp, "
+                                  "decay (native CPU build " + native.isa()
+                                  + "; measured on this machine)")
+    x, w, _ = _rand(1, 4, 20, 3)
+
+    def text(fn):
+        return jax.jit(fn).lower(x, w).as_text()
+
+    assert "linf_jax_linf_max" in text(ops.linf_dist)
+    assert "linf_jax_" not in text(lambda x, w: ops.lp_dist(x, w, 8.0))
+    assert "linf_jax_linf_bounds" in text(lambda x, w: ops.linf_dist_bounds(x, x, w))
+    with ops.use_kernels("native"):
+        assert "linf_jax_lp_sum" in text(lambda x, w: ops.lp_dist(x, w, 8.0))

@@ -25,10 +25,10 @@ The vector width and register tile follow the instruction set (``_TILES``). The 
 tuned and measured fast on AVX-512 CPUs (16 lanes, 4x2 tiles in AVX-512's 32 registers). A build
 with those tiles for an AVX2-only CPU (16 registers of 8 floats) spilled and was measured 6-12x
 slower than the XLA code on a 2-core AMD EPYC; the AVX2 variant now has 8 lanes and 2x2 tiles,
-measured about 2x the XLA code only in a simulation so far (BENCHMARKS.md). So
-:func:`preferred` — what ``LINF_JAX_KERNELS`` unset or ``auto`` uses — is true only where the
-variant is ``avx512``; elsewhere the native kernels run only when asked for
-(``LINF_JAX_KERNELS=native``). Writes are atomic (temporary file, then rename). If no compiler
+measured about 2x the XLA code only in a simulation so far (BENCHMARKS.md). Whether
+``LINF_JAX_KERNELS`` unset or ``auto`` uses them is measured per pass on the machine itself
+(:mod:`linf_jax.calibration`); :func:`preferred` is the fixed rule used instead with
+``LINF_JAX_CALIBRATION=off``: native only where the variant is ``avx512``. Writes are atomic (temporary file, then rename). If no compiler
 is found or the build fails, :func:`available` is False, :func:`unavailable_reason` says why, a
 warning is issued once, and :mod:`linf_jax.ops` uses its XLA kernels, which give the same
 results.
@@ -136,9 +136,10 @@ def _march() -> tuple[str, ...]:
 
 
 def preferred() -> tuple[bool, str]:
-    """``(use, why)``: whether ``LINF_JAX_KERNELS`` unset/``auto`` takes the native kernels on
-    this CPU, and one phrase saying why. Decided from the instruction set alone, before any
-    build: only the AVX-512 variant was measured faster than the XLA code."""
+    """``(use, why)``: the instruction-set rule (``LINF_JAX_CALIBRATION=off``): whether the
+    automatic choice takes the native kernels on this CPU, and one phrase saying why. Decided
+    from the instruction set alone, before any build: native only for the AVX-512 variant, the
+    kind the kernels were tuned and measured on."""
     try:
         variant = isa()
     except ValueError as e:
@@ -208,11 +209,12 @@ def _load() -> bool:
             cxx = _compiler()
             if cxx is None:
                 raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
-            lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+            path = _build(cxx)
+            lib = ctypes.cdll.LoadLibrary(str(path))
             for symbol, name in _TARGETS.items():
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
                                             platform="cpu")
-            _state.update(ok=True, lib=lib, reason=None)
+            _state.update(ok=True, lib=lib, path=path, reason=None)
         except Exception as e:  # any failure means: use the XLA kernels
             _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
             warnings.warn(f"linf_jax: the native CPU kernels are unavailable ({_state['reason']}); "
@@ -224,6 +226,11 @@ def _load() -> bool:
 def available() -> bool:
     """True if the native kernels are built and registered (builds them on the first call)."""
     return _load()
+
+
+def library_path() -> Path | None:
+    """The shared library in use (None when unavailable); its calibration sits beside it."""
+    return _state.get("path") if _load() else None
 
 
 def unavailable_reason() -> str | None:
