@@ -28,10 +28,11 @@ slower than the XLA code on a 2-core AMD EPYC; the AVX2 variant now has 8 lanes 
 measured about 2x the XLA code only in a simulation so far (BENCHMARKS.md). Whether
 ``LINF_JAX_KERNELS`` unset or ``auto`` uses them is measured per pass on the machine itself
 (:mod:`linf_jax.calibration`); :func:`preferred` is the fixed rule used instead with
-``LINF_JAX_CALIBRATION=off``: native only where the variant is ``avx512``. Writes are atomic (temporary file, then rename). If no compiler
-is found or the build fails, :func:`available` is False, :func:`unavailable_reason` says why, a
-warning is issued once, and :mod:`linf_jax.ops` uses its XLA kernels, which give the same
-results.
+``LINF_JAX_CALIBRATION=off``: native only where the variant is ``avx512``.
+
+Writes are atomic (temporary file, then rename). If no compiler is found or the build fails,
+:func:`available` is False, :func:`unavailable_reason` says why, a warning is issued once, and
+:mod:`linf_jax.ops` uses its XLA kernels, which give the same results.
 """
 
 from __future__ import annotations
