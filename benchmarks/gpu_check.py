@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linf_jax import ops
-from linf_jax.kernels import distance
+from linf_jax.ops import pallas as distance
 
 INF = float("inf")
 SHAPES = [(5, 37, 131), (64, 300, 260), (3, 16, 7)]

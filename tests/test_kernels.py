@@ -51,7 +51,7 @@ def test_kernels_match_ops_values_and_grads_ragged(p):
 
 
 def test_linf_kernel_forward_is_exact_and_uses_first_argmax():
-    # The ℓ∞ forward is a max of the same float differences: bit-identical to ops.py.
+    # The ℓ∞ forward is a max of the same float differences: bit-identical to linf_jax.ops.
     x, w, g = _inputs(seed=7, b=6, n=21, out=10)
     y = pallas_linf_dist(x, w, interpret=True, blocks=SMALL)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(ops.linf_dist(x, w)))
@@ -93,7 +93,7 @@ def test_kernels_lower_with_triton_for_cuda(monkeypatch, p):
     """Cross-lowers forward + backward for CUDA from this CPU machine (jax.export): the Triton
     lowering accepts every kernel (power-of-2 values, supported primitives) at ragged shapes
     with the default GPU blocks. Compiling to PTX and running need a GPU."""
-    from linf_jax.kernels import distance
+    from linf_jax.ops import pallas as distance
 
     monkeypatch.setattr(distance, "_backend", lambda: "gpu")
     spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
@@ -121,7 +121,7 @@ def test_blocks_must_be_powers_of_two():
 
 
 # --------------------------------------------------------------------------------------------
-# Dispatch in ops.py
+# Dispatch in linf_jax.ops
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """The native CPU kernels (linf_jax/native, XLA FFI custom calls) against float64 NumPy and
-against the XLA kernels of ops.py: values, first arg-max on ties, gradients, vmap, ragged and
+against the XLA kernels of linf_jax.ops: values, first arg-max on ties, gradients, vmap, ragged and
 tiny shapes, NaN/inf semantics, and the dispatch that picks them.
 
 Skipped only where the machine has no C++ compiler; where one exists the kernels must build.
