@@ -3,7 +3,7 @@
 Two workloads, side by side in one run, for each model size:
 
 * certify: logits + interval margins of every test input for K members, averaged (the
-  ensemble certificate of SPEC §5). One program: one jitted call over the stacked pytree
+  ensemble certificate). One program: one jitted call over the stacked pytree
   (:func:`linf_jax.ensemble.apply`). ``loop``: the official code's way, one jitted call per
   member, averaged on the host. Both give the same certified set (checked).
 * train: one optimiser step of K independently trained members (own init, own data order).

@@ -1,4 +1,4 @@
-"""Epoch-time benchmark: one CIFAR-10-sized epoch of the 6×5120 ℓ∞-dist Net (GitHub issue 5).
+"""Epoch-time benchmark: one CIFAR-10-sized epoch of the 6×5120 ℓ∞-dist Net.
 
 Times the training step — forward + backward of the pure ℓ∞-dist Net (``build_model`` with
 ``name='linf_dist_net', depth=6, width=5120, head='none'``, 32×32×3 inputs, 10 classes), the
@@ -42,7 +42,7 @@ INF = float("inf")
 EPOCH_INPUTS = 50_000
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
-EPS_TRAIN = 0.1568 / 0.2009  # CIFAR-10 8/255 training ε (SPEC §4), normalised units
+EPS_TRAIN = 0.1568 / 0.2009  # CIFAR-10 8/255 training ε, normalised units
 
 # Elementwise ops per (b, o, i) element, forward + backward, the cheapest form of each pass:
 OPS_PER_ELEMENT = {

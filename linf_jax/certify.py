@@ -47,7 +47,7 @@ def lipschitz_margin(logits: Array, labels: Array) -> Array:
 
 def certified_radius(logits: Array, labels: Array, tol: float = DEFAULT_TOL) -> Array:
     """ℓ∞ radius (normalised units) certified by the 1-Lipschitz property: ``(margin − tol)/2``,
-    0 for misclassified examples (SPEC §6)."""
+    0 for misclassified examples."""
     return jnp.maximum((lipschitz_margin(logits, labels) - tol) / 2, 0.0)
 
 
@@ -105,7 +105,7 @@ def pgd_attack(
     restarts: int = 1,
     step_size=None,
 ) -> tuple[Array, Array]:
-    """ℓ∞ PGD on the cross-entropy (SPEC §6): random start N(0, ε/4) clipped to ±ε/2, ``steps``
+    """ℓ∞ PGD on the cross-entropy: random start N(0, ε/4) clipped to ±ε/2, ``steps``
     sign-gradient steps of ``step_size`` (default ε/4), projected onto the ε-ball and the image
     box ``[lo, hi]``; ``restarts`` independent starts. Returns ``(x_adv, fooled)``: for each
     example the first adversarial point found (else the last iterate of the last restart) and

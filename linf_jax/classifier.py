@@ -98,7 +98,7 @@ class Classifier:
 
     def certify(self, x, y, eps: float) -> jax.Array:
         """Boolean mask of the examples certified at pixel radius ``eps`` (interval certificate,
-        SPEC §6, with the rounding margin of :data:`linf_jax.certify.DEFAULT_TOL`)."""
+        with the rounding margin of :data:`linf_jax.certify.DEFAULT_TOL`)."""
         if not (isinstance(eps, (int, float)) and not isinstance(eps, bool)
                 and np.isfinite(eps) and 0 <= eps <= 1):
             raise InputError(f"eps={eps!r} is not allowed: a number of pixels in [0, 1]")

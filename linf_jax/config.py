@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Decoupled, scaled by the current lr, on every parameter but the logit scale: the l_p form
     # (current p) on l_inf-dist weights, plain on biases and head weights (linf_jax/optim.py).
     c.train.weight_decay = 5e-3
-    c.train.adam_eps = 1e-10  # Adam(β = (0.9, 0.99), eps = 1e-10), SPEC §4
+    c.train.adam_eps = 1e-10  # Adam(β = (0.9, 0.99), eps = 1e-10), as the official code
     c.train.eps_train = 0.15  # pixels; the certified target is 0.1
     c.train.loss = "hinge"
     c.train.mix = 0.75

@@ -23,7 +23,7 @@ A data set is named by ONE string, ``source``:
     subclass) are prepared here with ``file_format='array_record'``.  Features ``'image'``
     (``[H, W]`` or ``[H, W, C]``) and ``'label'`` are read; ``num_classes`` comes from a
     ``ClassLabel`` feature, else from ``max(label) + 1`` of the loaded split.
-    Known normalisation (SPEC §3): mnist mean 0.1307 std 0.3081; fashion_mnist mean 0.2860 std
+    Known normalisation: mnist mean 0.1307 std 0.3081; fashion_mnist mean 0.2860 std
     0.3520; cifar10 mean (0.4914, 0.4822, 0.4465) std 0.2009; cifar100 mean (0.5071, 0.4867,
     0.4408) std 0.2667.  Augmentation ``'mnist'`` for mnist/fashion_mnist, ``'cifar'`` for
     cifar10/cifar100, ``'none'`` otherwise.  Other names: per-channel mean and ONE pooled std
@@ -105,7 +105,7 @@ DIGITS_NUM_TRAIN = 1437  # the remaining 360 are 'test'
 
 MNIST_MEAN, MNIST_STD = (0.1307,), 0.3081
 
-# name -> (mean per channel, scalar std, augmentation); SPEC §3.
+# name -> (mean per channel, scalar std, augmentation).
 KNOWN_TFDS = {
     "mnist": (MNIST_MEAN, MNIST_STD, "mnist"),
     "fashion_mnist": ((0.2860,), 0.3520, "mnist"),
@@ -128,7 +128,7 @@ class Dataset:
     labels: np.ndarray  # [N] int32
     num_classes: int
     mean: tuple[float, ...]  # per-channel mean, pixel units
-    std: float  # ONE scalar std per data set (SPEC §3)
+    std: float  # ONE scalar std per data set
     name: str  # the source string
     augment: str  # 'none' | 'mnist' | 'cifar'
 
@@ -414,7 +414,7 @@ def _make(source, images, labels, num_classes, mean, std, aug) -> Dataset:
         )
     std_arr = np.asarray(std, np.float64)
     if std_arr.size != 1 or not np.isfinite(std_arr).all() or float(std_arr.ravel()[0]) <= 0:
-        raise DataError(f"data.std: {std!r} for {source!r}; allowed: ONE positive scalar (SPEC §3)")
+        raise DataError(f"data.std: {std!r} for {source!r}; allowed: ONE positive scalar")
     return Dataset(
         images=images,
         labels=labels,

@@ -1,4 +1,4 @@
-"""Ensembles as one stacked pytree (SPEC.md §5).
+"""Ensembles as one stacked pytree.
 
 K members of the same architecture are one variables pytree whose every leaf has a leading axis
 of size K; ``jax.vmap`` over the single-model function evaluates (or trains) all of them in one

@@ -1,4 +1,4 @@
-"""Flax (Linen) layers of ℓ∞-dist nets (SPEC.md §1–§2).
+"""Flax (Linen) layers of ℓ∞-dist nets.
 
 Every layer takes either an array or a :class:`Box` (an elementwise interval ``lo ≤ x ≤ hi``).
 Given a Box, a layer returns the exact (ℓ∞-dist layers, shifts, max-pooling, tanh) or sound
@@ -44,7 +44,8 @@ def _check_infinite_p(p) -> None:
 
 def linf_init(groups: int = 1, identity: bool = True):
     """N(0, 1) weights; where ``in_per_group ≤ out_per_group`` unit o gets −10 at input coordinate
-    ``o % in_per_group`` (the centre tap for convolutions), SPEC §1 "identity" init."""
+    ``o % in_per_group`` (the centre tap for convolutions): the official code's "identity"
+    init."""
 
     def init(key, shape, dtype=jnp.float32):
         w = jax.random.normal(key, shape, dtype)
@@ -64,7 +65,7 @@ def linf_init(groups: int = 1, identity: bool = True):
 
 
 class LinfDist(nn.Module):
-    """Dense (optionally grouped) ℓp-dist layer, ``y_o = ||x - w_o||_p (+ b_o)``, SPEC §1.
+    """Dense (optionally grouped) ℓp-dist layer, ``y_o = ||x - w_o||_p (+ b_o)``.
 
     x ``[B, in]`` → ``[B, features]``. Output unit o sees input block ``o // (features // groups)``.
     """
@@ -95,7 +96,7 @@ class LinfDist(nn.Module):
 
 
 class LinfDistConv(nn.Module):
-    """ℓp distance between every C·k·k patch of an NHWC input and every filter, SPEC §1."""
+    """ℓp distance between every C·k·k patch of an NHWC input and every filter."""
 
     features: int
     kernel_size: int
@@ -130,7 +131,7 @@ class LinfDistConv(nn.Module):
 
 
 class MeanShift(nn.Module):
-    """Batch norm without variance or affine parameters (SPEC §1): subtract the per-unit batch
+    """Batch norm without variance or affine parameters: subtract the per-unit batch
     mean in training (running mean, momentum 0.1, in ``batch_stats``), the running mean in
     evaluation. A constant shift, so 1-Lipschitz; a Box is shifted by the same mean."""
 

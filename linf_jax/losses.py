@@ -1,4 +1,4 @@
-"""Training losses of SPEC.md §4 on the worst-case margin vector ``r``.
+"""Training losses on the worst-case margin vector ``r`` (docs/RECIPES.md, "Losses").
 
 ``r`` is ``[B, C]`` with ``r_j`` an upper bound of ``z_j − z_y`` over the training ε-ball and
 ``r_y = 0``; the models produce it (``model.apply(..., eps=eps, labels=y)``), and

@@ -1,4 +1,4 @@
-"""ℓ∞-dist models of the papers (SPEC.md §2), built by name from a config.
+"""ℓ∞-dist models of the papers, built by name from a config.
 
 Every model is a trunk of ℓ∞-dist layers followed by a head:
 
@@ -24,9 +24,9 @@ Calls (all on NHWC inputs in normalised units):
 * ``model.apply(v, x, p=p, train=t)`` → logits ``[B, C]``.
 * ``model.apply(v, x, p=p, train=t, eps=eps, labels=y)`` → ``(logits, margins)``: the training
   worst-case margins, ``r_j ≥ z_j − z_y`` over the ε-ball, from the Lipschitz box ``f ± ε`` on the
-  trunk's output pushed through the head (for the pure net ``r_j = z_j − z_y + 2ε``; SPEC §4).
+  trunk's output pushed through the head (for the pure net ``r_j = z_j − z_y + 2ε``).
 * ``model.apply(v, lo, hi, y, method='certify_margins')`` → exact interval bounds through the
-  trunk at p = ∞ in evaluation mode, then the head (SPEC §6). Certified iff every ``r_j < 0``
+  trunk at p = ∞ in evaluation mode, then the head. Certified iff every ``r_j < 0``
   for ``j ≠ y``.
 * ``model.apply(v, lo, hi, method='logit_bounds')`` → ``Box`` of the logits.
 

@@ -1,4 +1,4 @@
-"""Adam with the ℓp-aware decoupled weight decay, and the parameter EMA (SPEC.md §4–§5).
+"""Adam with the ℓp-aware decoupled weight decay, and the parameter EMA.
 
 The chain is ``scale_by_adam → add decoupled decay → scale by −lr(step)``. The decay terms are
 computed from the parameters *before* the update, so the result is exactly the official v1

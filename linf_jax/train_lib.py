@@ -1,4 +1,4 @@
-"""Training: TrainState, the jitted train step, the loop, metrics and checkpoints (SPEC.md §4–§5).
+"""Training: TrainState, the jitted train step, the loop, metrics and checkpoints.
 
 ``train_step(state, images, labels, batch_idx, p_mode)`` is ONE jitted pure function: it reads
 p, ε, lr, λ and the EMA decay from :mod:`linf_jax.schedules` as functions of ``state.step``, runs

@@ -1,5 +1,5 @@
 """Schedules at their boundary steps (both recipe families), losses and the optimiser against
-NumPy (SPEC §4–§5, docs/RECIPES.md)."""
+NumPy (docs/RECIPES.md)."""
 
 import math
 

@@ -63,7 +63,7 @@ __all__ = [
 
 
 def linf_dist(x: Array, w: Array) -> Array:
-    """``y[b, o] = max_i |x[b, i] - w[o, i]|`` (SPEC §1). x ``[B, n]``, w ``[out, n]``.
+    """``y[b, o] = max_i |x[b, i] - w[o, i]|``. x ``[B, n]``, w ``[out, n]``.
 
     Backward: only the arg-max coordinate gets gradient, ``∂y/∂x_{i*} = sign(d_{i*}) = -∂y/∂w_{i*}``
     (first arg-max on ties; zero gradient where x equals w).
@@ -145,7 +145,7 @@ _lp_dist.defvjp(_lp_fwd, _lp_bwd)
 
 
 def lp_dist(x: Array, w: Array, p) -> Array:
-    """``y[b, o] = ||x[b] - w[o]||_p`` for finite ``p ≥ 1`` (SPEC §1, stable form).
+    """``y[b, o] = ||x[b] - w[o]||_p`` for finite ``p ≥ 1`` (stable form).
 
     ``p`` may be a Python number or a traced scalar. Integer ``p ≤ 8`` takes the repeated-
     multiplication path (statically for a Python number, through ``lax.cond`` for a traced p
@@ -183,7 +183,7 @@ def dist(x: Array, w: Array, p) -> Array:
 
 
 def linf_dist_bounds(lower: Array, upper: Array, w: Array) -> tuple[Array, Array]:
-    """Exact interval of ``||z - w[o]||_∞`` over the box ``lower ≤ z ≤ upper`` (SPEC §6).
+    """Exact interval of ``||z - w[o]||_∞`` over the box ``lower ≤ z ≤ upper``.
 
     Per coordinate, ``min_z |z - w| = max(l - w, w - u, 0)`` and
     ``max_z |z - w| = max(u - w, w - l)``; both bounds are attained (the arg-max coordinate's
@@ -227,7 +227,7 @@ def _merge_groups(a: Array) -> Array:
 
 
 def grouped_dist(x: Array, w: Array, p, groups: int = 1) -> Array:
-    """Grouped :func:`dist` (SPEC §1): x ``[B, n]`` split into ``groups`` contiguous blocks,
+    """Grouped :func:`dist`: x ``[B, n]`` split into ``groups`` contiguous blocks,
     w ``[out, n // groups]``; output unit o sees block ``o // (out // groups)`` only."""
     if groups == 1:
         return dist(x, w, p)

@@ -1,4 +1,4 @@
-"""Pallas kernels for the ℓ∞ / ℓp distance layer (SPEC.md §1), behind custom VJPs.
+"""Pallas kernels for the ℓ∞ / ℓp distance layer, behind custom VJPs.
 
 Same signatures and semantics as :mod:`linf_jax.ops`: x ``[B, n]``, w ``[out, n]`` →
 ``y [B, out]``, ``y[b, o] = ||x[b] - w[o]||_p``. Which implementation a layer uses is decided
@@ -15,7 +15,7 @@ body is unrolled ``unroll`` times by hand, since the Triton lowering refuses ``u
   ``s = Σ (|d|/m)^p`` (integer p ≤ 8 by repeated multiplication, a static choice; otherwise
   ``exp(p·log t)``). The kernel returns ``(m, s)``; ``y = m · s^(1/p)`` (0 where m = 0) is
   finished by XLA exactly as in linf_jax.ops.
-* ℓp backward (SPEC §1 second pass), two kernels with ``G = sign(d) (|d|/y)^(p-1) g``:
+* ℓp backward (second pass), two kernels with ``G = sign(d) (|d|/y)^(p-1) g``:
   ``dx`` on a grid (B tiles, in tiles) accumulating over every output row, and ``dw`` on a grid
   (out tiles, in tiles) accumulating over every batch row. G is computed twice (once per
   kernel) rather than written out or combined with atomics: no ``B·out·n`` buffer and a
@@ -368,7 +368,7 @@ def pallas_linf_dist(x: Array, w: Array, *, interpret: bool = False,
 
 def pallas_lp_dist(x: Array, w: Array, p, *, interpret: bool = False,
                    blocks: Blocks = DEFAULT_BLOCKS) -> Array:
-    """Pallas :func:`linf_jax.ops.lp_dist` for finite ``p ≥ 1`` (stable form, SPEC §1).
+    """Pallas :func:`linf_jax.ops.lp_dist` for finite ``p ≥ 1`` (the stable form).
 
     A Python-number p picks the integer-power kernels statically for integer p ≤ 8; a traced p
     switches between the p = 8 and the exp/log kernels with ``lax.cond`` (as linf_jax.ops does).

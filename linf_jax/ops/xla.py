@@ -26,7 +26,7 @@ from jax import lax
 
 Array = jax.Array
 
-_BLOCK = 16  # input coordinates per unrolled scan step (8 was 7x slower here, see MEASURED.md)
+_BLOCK = 16  # input coordinates per unrolled scan step (8 was 7x slower on a 2-core CPU)
 _OUT_TILE = 128  # weight rows per tile: keeps the (B, tile) carry in cache (1.7x faster arg-max)
 _OUT_CHUNK = 16  # outputs per chunk in the ℓp backward pass
 _LP_BWD_ELEMENTS = 1 << 21  # B·chunk·tile elements per ℓp backward step (see _lp_backward)
