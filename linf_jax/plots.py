@@ -37,13 +37,12 @@ class PlotInputError(ValueError):
     """Input that cannot be plotted; the message is one line naming the argument and value."""
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A matplotlib Figure outside pyplot: no global backend switch (a notebook's inline backend
+    stays as it is), no figure registry to close; ``savefig`` writes through Agg."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _is_number(v) -> bool:
@@ -207,8 +206,8 @@ def plot_certified_accuracy(runs: Mapping[str, Mapping], path: str, eps_max: flo
     evaluated ε."""
     for label, r in runs.items():
         check_result(r, f"runs[{label!r}]")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig = _figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
     top = _eps_top(runs, eps_max)
     grid = np.linspace(0, top, 400)
     for i, (label, r) in enumerate(runs.items()):
@@ -236,7 +235,6 @@ def plot_certified_accuracy(runs: Mapping[str, Mapping], path: str, eps_max: flo
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -248,9 +246,9 @@ def plot_training_curves(metrics: str | Sequence[dict], path: str) -> str:
     else:
         records = list(metrics)
         _check_records(records, "metrics")
-    plt = _pyplot()
     steps = np.array([r.get("step", np.nan) for r in records], np.float64)
-    fig, axes = plt.subplots(len(TRAINING_KEYS), 1, figsize=(6.4, 9), dpi=110, sharex=True)
+    fig = _figure(figsize=(6.4, 9), dpi=110)
+    axes = fig.subplots(len(TRAINING_KEYS), 1, sharex=True)
     for ax, (key, label, log) in zip(axes, TRAINING_KEYS, strict=True):
         v = np.array([r.get(key, np.nan) for r in records], np.float64)
         if key == "p":
@@ -265,7 +263,6 @@ def plot_training_curves(metrics: str | Sequence[dict], path: str) -> str:
     axes[-1].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -281,8 +278,8 @@ def plot_radius_histogram(runs: Mapping[str, Sequence[float] | Mapping], path: s
             marks.update(row["eps"] for row in r.get("results", []) if not eps)
             r = r["radii"]
         series[label] = np.asarray(r, np.float64).ravel()
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig = _figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
     top = max([r.max() if r.size else 0 for r in series.values()] + [1e-3])
     edges = np.linspace(0, top, bins + 1)
     for i, (label, radii) in enumerate(series.items()):  # light fill, full-colour outline
@@ -297,7 +294,6 @@ def plot_radius_histogram(runs: Mapping[str, Sequence[float] | Mapping], path: s
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -260,3 +260,23 @@ def test_cli_bad_input_in_process(case, files, tmp_path, capsys):
         assert needle in err[0], (needle, err[0])
     assert not os.listdir(tmp_path) or not any(p.endswith((".png", ".txt"))
                                                for p in os.listdir(tmp_path))
+
+
+def test_plots_leave_the_session_backend_alone(tmp_path):
+    """Plotting draws on a pyplot-free Figure: a notebook's backend (here 'svg', standing in for
+    the inline one) is the same afterwards, and no figure is left registered in pyplot."""
+    import matplotlib
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        import matplotlib.pyplot as plt
+
+        before = plt.get_fignums()
+        out = plots.plot_certified_accuracy(
+            {"a": {"results": [{"eps": 0.1, "certified_accuracy": 0.5, "pgd_accuracy": 0.6}],
+                   "radii": [0.0, 0.2, 0.3]}}, str(tmp_path / "c.png"))
+        assert os.path.getsize(out) > 1000
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == before
+    finally:
+        matplotlib.use(previous)
