@@ -57,7 +57,18 @@ class Classifier:
         return data_lib.normalize(x, self._mean, self.std)
 
     def _check(self, x, y=None):
-        """Validates pixels ``x`` (and labels ``y``); raises :class:`InputError` (one line)."""
+        """Validates pixels ``x`` (and labels ``y``); raises :class:`InputError` (one line).
+
+        Traced inputs (under ``jax.jit``, ``jax.grad``, ``jax.vmap``) pass through with their
+        shape checked only: their values are not known, and a user's own attack or fine-tuning
+        must be able to differentiate through the classifier."""
+        if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
+            if x.ndim == 3 and len(self.input_shape) == 3 and x.shape[1:] == self.input_shape[:2]:
+                x = x[..., None]
+            if x.shape[1:] != self.input_shape:
+                raise InputError(f"x.shape={x.shape} does not match the model; allowed: "
+                                 f"(N, {', '.join(map(str, self.input_shape))})")
+            return x, y
         try:
             x = np.asarray(x, np.float32)
         except (TypeError, ValueError) as err:
@@ -86,7 +97,8 @@ class Classifier:
         return x, y
 
     def __call__(self, x) -> jax.Array:
-        """Logits ``[N, C]`` (the member average for an ensemble)."""
+        """Logits ``[N, C]`` (the member average for an ensemble). A JAX function of ``x``:
+        ``jax.grad(lambda x: loss(clf(x)))(x)``, ``jax.jit`` and ``jax.vmap`` work."""
         x, _ = self._check(x)
         return self._logits(jnp.asarray(x))
 

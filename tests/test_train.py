@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
+from linf_jax import data as data_lib
 from linf_jax import train_lib
 from linf_jax.classifier import load_classifier
 
@@ -189,3 +190,34 @@ def test_deterministic_gpu_runs_set_or_demand_xla_flag(monkeypatch):
                                        + train_lib.DETERMINISTIC_FLAG)
     train_lib._check_determinism(cfg)
     train_lib._check_determinism(tiny_config())  # not asked for: nothing demanded
+
+
+def test_classifier_is_a_jax_function(full_run):
+    """``load_classifier``'s result works under ``jax.grad``, ``jax.jit`` and ``jax.vmap`` (a
+    user's own attack): the input gradient is the chain rule through the normalisation, and a
+    hand-written PGD through it never breaks a certified example and does break others."""
+    workdir, _ = full_run
+    clf = load_classifier(workdir)
+    ds = data_lib.load("digits", "test[:120]")
+    x = jnp.asarray(data_lib.as_pixels(ds.images))
+    y = jnp.asarray(ds.labels, jnp.int32)
+
+    def loss(z):
+        return -jnp.take_along_axis(jax.nn.log_softmax(clf(z)), y[:, None], 1).sum()
+
+    g = jax.jit(jax.grad(loss))(x)
+    inner = lambda u: -jnp.take_along_axis(jax.nn.log_softmax(clf._logits_fn(u)), y[:, None],
+                                           1).sum()
+    want = jax.grad(inner)(clf._normalize(x)) / clf.std
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(lambda z: clf(z[None])[0])(x), clf(x), rtol=1e-6,
+                               atol=1e-6)
+    eps = 0.1
+    cert = np.asarray(clf.certify(x, y, eps))
+    z, grad_loss = x, jax.jit(jax.grad(loss))
+    for _ in range(30):  # PGD, sign steps of eps/4, projected on the eps-ball and [0, 1]
+        z = jnp.clip(z + eps / 4 * jnp.sign(grad_loss(z)), x - eps,
+                     x + eps).clip(0.0, 1.0)
+    fooled = np.asarray(clf(z).argmax(-1) != y)
+    assert not np.any(cert & fooled)
+    assert np.any(fooled & ~cert)
