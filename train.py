@@ -27,6 +27,10 @@ except Exception as _err:  # noqa: BLE001 - an override naming no config field
     fail(config_override_message(_err, sys.argv))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config name>).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (the file with every --config.FIELD "
+    "override applied, validated) and exit without training. Every field can be overridden: "
+    "--config.train.lr=0.01; the fields are those of linf_jax/config.py (README, 'Configs').")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host: call jax.distributed.initialize() first (docs/SCALING.md).")
 _COORDINATOR = flags.DEFINE_string(
@@ -105,6 +109,11 @@ def main(argv) -> None:
                  "with --distributed")
     config = cli.load_config(_CONFIG)
     from linf_jax import train_lib
+
+    if _PRINT_CONFIG.value:
+        cli.run_guarded(train_lib.validate_config, config)
+        print(config.to_json_best_effort(indent=2, sort_keys=True))
+        return
 
     train_lib.request_determinism(config)  # before JAX starts its backend
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]

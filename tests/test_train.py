@@ -221,3 +221,15 @@ def test_classifier_is_a_jax_function(full_run):
     fooled = np.asarray(clf(z).argmax(-1) != y)
     assert not np.any(cert & fooled)
     assert np.any(fooled & ~cert)
+
+
+def test_print_config_prints_the_resolved_config_and_exits(tmp_path):
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--print_config",
+           f"--workdir={tmp_path / 'never'}", "--config.train.lr=0.0125",
+           "--config.model.width=64"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads(proc.stdout)
+    assert config["train"]["lr"] == 0.0125 and config["model"]["width"] == 64
+    assert config["kernels"] == "auto" and config["train"]["schedule"] == "v1"
+    assert not (tmp_path / "never").exists()  # nothing trained, nothing written
