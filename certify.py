@@ -30,6 +30,8 @@ _PGD_RESTARTS = flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts.")
 _BATCH = flags.DEFINE_integer("batch_size", 500, "Evaluation batch size.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Certify only the first N examples.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_STEP = flags.DEFINE_integer("step", None, "Certify this checkpoint step of the run (default: "
+                             "the latest; one --workdir only).")
 
 
 def parse_eps(text: str) -> list[float]:
@@ -99,7 +101,7 @@ def run() -> dict:
     split = _SPLIT.value or config.data.test_split
     ds = data_lib.load(source, split, _DATA_DIR.value or config.data.get("data_dir"))
     check_data(meta, ds, source)
-    clf = load_classifier(_WORKDIR.value, weights=_WEIGHTS.value)
+    clf = load_classifier(_WORKDIR.value, weights=_WEIGHTS.value, step=_STEP.value)
     print_kernels()
     images, labels = ds.images, ds.labels
     if _LIMIT.value is not None:

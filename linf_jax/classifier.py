@@ -163,16 +163,20 @@ class Classifier:
 
 
 def load_classifier(workdir: str | os.PathLike | Sequence[str | os.PathLike],
-                    weights: str = "ema") -> Classifier:
+                    weights: str = "ema", step: int | None = None) -> Classifier:
     """Loads a run (a single model or an ensemble trained in one program), or several runs
-    stacked into one ensemble (members trained separately; they must share one architecture
+    stacked into one ensemble, from their latest checkpoint (or ``step``, of a single run; a
+    damaged latest checkpoint is refused in one line naming the newest step that restores).
+    Members trained separately must share one architecture
     and one data normalisation)."""
     if weights not in ("ema", "raw"):
         raise InputError(f"weights={weights!r} is not allowed: one of ('ema', 'raw')")
     dirs = [workdir] if isinstance(workdir, (str, os.PathLike)) else list(workdir)
     if not dirs:
         raise InputError("workdir: at least one run directory is needed")
-    loaded = [train_lib.load_run(os.fspath(d)) for d in dirs]
+    if step is not None and len(dirs) > 1:
+        raise InputError(f"step={step} is not allowed with {len(dirs)} workdirs: one run only")
+    loaded = [train_lib.load_run(os.fspath(d), step) for d in dirs]
     cfg0, meta, model, _ = loaded[0]
     arch0 = train_lib._flat(cfg0.model)
     variables = []

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -546,6 +547,54 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, target: TrainState,
         ) from None
 
 
+def restore_newest_good(mngr: ocp.CheckpointManager, target: TrainState, workdir: str,
+                        warn: Callable[[str], None] | None = None) -> TrainState:
+    """Restores the newest step that restores. A newer step that does not (a truncated or
+    missing file) is moved aside, not deleted, to ``<workdir>/damaged_checkpoints/`` with one
+    warning line naming it and the step resumed from; with no good step left the last error is
+    raised. Nothing is lost: the damaged files stay for inspection."""
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    steps = sorted(mngr.all_steps(), reverse=True)
+    damaged = []
+    for i, step in enumerate(steps):
+        try:
+            state = restore_checkpoint(mngr, target, step)
+        except CheckpointError as err:
+            if i == len(steps) - 1:
+                raise
+            damaged.append((step, str(err)))
+            continue
+        for bad, why in damaged:
+            dest = _move_aside(mngr, bad, workdir)
+            cause = why.split("(", 1)[1].rsplit(")", 1)[0] if "(" in why else why
+            warn(f"warning: checkpoint step {bad} cannot be restored ({cause}); moved to {dest}; "
+                 f"resuming from step {step}")
+        if damaged:
+            mngr.reload()
+        return state
+    raise CheckpointError(f"workdir={workdir!r} has no checkpoint")
+
+
+def _move_aside(mngr: ocp.CheckpointManager, step: int, workdir: str) -> str:
+    src = os.path.join(os.fspath(mngr.directory), str(step))
+    root = os.path.join(workdir, "damaged_checkpoints")
+    os.makedirs(root, exist_ok=True)
+    dest = os.path.join(root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(src, dest)  # same file system: an atomic rename
+    return dest
+
+
+def newest_good_step(mngr: ocp.CheckpointManager, target: TrainState) -> int | None:
+    """The newest step that restores into ``target`` (read only; None if none does)."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            restore_checkpoint(mngr, target, step)
+            return step
+        except CheckpointError:
+            continue
+    return None
+
+
 def _root_cause_line(err: BaseException, limit: int = 240) -> str:
     """The first line of the innermost exception of a chain (TensorStore's own words)."""
     seen = set()
@@ -703,7 +752,7 @@ def _train_and_evaluate(config, workdir, progress, evaluate_at_end, max_steps) -
     state_sharding = jax.tree.map(lambda a: a.sharding, state)
     mngr = checkpoint_manager(workdir, config.train.keep_checkpoints)
     if mngr.latest_step() is not None:
-        state = restore_checkpoint(mngr, state)
+        state = restore_newest_good(mngr, state, workdir)
     main_process = jax.process_index() == 0  # multi-host: one writer of the run's files
     progress = progress and main_process
     if main_process:
@@ -880,9 +929,10 @@ def check_resume(config, workdir: str) -> None:
                 "value or train into a new --workdir")
 
 
-def load_run(workdir: str):
+def load_run(workdir: str, step: int | None = None):
     """``(config, meta, model, state)`` of a finished or interrupted run, from its latest complete
-    checkpoint. Raises :class:`CheckpointError` with one line when there is none.
+    checkpoint (or ``step``). Raises :class:`CheckpointError` with one line when there is none,
+    or when the latest cannot be restored: the line names the newest step that can.
 
     Only finalised steps count: a save that was killed leaves an ``*.orbax-checkpoint-tmp-*``
     folder, which is ignored. Nothing in ``workdir`` is written, and nothing is unpickled (the
@@ -903,13 +953,20 @@ def load_run(workdir: str):
     # create=False and no garbage collection: this manager never writes.
     mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False))
     try:
-        step = mngr.latest_step()
-        if step is None:
+        steps = mngr.all_steps()
+        if not steps:
             raise CheckpointError(f"workdir={workdir!r} has no complete checkpoint in {ckpt_dir}")
+        if step is not None and step not in steps:
+            raise CheckpointError(f"--step={step} is not allowed: workdir={workdir!r} has the "
+                                  f"steps {sorted(steps)}")
+        chosen = mngr.latest_step() if step is None else step
         try:
-            state = restore_checkpoint(mngr, state, step)
+            state = restore_checkpoint(mngr, state, chosen)
         except CheckpointError as err:
-            raise CheckpointError(f"workdir={workdir!r}: {err}") from None
+            good = newest_good_step(mngr, state)
+            hint = (f"; the newest step that restores is {good}: certify it with --step={good}"
+                    if good is not None else "; no step of this run restores")
+            raise CheckpointError(f"workdir={workdir!r}: {err}{hint}") from None
     finally:
         mngr.close()
     return config, meta, model, state

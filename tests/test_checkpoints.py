@@ -184,3 +184,38 @@ def test_non_finite_loss_through_the_command_line_is_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: non-finite"), proc.stderr[-2000:]
     assert "at step" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_damaged_latest_checkpoint_is_moved_aside_and_training_resumes(tmp_path, capsys):
+    """A data file of the latest checkpoint truncated: training moves that step aside (kept, not
+    deleted), says so in one line naming the step it resumes from, and ends with the parameters
+    of a run resumed from that step with the damaged one simply absent."""
+    import shutil
+
+    cfg = tiny_config(**{"train.epochs": (0, 1, 1, 2, 3), "train.checkpoint_every_epochs": 1})
+    base = str(tmp_path / "base")
+    train_lib.train_and_evaluate(cfg, base, progress=False, evaluate_at_end=False, max_steps=20)
+    assert sorted(int(s) for s in os.listdir(os.path.join(base, "checkpoints"))) == [10, 20]
+    damaged, reference = str(tmp_path / "damaged"), str(tmp_path / "reference")
+    shutil.copytree(base, damaged)
+    shutil.copytree(base, reference)
+    data = os.path.join(damaged, "checkpoints", "20", "default", "ocdbt.process_0", "d")
+    for name in os.listdir(data):
+        path = os.path.join(data, name)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    shutil.rmtree(os.path.join(reference, "checkpoints", "20"))
+    capsys.readouterr()
+    got = train_lib.train_and_evaluate(cfg, damaged, progress=False, evaluate_at_end=False)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    assert "checkpoint step 20 cannot be restored" in warnings[0]
+    assert "resuming from step 10" in warnings[0] and "damaged_checkpoints" in warnings[0]
+    moved = os.listdir(os.path.join(damaged, "damaged_checkpoints"))
+    assert len(moved) == 1 and moved[0].startswith("20-")
+    want = train_lib.train_and_evaluate(cfg, reference, progress=False, evaluate_at_end=False)
+    assert int(got.state.step) == int(want.state.step) == 30
+    for a, b in zip(jax.tree.leaves(got.state), jax.tree.leaves(want.state), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    # certification of the run now finds its latest checkpoint intact
+    train_lib.load_run(damaged)
