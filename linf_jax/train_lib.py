@@ -547,6 +547,53 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, target: TrainState,
         ) from None
 
 
+class WorkdirLock:
+    """One writer per run folder: an exclusive ``flock`` on ``<workdir>/.lock``, held while a run
+    trains. The operating system drops it when the process ends in any way (``kill -9``
+    included), so it never goes stale; the file itself stays (unlinking a lock file races with
+    a process that has just opened it). Where ``fcntl`` does not exist (Windows) it is a no-op.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self._file = None
+
+    def acquire(self) -> WorkdirLock:
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise TrainingError(
+                f"workdir={os.path.dirname(self.path)!r} is in use by {holder}; allowed: one "
+                "training process per workdir (wait for it, stop it, or use another --workdir)"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        f.write(f"pid {os.getpid()} on {platform_node()} since {since}")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+
+def platform_node() -> str:
+    import platform
+
+    return platform.node() or "this host"
+
+
 def restore_newest_good(mngr: ocp.CheckpointManager, target: TrainState, workdir: str,
                         warn: Callable[[str], None] | None = None) -> TrainState:
     """Restores the newest step that restores. A newer step that does not (a truncated or
@@ -749,6 +796,19 @@ def _train_and_evaluate(config, workdir, progress, evaluate_at_end, max_steps) -
     schedule = make_schedule(config, steps_per_epoch, meta["std"])
     tx = make_run_optimizer(config, schedule)
     state = create_train_state(config, model, train_ds.input_shape, tx, mesh)
+    lock = WorkdirLock(workdir)
+    if jax.process_index() == 0:  # multi-host: process 0 writes the run's files
+        lock.acquire()
+    try:
+        return _train_locked(config, workdir, progress, evaluate_at_end, max_steps, tqdm, train_ds,
+                             meta, model, k, mesh, batches, schedule, tx, state)
+    finally:
+        lock.release()
+
+
+def _train_locked(config, workdir, progress, evaluate_at_end, max_steps, tqdm, train_ds, meta,
+                  model, k, mesh, batches, schedule, tx, state) -> TrainResult:
+    d, n, steps_per_epoch = config.data, len(train_ds.labels), len(batches)
     state_sharding = jax.tree.map(lambda a: a.sharding, state)
     mngr = checkpoint_manager(workdir, config.train.keep_checkpoints)
     if mngr.latest_step() is not None:

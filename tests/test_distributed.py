@@ -51,7 +51,8 @@ def test_two_processes_train_like_one(tmp_path):
         assert p.returncode == 0, err[-3000:]
         assert "clean accuracy" in out
     files = sorted(os.listdir(workdir))
-    assert files == ["checkpoints", "config.json", "meta.json", "metrics.jsonl", "results.json"]
+    assert files == [".lock", "checkpoints", "config.json", "meta.json", "metrics.jsonl",
+                     "results.json"]  # .lock: process 0's one-writer lock (released)
 
     _, _, _, state = train_lib.load_run(workdir)
     one = train_lib.train_and_evaluate(tiny_config(**OVERRIDES), str(tmp_path / "one"),

@@ -120,3 +120,45 @@ def test_signal_saves_and_resume_is_bit_identical(signum, reference, tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b)), "resumed state differs"
     assert _metrics(workdir) == _metrics(ref)  # every step logged once, the same numbers
     assert _results(workdir) == _results(ref)
+
+
+def test_one_writer_per_workdir_and_no_stale_lock(tmp_path):
+    """A second train.py on a workdir that a running one holds exits non-zero with one line
+    naming the holder; after ``kill -9`` of the first (no clean-up at all) a new run on the same
+    workdir starts (resumes) and trains."""
+    workdir = str(tmp_path / "run")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    long_run = [a if not a.startswith("--config.train.epochs=") else
+                "--config.train.epochs=(0,8,8,24,400)" for a in _cmd(workdir)]  # 4,000 steps
+
+    def start():
+        return subprocess.Popen(long_run, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO)
+
+    def wait_for_step(proc, step):
+        deadline = time.time() + 240
+        while _last_logged_step(metrics) < step:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.01)
+
+    first = start()
+    try:
+        wait_for_step(first, 3)
+        second = subprocess.run(long_run, capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert first.poll() is None, "the first run ended before the second was refused"
+    finally:
+        first.kill()
+        first.communicate()
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert second.returncode != 0 and len(lines) == 1, second.stderr[-2000:]
+    assert lines[0].startswith("error: workdir=") and f"pid {first.pid}" in lines[0], lines[0]
+    assert "one training process per workdir" in lines[0]
+    resumed_from = _last_logged_step(metrics)
+    third = start()  # the lock died with the first process
+    try:
+        wait_for_step(third, resumed_from + 3)
+    finally:
+        third.send_signal(signal.SIGTERM)
+        out, err = third.communicate(timeout=120)
+    assert third.returncode == 0, err[-3000:]
+    assert "interrupted at step" in out
