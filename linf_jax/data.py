@@ -145,7 +145,16 @@ class Dataset:
 
 
 def load(source: str, split: str, data_dir: str | None = None) -> Dataset:
-    """Loads split ``split`` (TFDS slicing syntax) of the data set named ``source``."""
+    """Loads split ``split`` (TFDS slicing syntax) of the data set named ``source``; a split that
+    selects no example is a :class:`DataError`."""
+    ds = _load_source(source, split, data_dir)
+    if len(ds.labels) == 0:
+        raise DataError(f"data.split: {split!r} of {source!r} selects no examples; allowed: a "
+                        "split with at least one example")
+    return ds
+
+
+def _load_source(source: str, split: str, data_dir: str | None) -> Dataset:
     if not isinstance(source, str) or not source:
         raise DataError(f"data.source: got {source!r}; allowed: {_SOURCES_HELP}")
     if not isinstance(split, str) or not split.strip():

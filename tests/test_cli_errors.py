@@ -30,7 +30,8 @@ TINY = ["--config.model.depth=3", "--config.model.width=32",
 # (id, program, arguments, substrings the one stderr line must contain). Placeholders:
 # {run} a finished tiny run, {narrow} a run of another width, {truncated}/{deleted} copies of
 # {run} with a damaged latest checkpoint, {file} a regular file, {new} a fresh folder name,
-# {npz_*} data files, {mnist} a folder of MNIST-shaped (28x28) IDX files made by the fixture,
+# {npz_*} data files (99 / negative labels, NaN / inf / 1.5 / int32 pixels, 30 labels for 40
+# images, rank-2 images), {mnist} a folder of MNIST-shaped (28x28) IDX files made by the fixture,
 # {readonly} a chmod-0o500 folder.
 CASES = [
     # --- ε, p and the model (train.py; the existing run must stay untouched)
@@ -66,6 +67,17 @@ CASES = [
     ("train-negative-labels", "train.py", ["--workdir={new}", "--config.data.source=npz:{npz_neg}",
                                            "--config.data.train_split=train"],
      ["data.labels", "-3", "allowed"]),
+    ("train-pixels-above-1", "train.py", ["--workdir={new}", "--config.data.source=npz:{npz_big}"],
+     ["data.images", "1.5", "allowed: [0, 1]"]),
+    ("train-pixels-int32", "train.py", ["--workdir={new}", "--config.data.source=npz:{npz_int}"],
+     ["data.images", "int32", "allowed: uint8 0..255"]),
+    ("train-labels-images-lengths", "train.py", ["--workdir={new}",
+                                                 "--config.data.source=npz:{npz_len}"],
+     ["data.labels", "30 labels for 40 images", "one label per image"]),
+    ("train-image-rank", "train.py", ["--workdir={new}", "--config.data.source=npz:{npz_rank}"],
+     ["data.images", "(40, 64)", "[N, H, W]"]),
+    ("train-empty-split", "train.py", ["--workdir={new}", "--config.data.train_split=train[:0]"],
+     ["data.split", "train[:0]", "selects no examples"]),
     ("train-inf-pixels", "train.py", ["--workdir={new}", "--config.data.source=npz:{npz_inf}"],
      ["data.images", "inf", "allowed: finite"]),
     # --- folders, files and flags
@@ -92,6 +104,8 @@ CASES = [
      ["--data", "(28, 28, 1)", "(8, 8, 1)"]),
     ("certify-label-out-of-range", "certify.py", ["--workdir={run}", "--data=npz:{npz_99}"],
      ["--data", "label 99", "0..9"]),
+    ("certify-empty-split", "certify.py", ["--workdir={run}", "--split=test[:0]"],
+     ["data.split", "test[:0]", "selects no examples"]),
     ("certify-nan-pixels", "certify.py", ["--workdir={run}", "--data=npz:{npz_nan}"],
      ["data.images", "NaN", "allowed: finite"]),
     ("certify-truncated-checkpoint", "certify.py", ["--workdir={truncated}"],
@@ -184,6 +198,13 @@ def env(tmp_path_factory):
     x_nan = x.copy()
     x_nan[5, 2, 3, 0] = np.nan
     _save_npz(paths["npz_nan"], x_nan, y)
+    for name, arrays in {"npz_big": dict(x=np.where(np.arange(40)[:, None, None, None] == 2,
+                                                    1.5, x).astype(np.float32), y=y),
+                         "npz_int": dict(x=(x * 300).astype(np.int32), y=y),
+                         "npz_len": dict(x=x.astype(np.float32), y=y[:30]),
+                         "npz_rank": dict(x=x.reshape(40, 64).astype(np.float32), y=y)}.items():
+        paths[name] = os.path.join(tmp, f"{name}.npz")
+        np.savez(paths[name], **arrays)
     x_inf = x.copy()
     x_inf[1, 0, 0, 0] = np.inf
     _save_npz(paths["npz_inf"], x_inf, y)
