@@ -377,8 +377,10 @@ def training_loss(config, logits, margins, labels, eps, lam, scale):
 
 
 def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict,
-                    mesh=None, state_sharding=None) -> Callable:
-    """Builds the jitted ``train_step(state, images, labels, batch_idx, p_mode)``.
+                    mesh=None, state_sharding=None, donate: bool = False) -> Callable:
+    """Builds the jitted ``train_step(state, images, labels, batch_idx, p_mode)``; with
+    ``donate`` the input state's buffers are donated to the output state (the training loop
+    does; the state passed in may not be used again).
 
     ``images``/``labels`` are the whole training split on the device; ``batch_idx`` is ``[B]``
     (single model and joint ensembles: all members see the same batch) or ``[K, B]``
@@ -498,14 +500,15 @@ def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict
                    "ema_decay": alpha}
         return new_state, metrics
 
-    # No buffer donation: with donate_argnums=(0,) jaxlib 0.10.2 on the CPU corrupted the
-    # parameters (NaN at step 1113 of configs/default.py, reproducibly; the same step replayed
-    # from a saved state without donation was finite and bit-stable over 60 repeats).
+    # donate: the state's buffers are reused for the new state, so a step holds one copy of
+    # parameters, Adam moments and EMA instead of two (the training loop never reads a state
+    # it has passed on). Direct callers that step the same state twice (tests) keep it off.
+    donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(train_step, static_argnames=("p_mode",))
+        return jax.jit(train_step, static_argnames=("p_mode",), donate_argnums=donate_argnums)
     if mesh.size > 1:  # custom calls would run unpartitioned (see ops.partitionable)
         train_step = ops.partitionable(train_step)
-    return jax.jit(train_step, static_argnames=("p_mode",),
+    return jax.jit(train_step, static_argnames=("p_mode",), donate_argnums=donate_argnums,
                    out_shardings=(state_sharding, parallel.replicated(mesh)))
 
 
@@ -819,7 +822,8 @@ def _train_locked(config, workdir, progress, evaluate_at_end, max_steps, tqdm, t
         write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
         write_json(os.path.join(workdir, "meta.json"), meta)
 
-    train_step = make_train_step(config, model, tx, schedule, meta, mesh, state_sharding)
+    train_step = make_train_step(config, model, tx, schedule, meta, mesh, state_sharding,
+                                 donate=True)
     images = parallel.global_array(train_ds.images, parallel.replicated(mesh))
     labels = parallel.global_array(train_ds.labels, parallel.replicated(mesh))
     total = schedule.total_steps
