@@ -677,10 +677,27 @@ def write_json(path: str, obj) -> None:
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the current step and exits."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the current step and exits.
+
+    Several processes (``jax.distributed``): a SIGTERM reaching any of them, at any moment, is
+    turned by JAX's preemption service into one agreed step for all
+    (:func:`jax.experimental.multihost_utils.reached_preemption_sync_point`, asked after every
+    step), so every process saves the same step and stops; that service owns SIGTERM there, and
+    this flag handles SIGINT only."""
 
     def __init__(self):
         self.signum = None
+        self.multihost = jax.process_count() > 1
+
+    def agreed(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` (the steps done): a local signal, or on several
+        processes the step that all of them agreed on."""
+        if self.multihost:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signum = self.signum or int(signal.SIGTERM)
+        return self.signum is not None
 
     @contextlib.contextmanager
     def installed(self):
@@ -688,8 +705,9 @@ class _StopFlag:
             self.signum = signum
 
         old = {}
+        signals = (signal.SIGINT,) if self.multihost else (signal.SIGTERM, signal.SIGINT)
         try:
-            for s in (signal.SIGTERM, signal.SIGINT):
+            for s in signals:
                 old[s] = signal.signal(s, handler)
         except ValueError:  # not the main thread: no handlers
             pass
@@ -875,11 +893,12 @@ def _train_locked(config, workdir, progress, evaluate_at_end, max_steps, tqdm, t
             done = step + 1
             if max_steps is not None and done - start >= max_steps and done < total:
                 stop.signum = -1
+            stopping = stop.agreed(done)
             if done % (steps_per_epoch * config.train.checkpoint_every_epochs) == 0 \
-                    or done == total or stop.signum is not None:
+                    or done == total or stopping:
                 check(pending)
                 save_checkpoint(mngr, state)
-            if stop.signum is not None:
+            if stopping:
                 preempted = True
                 break
         if pending is not None:  # the last step (also when preempted: the resumed run goes on)

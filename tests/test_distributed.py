@@ -76,3 +76,55 @@ def test_distributed_flags_need_distributed(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "only allowed with --distributed" in proc.stderr
     assert not os.path.exists(f"{tmp_path}/x")
+
+
+def test_sigterm_on_one_host_stops_both_at_one_step_and_resume_is_bit_identical(tmp_path):
+    """SIGTERM reaches one of two processes: JAX's preemption service makes both agree on one
+    step, both save it and exit 0; the same command again finishes the run, whose state is bit
+    for bit that of an uninterrupted two-process run."""
+    import signal
+    import time
+
+    longer = ["--config.train.log_every=1"]
+    flags = [f if not f.startswith("--config.train.epochs=") else
+             "--config.train.epochs=(0,4,0,8,12)" for f in FLAGS]
+    workdir, reference = str(tmp_path / "pre"), str(tmp_path / "ref")
+
+    def run(workdir):
+        procs = []
+        port = _free_port()
+        env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+        env.pop("XLA_FLAGS", None)
+        for pid in range(2):
+            args = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}",
+                    *flags, *longer, "--distributed", f"--coordinator_address=localhost:{port}",
+                    "--num_processes=2", f"--process_id={pid}"]
+            procs.append(subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        return procs
+
+    procs = run(workdir)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 15):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)  # one host only
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    stopped = [int(out.strip().splitlines()[-1].split()[3].rstrip(";")) for out, _ in outs
+               if out.strip().splitlines()[-1].startswith("interrupted at step")]
+    assert len(stopped) >= 1 and len(set(stopped)) == 1, [o[-300:] for o, _ in outs]
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                   if s.isdigit())
+    assert steps[-1] == stopped[0] < 120
+    for procs_again in (run(workdir), run(reference)):
+        for p in procs_again:
+            out, err = p.communicate(timeout=400)
+            assert p.returncode == 0, err[-3000:]
+    _, _, _, a = train_lib.load_run(workdir)
+    _, _, _, b = train_lib.load_run(reference)
+    assert int(a.step) == int(b.step) == 120
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
