@@ -35,7 +35,9 @@ Every model also owns a scalar ``logit_scale`` (init 1), the learnable ``s`` of 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from math import inf as INF
 
 import flax.linen as nn
 import jax
@@ -43,7 +45,6 @@ import jax.numpy as jnp
 
 from linf_jax.layers import BoundedLinear, Box, LinfDist, LinfDistConv, MeanShift, max_pool
 
-INF = float("inf")
 HEADS = ("none", "mlp")
 
 
@@ -174,39 +175,51 @@ def is_1_lipschitz(model) -> bool:
     return getattr(model, "head", None) == "none"
 
 
+# name -> constructor, called as ``MODELS[name](num_classes=..., **fields)``. A variant is a
+# ``functools.partial`` of a class whose keywords are defaults the config may still override.
 MODELS = {
     "linf_dist_net": LinfDistNet,
-    "linf_dist_net_mlp": LinfDistNet,  # alias: head='mlp'
+    "linf_dist_net_mlp": functools.partial(LinfDistNet, head="mlp"),
     "linf_lenet": LinfLeNet,
 }
 
 
+def model_fields(name: str) -> dict:
+    """``field -> default`` of the model ``name``: the fields a config may set (the class's
+    dataclass fields but ``num_classes``, which the data set gives, and Flax's ``parent`` and
+    ``name``), with the variant's defaults where ``MODELS[name]`` is a ``functools.partial``."""
+    ctor = MODELS[name]
+    cls, preset = (ctor.func, ctor.keywords) if isinstance(ctor, functools.partial) else (ctor, {})
+    return {k: preset.get(k, f.default) for k, f in cls.__dataclass_fields__.items()
+            if k not in ("parent", "name", "num_classes")}
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 def build_model(model_config, num_classes: int) -> _LinfModel:
-    """Builds a model by ``model_config.name`` with the fields the class knows.
+    """``MODELS[model_config.name](num_classes, **fields)``, every field checked first.
 
     ``model_config`` is a mapping or ``ml_collections.ConfigDict`` with ``name`` and any of the
-    class's fields (``depth``, ``width``, ``head``, ``head_hidden``, ``channels``, ...).
+    model's fields (:func:`model_fields`: ``depth``, ``width``, ``head``, ``head_hidden``,
+    ``channels``, ...; lists become tuples); a field of another model is ignored. A value out of
+    range raises ``ValueError`` with one line that starts with ``model.<field>=``.
     """
     cfg = dict(model_config)
     name = cfg.pop("name", None)
     if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"model.name={name!r} is not allowed: one of {sorted(MODELS)}")
-    cls = MODELS[name]
-    if name == "linf_dist_net_mlp":
-        cfg.setdefault("head", "mlp")
-    fields = set(cls.__dataclass_fields__) - {"parent", "name"}
+    fields = model_fields(name)
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in fields}
-    def positive_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
     for key in ("depth", "width", "head_hidden", "kernel_size"):
-        if key in kwargs and not positive_int(kwargs[key]):
+        if key in kwargs and not _positive_int(kwargs[key]):
             raise ValueError(f"model.{key}={kwargs[key]!r} is not allowed: a positive integer")
     for key in ("channels", "dense"):
         if key in kwargs and (not isinstance(kwargs[key], tuple) or not kwargs[key]
-                              or not all(positive_int(c) for c in kwargs[key])):
+                              or not all(_positive_int(c) for c in kwargs[key])):
             raise ValueError(f"model.{key}={kwargs[key]!r} is not allowed: a non-empty list of "
                              "positive integers")
-    if kwargs.get("head", cls.head) not in HEADS:
+    if kwargs.get("head", fields["head"]) not in HEADS:
         raise ValueError(f"model.head={kwargs['head']!r} is not allowed: one of {HEADS}")
-    return cls(num_classes=num_classes, **kwargs)
+    return MODELS[name](num_classes=num_classes, **kwargs)

@@ -179,3 +179,25 @@ def test_mlp_head_trunk_is_the_official_feature_trunk(kind):
 
 def _flat(x):
     return x.reshape(x.shape[0], -1)
+
+
+def test_registry_variants_are_partials_of_a_class_with_overridable_defaults():
+    """``MODELS[name](num_classes, **fields)``: the ++ variant is the ℓ∞-dist Net with
+    ``head='mlp'`` by default, and a config's ``head`` still wins."""
+    import functools
+
+    from linf_jax.models import MODELS, LinfDistNet, model_fields
+
+    assert isinstance(MODELS["linf_dist_net_mlp"], functools.partial)
+    assert MODELS["linf_dist_net_mlp"].func is LinfDistNet
+    assert model_fields("linf_dist_net_mlp")["head"] == "mlp"
+    assert model_fields("linf_dist_net")["head"] == "none"
+    assert model_fields("linf_lenet")["head"] == "mlp"
+    assert set(model_fields("linf_dist_net")) == {"depth", "width", "head", "head_hidden"}
+    assert set(model_fields("linf_lenet")) == {"channels", "kernel_size", "dense", "head",
+                                                "head_hidden"}
+    assert build_model(dict(name="linf_dist_net_mlp", depth=2, width=8), 3).head == "mlp"
+    assert build_model(dict(name="linf_dist_net_mlp", depth=2, width=8, head="none"),
+                       3).head == "none"
+    m = build_model(dict(name="linf_dist_net", depth=2, width=8), 3)
+    assert type(m) is LinfDistNet and (m.num_classes, m.depth, m.width) == (3, 2, 8)
