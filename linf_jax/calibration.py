@@ -1,9 +1,10 @@
 """Which passes run the native CPU kernels under ``LINF_JAX_KERNELS=auto``: measured, per
 machine and build.
 
-The native kernels (:mod:`linf_jax.native`) are fast where they were tuned and can be slower
-elsewhere (a 16-lane build on an AVX2-only CPU ran 6-12x slower than the XLA code). So the first
-time the automatic choice is needed on a machine, every pass family is timed both ways on
+The native kernels (:mod:`linf_jax.native`) are fast on the CPUs they are tuned for and can be
+slower than the XLA code elsewhere (register tiles that do not fit a CPU's registers spill), and
+no rule decided from the instruction set alone is right for every machine. So the first time the
+automatic choice is needed on a machine, every pass family is timed both ways on
 representative shapes, a few seconds in all, and ``auto`` takes the native kernels only for the
 families where they were faster:
 

@@ -61,8 +61,9 @@ bad value and what is allowed.
 Images stay in their stored dtype on the host (uint8 or float32); on the device,
 :func:`as_pixels` turns them into float32 pixel units, :func:`augment` crops/flips,
 :func:`normalize` maps them to network units.  The ONE scalar std keeps ℓ∞ geometry intact:
-ε in pixel units is ``ε / std`` in network units (:func:`eps_to_normalized`), and the valid
-image box [0, 1] becomes :func:`pixel_bounds`.
+every coordinate is divided by the same number, so ε in pixel units is exactly ``ε / std`` in
+network units (:func:`eps_to_normalized`), and the valid image box [0, 1] becomes
+:func:`pixel_bounds` (docs/METHOD.md §9).
 """
 
 from __future__ import annotations
@@ -239,12 +240,14 @@ def crop_flip(key: jax.Array, pixels: jax.Array, padding: int, mode: str = "zero
 
 
 def eps_to_normalized(eps_pixels, std) -> float:
-    """ε in pixel units → ε in network units (one scalar std keeps ℓ∞ balls ℓ∞ balls)."""
+    """ε in pixel units → ε in network units (one scalar std keeps ℓ∞ balls ℓ∞ balls,
+    docs/METHOD.md §9)."""
     return eps_pixels / std
 
 
 def pixel_bounds(mean, std) -> tuple[jax.Array, jax.Array]:
-    """The image box [0, 1] in normalised units, per channel: ``(lo[C], hi[C])``."""
+    """The image box [0, 1] in normalised units, per channel: ``(lo[C], hi[C])``; certification
+    clips the interval-bound input box and the PGD iterates to it."""
     mean = jnp.atleast_1d(jnp.asarray(mean, jnp.float32))
     std = jnp.asarray(std, jnp.float32)
     return (0.0 - mean) / std, (1.0 - mean) / std

@@ -1,17 +1,15 @@
 """Host-side settings for running on the CPU: glibc's allocator, tuned for XLA's buffers.
 
-XLA's CPU runtime allocates every output buffer of a jitted call with ``malloc`` (no buffer
-donation here, see ``train_lib.make_train_step``), and a train step's outputs are as large as its
-state: 4 MiB per 1024×1024 weight matrix and per optimiser moment, five times that for a K = 5
+XLA's CPU runtime allocates the buffers of a jitted call with ``malloc``: the outputs that are
+not donated, and the temporaries, which in a train step are as large as the parameters
+(gradients, optimiser updates): 4 MiB per 1024×1024 weight matrix, five times that for a K = 5
 ensemble stacked on one axis. glibc serves such blocks with ``mmap`` and returns them with
-``munmap`` when they are freed, so every step faults in all of its output pages afresh; its
-adaptive threshold adapts only to sizes it has just freed, which misses part of a step's
-buffers. :func:`tune_allocator` keeps blocks up to 32 MiB on the heap (``M_MMAP_THRESHOLD``),
-returns freed memory to the system only above 1 GiB at the top of the heap
-(``M_TRIM_THRESHOLD``) and grows the heap 256 MiB at a time (``M_TOP_PAD``, address space only
-until touched). Measured on the 2-core CPU VM (BENCHMARKS.md, 2026-11-26): the optimiser
-update of a K = 5 ensemble of 5×1024 MNIST nets took 64 ms (one vmapped call) and 45 ms (five
-calls) with glibc's defaults, 44 and 41 ms tuned; whole train steps got 3-15% faster.
+``munmap`` when they are freed, so every step faults in all of those pages afresh; its adaptive
+threshold adapts only to sizes it has just freed, which misses part of a step's buffers.
+:func:`tune_allocator` keeps blocks up to 32 MiB on the heap (``M_MMAP_THRESHOLD``), returns
+freed memory to the system only above 1 GiB at the top of the heap (``M_TRIM_THRESHOLD``) and
+grows the heap 256 MiB at a time (``M_TOP_PAD``, address space only until touched). Its effect
+on the optimiser update and on whole train steps is recorded in BENCHMARKS.md.
 
 The cost is memory the process keeps instead of returning (bounded by the trim threshold).
 ``train.py``, ``certify.py`` and the benchmarks call :func:`tune_allocator` at start-up; library

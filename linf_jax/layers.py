@@ -4,7 +4,8 @@ Every layer takes either an array or a :class:`Box` (an elementwise interval ``l
 Given a Box, a layer returns the exact (ℓ∞-dist layers, shifts, max-pooling, tanh) or sound
 (linear head) interval of its output, so bound propagation is the same network definition run
 on a different input type, never a second copy of the network. Boxes are propagated at p = ∞ in
-evaluation mode only (that is what certification needs).
+evaluation mode only: that is where the network is 1-Lipschitz and its MeanShift a constant
+(the neuron and the bound rules: docs/METHOD.md §1 and §3.2).
 
 Parameter names are a contract with :mod:`linf_jax.optim` (weight-decay masks):
 ``linf_weight`` (ℓ∞-dist weights, ``[out, in_per_group]`` or ``[out, C_per_group, k, k]``),
@@ -45,7 +46,9 @@ def _check_infinite_p(p) -> None:
 def linf_init(groups: int = 1, identity: bool = True):
     """N(0, 1) weights; where ``in_per_group ≤ out_per_group`` unit o gets −10 at input coordinate
     ``o % in_per_group`` (the centre tap for convolutions): the official code's "identity"
-    init."""
+    init. That coordinate dominates the max, so the unit starts out passing one input through
+    (shifted by a constant that MeanShift removes) and a deep stack starts near the identity
+    (docs/METHOD.md §1)."""
 
     def init(key, shape, dtype=jnp.float32):
         w = jax.random.normal(key, shape, dtype)
@@ -65,9 +68,11 @@ def linf_init(groups: int = 1, identity: bool = True):
 
 
 class LinfDist(nn.Module):
-    """Dense (optionally grouped) ℓp-dist layer, ``y_o = ||x - w_o||_p (+ b_o)``.
+    """Dense (optionally grouped) ℓp-dist layer, ``y_o = ||x - w_o||_p (+ b_o)``; 1-Lipschitz in
+    ℓ∞ at p = ∞ (docs/METHOD.md §1), finite p is the training relaxation (§2).
 
     x ``[B, in]`` → ``[B, features]``. Output unit o sees input block ``o // (features // groups)``.
+    On a :class:`Box` (p = ∞ only) it returns the exact interval of each output.
     """
 
     features: int
@@ -96,7 +101,8 @@ class LinfDist(nn.Module):
 
 
 class LinfDistConv(nn.Module):
-    """ℓp distance between every C·k·k patch of an NHWC input and every filter."""
+    """ℓp distance between every C·k·k patch of an NHWC input and every filter (zero padding,
+    stride and dilation as in a convolution); on a :class:`Box`, the exact interval at p = ∞."""
 
     features: int
     kernel_size: int
@@ -132,8 +138,9 @@ class LinfDistConv(nn.Module):
 
 class MeanShift(nn.Module):
     """Batch norm without variance or affine parameters: subtract the per-unit batch
-    mean in training (running mean, momentum 0.1, in ``batch_stats``), the running mean in
-    evaluation. A constant shift, so 1-Lipschitz; a Box is shifted by the same mean."""
+    mean in training (over every axis but the last; gradients flow through it; running mean,
+    momentum 0.1, in ``batch_stats``), the running mean in evaluation. In evaluation it is a
+    constant shift, so 1-Lipschitz; a Box is shifted by the same mean (docs/METHOD.md §1)."""
 
     momentum: float = 0.1
 
@@ -165,7 +172,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 class BoundedLinear(nn.Module):
     """Linear layer ``x @ (W/√fan_in) + b``, W ~ N(0, 1), b = 0.
 
-    On a Box it propagates centre ``W c + b`` and radius ``|W| r`` (interval bound propagation).
+    On a Box it propagates centre ``W c + b`` and radius ``|W| r``, the exact interval of an
+    affine map over a box (docs/METHOD.md §3.2). Not 1-Lipschitz in ℓ∞ in general: a model with
+    this head is certified by interval bounds only.
     Every product runs at float32 ``HIGHEST`` precision whatever ``jax_default_matmul_precision``
     says: TF32 (the default on A100/H100/H200) or bfloat16 products carry ~5e-4 relative error,
     more than the certificate's rounding margin (:data:`linf_jax.certify.DEFAULT_TOL`).

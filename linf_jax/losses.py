@@ -1,9 +1,12 @@
-"""Training losses on the worst-case margin vector ``r`` (docs/RECIPES.md, "Losses").
+"""Training losses on the worst-case margin vector ``r`` (docs/METHOD.md §4; which official script
+uses which: docs/RECIPES.md, "Losses").
 
-``r`` is ``[B, C]`` with ``r_j`` an upper bound of ``z_j − z_y`` over the training ε-ball and
+``r`` is ``[B, C]`` with ``r_j`` the worst case of ``z_j − z_y`` over the training ε-ball and
 ``r_y = 0``; the models produce it (``model.apply(..., eps=eps, labels=y)``), and
 :func:`lipschitz_margins` builds it for a pure ℓ∞-dist net from its logits (with ε = 0: the
-clean margins ``z − z_y``). ε is in normalised units throughout.
+clean margins ``z − z_y``). ε is in normalised units throughout. ``r`` is a true upper bound at
+p = ∞ in evaluation mode; during training (p < ∞, batch statistics) it is the surrogate the
+losses push down (docs/METHOD.md §3.3).
 
 * ``hinge`` (v1): :func:`hinge_loss`, and with κ < 1 :func:`kappa_mix` of the worst-case and the
   clean margins, as the official ``Loss`` of ``zbh2047/L_inf-dist-net`` (``main.py``);
@@ -20,7 +23,8 @@ import optax
 
 
 def lipschitz_margins(logits, labels, eps):
-    """``r_j = z_j − z_y + 2ε`` for j ≠ y, ``r_y = 0`` (the 1-Lipschitz worst case)."""
+    """``r_j = z_j − z_y + 2ε`` for j ≠ y, ``r_y = 0`` (the 1-Lipschitz worst case: over an ε-ball
+    every logit of a 1-Lipschitz net moves by at most ε, docs/METHOD.md §3.1)."""
     z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
     return jnp.where(onehot, 0.0, logits - z_y + 2.0 * eps)
@@ -28,7 +32,8 @@ def lipschitz_margins(logits, labels, eps):
 
 def hinge_loss(margins, mix):
     """``mix · mean_batch (max_j r_j)₊ + (1 − mix) · mean(r₊)`` (the mean over batch and
-    classes, as ``torch.nn.functional.multi_margin_loss``)."""
+    classes, the zero entry j = y included, as ``torch.nn.functional.multi_margin_loss``). On
+    the pure net's margins it is 0 exactly when ``z_y − z_j ≥ 2ε`` for every j ≠ y."""
     worst = jax.nn.relu(margins.max(axis=-1)).mean()
     every = jax.nn.relu(margins).mean()
     return mix * worst + (1.0 - mix) * every
@@ -50,12 +55,15 @@ def kappa_mix(loss_fn, logits, margins, labels, kappa):
 
 
 def kappa_ce_loss(logits, margins, labels, kappa):
-    """``κ · CE(r) + (1 − κ) · CE(z)`` (the +MLP models; ``CE(z − z_y) = CE(z)``)."""
+    """``κ · CE(r) + (1 − κ) · CE(z)`` (the +MLP models; ``CE(z − z_y) = CE(z)``; with
+    ``r_y = 0``, ``CE(r) = log Σ_j exp(r_j)``, a smooth maximum of the worst-case margins)."""
     return kappa * cross_entropy(margins, labels) + (1.0 - kappa) * cross_entropy(logits, labels)
 
 
 def v2_mixture_loss(logits, margins, labels, eps, lam, scale):
-    """``mean_batch max_j clip(r_j / 2ε, 0, 1) + λ · CE(s · z)`` (ℓ∞-dist Net v2).
+    """``mean_batch max_j clip(r_j / 2ε, 0, 1) + λ · CE(s · z)`` (ℓ∞-dist Net v2, docs/METHOD.md
+    §4): per example 0 when certified at ε, 1 when misclassified; the logit scale ``s`` enters
+    the cross-entropy only.
 
     At ε = 0 the first term is its limit ε → 0⁺: for j ≠ y, ``r_j / 2ε = (z_j − z_y)/2ε + 1``
     tends to +∞ where ``z_j ≥ z_y`` and to −∞ where ``z_j < z_y``, so the clipped term is

@@ -1,5 +1,5 @@
-"""Per-iteration schedules of the two official recipe families (docs/RECIPES.md), and a
-preview of them on the command line.
+"""Per-iteration schedules of the two official recipe families (docs/METHOD.md §5, the recipes
+that use them: docs/RECIPES.md), and a preview of them on the command line.
 
 Both families read the same five-number ``train.epochs`` tuple, differently. With ``B`` the steps
 per epoch and ``ef = step / B`` the position of a step in epochs (a schedule runs before the
@@ -189,6 +189,10 @@ class Schedule:
         return (self.lam_start * jnp.exp(r * math.log(end / self.lam_start))).astype(jnp.float32)
 
     def ema_decay_at(self, step):
+        """The EMA decay α of ``step`` (float32): ``min(1 − 1/(epoch + 1), ema_decay)`` with
+        ``epoch = step // steps_per_epoch``, so 0 for the whole first epoch (the average copies
+        the weights) and the cap from the first epoch ≥ ``1/(1 − ema_decay) − 1`` on
+        (docs/METHOD.md §7)."""
         epoch = jnp.asarray(step, jnp.int32) // self.steps_per_epoch
         warm = 1.0 - 1.0 / (epoch.astype(jnp.float32) + 1.0)
         return jnp.minimum(warm, self.ema_decay).astype(jnp.float32)

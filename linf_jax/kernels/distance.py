@@ -1,5 +1,5 @@
-"""Moved to :mod:`linf_jax.ops.pallas` (the Pallas backend of the distance kernels); this name
-stays for code that imports it."""
+"""An alias of :mod:`linf_jax.ops.pallas` (the Pallas backend of the distance kernels), kept
+for code that imports this name."""
 
 from linf_jax.ops.pallas import (  # noqa: F401
     DEFAULT_BLOCKS,

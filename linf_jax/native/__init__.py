@@ -1,31 +1,30 @@
 """Native CPU kernels for the ℓ∞ and ℓp distances: XLA FFI custom calls built on first use.
 
 XLA's CPU backend compiles the running max and the running arg-max of the ℓ∞ forward pass as two
-sibling loop fusions that each recompute ``|x − w|`` (BENCHMARKS.md), so the arg-max that the
-backward pass needs doubled the forward time. ``linf_cpu.cc`` keeps both in one register-tiled
-loop, does the backward scatter-adds in one pass, and computes the interval bounds of
-certification the same way. For finite p it runs the sum pass of the stable form and the
-analytic backward pass, computing each ``(|d|/y)^(p−1)`` once for both reductions (integer p by
-repeated squaring, other p by a vector exp/log). :mod:`linf_jax.ops` uses it on the CPU for
-float32 operands (``LINF_JAX_KERNELS``, see :func:`linf_jax.ops.kernel_backend`). Under
-``jax.vmap`` (ensemble members, groups) the kernels take the vmapped axes as leading dimensions
-and loop over them inside one call.
+sibling loop fusions that each recompute ``|x − w|`` (BENCHMARKS.md), so there the arg-max that
+the backward pass needs costs about as much as the forward pass itself. ``linf_cpu.cc`` keeps
+both in one register-tiled loop, does the backward scatter-adds in one pass, and computes the
+interval bounds of certification the same way. For finite p it runs the sum pass of the stable
+form and the analytic backward pass, computing each ``(|d|/y)^(p−1)`` once for both reductions
+(integer p by repeated squaring, other p by a vector exp/log). :mod:`linf_jax.ops` uses it on
+the CPU for float32 operands (``LINF_JAX_KERNELS``, see :func:`linf_jax.ops.kernel_backend`).
+Under ``jax.vmap`` (ensemble members, groups) the kernels take the vmapped axes as leading
+dimensions and loop over them inside one call.
 
 The library is compiled with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/
-``clang++``; ``-O3`` and the instruction set of :func:`isa`, about 10 s on a 2-core CPU) the
-first time it is needed and cached under ``$LINF_JAX_CACHE`` (default ``~/.cache/linf_jax``),
-keyed by the source, the compiler, the flags, jaxlib and the CPU's feature flags, so a shared
-home directory never serves a library built for another CPU.
+``clang++``; ``-O3`` and the instruction set of :func:`isa`; 10-60 s) the first time it is
+needed and cached under ``$LINF_JAX_CACHE`` (default ``~/.cache/linf_jax``), keyed by the
+source, the compiler, the flags, jaxlib and the CPU's feature flags, so a shared home directory
+never serves a library built for another CPU.
 
 Instruction sets. ``LINF_JAX_NATIVE_ISA`` picks the variant that is built: ``native`` (the
 default: ``-march=native``, i.e. what this CPU has), ``avx512`` (``-march=x86-64-v4``), ``avx2``
 (``-march=x86-64-v3``: AVX2 and FMA) or ``generic`` (the compiler's baseline for the machine).
 One x86 machine with AVX-512 can so build and time the variants that other x86 CPUs would run.
-The vector width and register tile follow the instruction set (``_TILES``). The kernels were
-tuned and measured fast on AVX-512 CPUs (16 lanes, 4x2 tiles in AVX-512's 32 registers). A build
-with those tiles for an AVX2-only CPU (16 registers of 8 floats) spilled and was measured 6-12x
-slower than the XLA code on a 2-core AMD EPYC; the AVX2 variant now has 8 lanes and 2x2 tiles,
-measured about 2x the XLA code only in a simulation so far (BENCHMARKS.md). Whether
+The vector width and register tile follow the instruction set (``_TILES``): 16 lanes and 4x2
+tiles fill AVX-512's 32 registers; AVX2 has 16 registers of 8 floats, where those tiles would
+spill, so its variant uses 8 lanes and 2x2 tiles. The kernels are tuned on AVX-512 CPUs, and how
+a variant compares with the XLA code depends on the machine (BENCHMARKS.md). So whether
 ``LINF_JAX_KERNELS`` unset or ``auto`` uses them is measured per pass on the machine itself
 (:mod:`linf_jax.calibration`); :func:`preferred` is the fixed rule used instead with
 ``LINF_JAX_CALIBRATION=off``: native only where the variant is ``avx512``.
@@ -59,9 +58,9 @@ ISA_CHOICES = ("native", "avx512", "avx2", "generic")
 _MARCH = {"avx512": ("-march=x86-64-v4",), "avx2": ("-march=x86-64-v3",), "generic": ()}
 # (lanes per vector, input rows and weight rows per register tile) per instruction set, passed to
 # linf_cpu.cc as LINF_VW / LINF_TB / LINF_TO. AVX-512: 32 registers of 16 floats hold 4x2 tiles;
-# AVX2 has 16 registers of 8 floats, where the 16-lane 4x2 tiles spilled (ℓ∞ forward+backward
-# 17x slower at 512x1024x1024); 8 lanes and 2x2 tiles were fastest of the tiles tried
-# (BENCHMARKS.md). NEON (32 registers of 4) and the SSE2 baseline (16 of 4): 4 lanes.
+# AVX2 has 16 registers of 8 floats, where 16-lane 4x2 tiles spill; 8 lanes and 2x2 tiles are
+# the fastest of the AVX2 tiles tried (BENCHMARKS.md). NEON (32 registers of 4) and the SSE2
+# baseline (16 of 4): 4 lanes.
 _TILES = {"avx512": (16, 4, 2), "avx2": (8, 2, 2), "neon": (4, 4, 2), "generic": (4, 2, 2)}
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"LinfDistFwd": "linf_jax_linf_fwd", "LinfDistMax": "linf_jax_linf_max",
@@ -140,7 +139,7 @@ def preferred() -> tuple[bool, str]:
     """``(use, why)``: the instruction-set rule (``LINF_JAX_CALIBRATION=off``): whether the
     automatic choice takes the native kernels on this CPU, and one phrase saying why. Decided
     from the instruction set alone, before any build: native only for the AVX-512 variant, the
-    kind the kernels were tuned and measured on."""
+    kind the kernels are tuned for."""
     try:
         variant = isa()
     except ValueError as e:
@@ -310,9 +309,10 @@ def lp_bwd(x, w, inv_y, g, p, k: int | None):
 
 
 def lp_decay(w, p, k: int | None):
-    """``(|w|/‖w‖_p)^(p−2)·w`` per row of ``w [out, n]`` (at p = ∞: ``w`` where ``|w|`` is the
-    row's maximum, 0 elsewhere; 0 for a zero row). ``k``: ``p − 2`` as an integer in 0..8
-    (repeated squaring), or None (the value of ``p``: exp/log, or the p = ∞ select)."""
+    """``(|w|/‖w‖_p)^(p−2)·w`` (the gradient of ``½‖w‖_p²``, docs/METHOD.md §6) per row of
+    ``w [out, n]`` (at p = ∞: ``w`` where ``|w|`` is the row's maximum, 0 elsewhere; 0 for a
+    zero row). ``k``: ``p − 2`` as an integer in 0..8 (repeated squaring), or None (the value
+    of ``p``: exp/log, or the p = ∞ select)."""
     if k is not None and not 0 <= k <= 8:
         raise ValueError(f"k={k} is not an integer p - 2 in 0..8 (or None for a general p)")
     p = jnp.asarray(p, jnp.float32).reshape(1, 1)

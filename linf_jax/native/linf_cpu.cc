@@ -1,5 +1,7 @@
 // Native CPU kernels for linf_jax.ops (XLA FFI custom calls), built on first use by
-// linf_jax/native/__init__.py with the machine's C++ compiler (-O3 -march=native).
+// linf_jax/native/__init__.py with the machine's C++ compiler (-O3 and the -march of the chosen
+// instruction set). The method they serve: docs/METHOD.md §2 (distances), §3.2 (bounds), §6
+// (weight decay).
 //
 // LinfDistFwd: y[b, o] = max_i |x[b, i] - w[o, i]|, the first arg-max i* (int32) and
 //              sign(x[b, i*] - w[o, i*]) (int8), the residuals of the backward pass
@@ -12,8 +14,8 @@
 // All take leading (vmapped) dimensions; see "Leading (batch) dimensions" below.
 //
 // Why a custom call: XLA's CPU backend compiles the running max and the running arg-max as two
-// sibling loop fusions that each recompute |x - w| (BENCHMARKS.md), so the arg-max doubled the
-// forward time. Here one register-tiled loop keeps both.
+// sibling loop fusions that each recompute |x - w| (BENCHMARKS.md), so there the arg-max costs
+// about as much as the forward pass itself. Here one register-tiled loop keeps both.
 //
 // Design. The reduction axis i is contiguous in x [B, n] and w [out, n], so the kernel vectorises
 // over i (VW lanes) and needs no transpose. A register tile of TB input rows x TO weight rows
@@ -296,7 +298,7 @@ void linf_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, int64_
 // Interval bounds: for z in the box [l, u], per coordinate min |z - w| = max(l - w, w - u, 0) and
 // max |z - w| = max(u - w, w - l). With d1 = u - w and d2 = w - l (l - w = -d2 and w - u = -d1
 // exactly in IEEE arithmetic): hi = max_i max(d1, d2), lo = -min(0, min_i min(d1, d2)), the same
-// values as the XLA code of ops.py.
+// values as the XLA code of ops/xla.py.
 // ---------------------------------------------------------------------------------------------
 
 template <int tb, int to>
@@ -397,8 +399,7 @@ void bwd_matrix(ffi::ThreadPool& pool, const int32_t* idx, const int8_t* sgn, co
 //   gx[b, i] = sum_o G,   gw[o, i] = -sum_b G
 // Powers: K >= 1 is an integer p by repeated squaring (p = 8: t^8 in the sum, t^7 in the
 // backward pass); K = -1 is 2^(p log2 t) with the vector exp2/log2 below (polynomials fitted
-// for float32, about 1 ulp; 28% faster than Cephes' exp/log, measured 0.75 -> 0.54 ns per
-// power on the AVX-512 VM).
+// for float32, about 1 ulp, and cheaper than a general-purpose exp/log).
 // ---------------------------------------------------------------------------------------------
 
 // 2^x: x = n + f with n = round(x), f in [-0.5, 0.5]; 2^f by a degree-5 polynomial (a
@@ -445,8 +446,8 @@ inline vf vlog2(vf x) {
   return y * f + __builtin_convertvector(e, vf);
 }
 
-// t^K for t >= 0: K >= 0 an integer power by repeated squaring (the order of ops.py's _int_pow);
-// K = -1: 2^(e log2 t), 0 at t = 0.
+// t^K for t >= 0: K >= 0 an integer power by repeated squaring (the order of ops/xla.py's
+// _int_pow); K = -1: 2^(e log2 t), 0 at t = 0.
 template <int K>
 inline vf vpow(vf t, float e) {
   if constexpr (K < 0) {

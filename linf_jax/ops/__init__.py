@@ -9,13 +9,15 @@ API; each backend is a module of its own:
   register-tiled C++ built on first use), float32: ℓ∞ forward and backward, the ℓp sum and
   backward passes, the interval bounds (and the optimiser's ℓp decay, :mod:`linf_jax.optim`);
 * :mod:`linf_jax.ops.pallas` — Pallas kernels for ℓ∞ and ℓp (GPU through Triton, interpret mode
-  anywhere), opt-in until timed on a GPU;
+  anywhere), opt-in: checked in interpret mode and by cross-lowering, not timed on a GPU
+  (BENCHMARKS.md);
 * :mod:`linf_jax.ops.dispatch` — which one runs (``LINF_JAX_KERNELS`` / ``config.kernels``,
   per pass family where measured faster, per lowering platform).
 
 ℓp uses the stable form ``m · (Σ (|d|/m)^p)^(1/p)`` with ``m = max|d|`` (one max pass, one sum
-pass); each pass takes the native kernel or the XLA code on its own, which agree bit for bit for
-ℓ∞ and the bounds and to float32 rounding for ℓp (tests/test_native.py).
+pass; every term is at most 1, so nothing overflows up to p = 1000: docs/METHOD.md §2). Each
+pass takes the native kernel or the XLA code on its own; they agree bit for bit for ℓ∞ and the
+bounds and to float32 rounding for ℓp (tests/test_native.py).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ __all__ = [
 
 
 def linf_dist(x: Array, w: Array) -> Array:
-    """``y[b, o] = max_i |x[b, i] - w[o, i]|``. x ``[B, n]``, w ``[out, n]``.
+    """``y[b, o] = max_i |x[b, i] - w[o, i]|``. x ``[B, n]``, w ``[out, n]`` (docs/METHOD.md §1).
 
     Backward: only the arg-max coordinate gets gradient, ``∂y/∂x_{i*} = sign(d_{i*}) = -∂y/∂w_{i*}``
     (first arg-max on ties; zero gradient where x equals w).
@@ -109,8 +111,8 @@ def _lp_forward(x, w, p, k):
 def _lp_backward(x, w, y, g, p, k):
     """∂x[b,i] = Σ_o g·G, ∂w[o,i] = -Σ_b g·G with G = sign(d)(|d|/y)^(p-1), chunked over o and,
     for wide inputs, tiled over i: every coordinate's G needs only its own d and y, so input
-    tiles are independent, and each chunk's ``[B, oc, tile]`` temporaries stay small (untiled,
-    (512, 3072, 5120) at p = 8 ran at 0.16 G elements/s against 1.5 at n = 1024)."""
+    tiles are independent, and each chunk's ``[B, oc, tile]`` temporaries stay bounded
+    (``ops.xla._LP_BWD_ELEMENTS``) however wide the input is."""
     if native_ok(x, w, family="lp"):
         return on_cpu(lambda x, w, y, g: native.lp_bwd(x, w, 1.0 / jnp.where(y > 0, y, 1.0), g,
                                                        p, k),
@@ -136,8 +138,8 @@ def _lp_fwd(x, w, p, k):
 
 def _lp_bwd(k, res, g):
     x, w, y, p = res
-    # one member after the other under vmap on the CPU: at K = 5, MNIST size, p = 8 the batched
-    # XLA backward was 1.45x slower than a Python loop over the members
+    # under vmap on the CPU, one member after the other: batched, the chunk temporaries grow
+    # K-fold and fall out of cache (see ops.xla._members_one_by_one)
     gx, gw = _one_by_one_unless_native(functools.partial(_lp_backward, k=k), x, w)(x, w, y, g, p)
     return gx, gw, jnp.zeros_like(p)
 
@@ -145,7 +147,7 @@ _lp_dist.defvjp(_lp_fwd, _lp_bwd)
 
 
 def lp_dist(x: Array, w: Array, p) -> Array:
-    """``y[b, o] = ||x[b] - w[o]||_p`` for finite ``p ≥ 1`` (stable form).
+    """``y[b, o] = ||x[b] - w[o]||_p`` for finite ``p ≥ 1`` (stable form, docs/METHOD.md §2).
 
     ``p`` may be a Python number or a traced scalar. Integer ``p ≤ 8`` takes the repeated-
     multiplication path (statically for a Python number, through ``lax.cond`` for a traced p
@@ -186,8 +188,8 @@ def linf_dist_bounds(lower: Array, upper: Array, w: Array) -> tuple[Array, Array
     """Exact interval of ``||z - w[o]||_∞`` over the box ``lower ≤ z ≤ upper``.
 
     Per coordinate, ``min_z |z - w| = max(l - w, w - u, 0)`` and
-    ``max_z |z - w| = max(u - w, w - l)``; both bounds are attained (the arg-max coordinate's
-    extreme point, the others free).
+    ``max_z |z - w| = max(u - w, w - l)``; both bounds are attained, because the coordinates
+    vary independently in a box (docs/METHOD.md §3.2).
     Returns ``(lo, hi)``, each ``[B, out]``. Differentiable (plain autodiff of the blocked
     scan in the backward pass); under ``vmap`` on the CPU the forward runs member by member. The
     forward pass is a native custom call on the CPU (float32), like :func:`linf_dist`.

@@ -1,8 +1,10 @@
 """Which kernels the distance layers run: the choice, per lowering platform and per pass.
 
-``LINF_JAX_KERNELS`` (library default) or ``config.kernels`` (a run): ``auto`` (on the CPU the
-native kernels for the pass families measured faster on this machine, :mod:`linf_jax.calibration`;
-the XLA code elsewhere), ``native``, ``xla`` or ``pallas``. :func:`use_kernels` sets the choice
+``LINF_JAX_KERNELS`` (library default) or ``config.kernels`` (a run): unset or ``auto`` (on the
+CPU the native kernels for the pass families measured faster on this machine,
+:mod:`linf_jax.calibration`; elsewhere the XLA code, except that an explicit ``auto`` takes
+Pallas on a GPU), ``native``, ``xla`` or ``pallas``. All of them compute the same function
+(docs/METHOD.md §2). :func:`use_kernels` sets the choice
 for the code traced inside it; :func:`on_cpu` puts a native call in ``jax.lax.platform_dependent``
 so a program traced on a CPU host carries the XLA code for the GPU or TPU it is lowered for.
 """
@@ -44,8 +46,8 @@ def kernel_backend() -> str:
     ``'xla'`` otherwise. ``LINF_JAX_KERNELS=native|xla|pallas`` forces one
     (``native`` needs the CPU backend and a C++ compiler; Pallas runs in interpret mode on the
     CPU, slowly); ``=auto`` is Pallas on GPU and the unset default elsewhere. The Pallas kernels
-    are opt-in until they have been compiled and timed on a GPU: so far they are verified in
-    interpret mode and by cross-lowering only (BENCHMARKS.md). :func:`use_kernels` overrides the
+    are opt-in: they are checked in interpret mode and by cross-lowering, and have not been
+    compiled or timed on a GPU (BENCHMARKS.md). :func:`use_kernels` overrides the
     variable for the code traced inside it. Read at trace time: set it before the first call of
     a jitted function.
     """

@@ -2,7 +2,8 @@
 
 Same signatures and semantics as :mod:`linf_jax.ops`: x ``[B, n]``, w ``[out, n]`` →
 ``y [B, out]``, ``y[b, o] = ||x[b] - w[o]||_p``. Which implementation a layer uses is decided
-by :func:`linf_jax.ops.kernel_backend` (Pallas on GPU, XLA elsewhere).
+by :func:`linf_jax.ops.kernel_backend`; these kernels are opt-in (``LINF_JAX_KERNELS=pallas``,
+or ``auto`` on a GPU).
 
 Kernels (all ``pl.pallas_call`` with BlockSpec tiling; every loop is a ``lax.fori_loop`` whose
 body is unrolled ``unroll`` times by hand, since the Triton lowering refuses ``unroll=``):
@@ -31,8 +32,9 @@ Where the kernels run:
 
 * GPU: the Triton lowering (``compiler_params=pallas.triton.CompilerParams``); every value a
   kernel loads or computes is a power-of-2 sized vector or tile, as Triton needs. The tests
-  cross-lower forward and backward for CUDA from the CPU (``jax.export``); compiling to PTX,
-  running on a GPU and tuning :class:`Blocks` are still to be done on a machine with a GPU.
+  cross-lower forward and backward for CUDA from the CPU (``jax.export``); the kernels have not
+  been compiled to PTX or run on a GPU, and :class:`Blocks` holds untuned defaults
+  (BENCHMARKS.md).
 * CPU: ``interpret=True`` only (Pallas refuses to compile kernels for the CPU); that is how the
   tests check them against linf_jax.ops.
 * TPU: not supported; :func:`linf_jax.ops.kernel_backend` never picks Pallas on a TPU, so the
@@ -40,8 +42,8 @@ Where the kernels run:
   error. The bodies are written for Triton: rank-1 updates that broadcast a 1-D row along the
   other axis (a lane→sublane relayout for Mosaic), dynamic single-row loads, whole-``n`` strips
   of x and w as blocks (VMEM-hungry at n = 5120) and a ``(1,)`` p input that Mosaic would want
-  in SMEM. The jaxpr→Mosaic step accepts them (``jax.export`` for 'tpu'), but whether Mosaic
-  compiles them, and how fast, could not be checked without a TPU.
+  in SMEM. The jaxpr→Mosaic step accepts them (``jax.export`` for 'tpu'); whether Mosaic
+  compiles them, and how fast, is unchecked.
 """
 
 from __future__ import annotations

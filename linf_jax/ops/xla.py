@@ -10,7 +10,8 @@ What runs on accelerators, and on the CPU where the native kernels are not used
 * ℓ∞ forward under differentiation keeps a running arg-max; the backward pass is two scatter-adds
   of ``g · sign(d[i*])`` of size ``B × out``.
 * ℓp (with :mod:`linf_jax.ops`'s composite): the sum pass of the stable form, and the analytic
-  backward ``∂y/∂x_i = sign(d_i) (|d_i|/y)^(p-1)`` over chunks of outputs, tiled over wide inputs.
+  backward ``∂y/∂x_i = sign(d_i) (|d_i|/y)^(p-1)`` over chunks of outputs, tiled over wide inputs
+  (docs/METHOD.md §2).
 * Small integer p (≤ 8) uses repeated multiplication instead of ``exp(p·log t)``.
 * Zero padding of the input dimension to a multiple of ``_BLOCK`` is exact for every reduction
   here (padded coordinates give ``|d| = 0``, which never raises a max and adds 0 to a p-sum).
@@ -26,8 +27,10 @@ from jax import lax
 
 Array = jax.Array
 
-_BLOCK = 16  # input coordinates per unrolled scan step (8 was 7x slower on a 2-core CPU)
-_OUT_TILE = 128  # weight rows per tile: keeps the (B, tile) carry in cache (1.7x faster arg-max)
+# Input coordinates per unrolled scan step: the fastest block size measured on the CPU (smaller
+# blocks are markedly slower); the input dimension is zero-padded to a multiple of it.
+_BLOCK = 16
+_OUT_TILE = 128  # weight rows per tile: keeps the (B, tile) carry (and arg-max) in cache
 _OUT_CHUNK = 16  # outputs per chunk in the ℓp backward pass
 _LP_BWD_ELEMENTS = 1 << 21  # B·chunk·tile elements per ℓp backward step (see _lp_backward)
 _MAX_INT_P = 8  # integer p up to this use repeated multiplication
@@ -87,9 +90,9 @@ def _members_one_by_one(fn):
     """``fn``, except that under ``vmap`` on the CPU (ensemble members, groups) its batch runs
     one member after the other inside the program (``jax.custom_batching.sequential_vmap``).
     Batched, the kernels' running carries and chunk temporaries grow K-fold and fall out of
-    cache: at K = 5 a vmapped forward+backward was 1.3-1.7x slower than a Python loop over the
-    members (ℓ∞ and p = 8, digits and MNIST sizes). On accelerators, where one small member
-    leaves the device idle, ``fn`` stays batched. Only for code inside the custom VJPs: a
+    cache, which makes a vmapped forward+backward slower on the CPU than running the members
+    one after the other. On accelerators, where one small member leaves the device idle,
+    ``fn`` stays batched. Only for code inside the custom VJPs: a
     ``sequential_vmap`` function cannot be differentiated itself."""
     if jax.default_backend() != "cpu":
         return fn
@@ -186,8 +189,8 @@ def _lp_backward_tile(x, w, y, g, p, k):
     out = w.shape[0]
     pad = (-out) % _OUT_CHUNK
     wp = jnp.pad(w, ((0, pad), (0, 0)))
-    # Padded outputs get g = 0 and y = ∞ (so t = _TINY): they add exactly 0 to ∂x. (With y = 1,
-    # t = |x| overflowed t^(p-1) to ∞ for large p, and ∞ · 0 made ∂x NaN.)
+    # Padded outputs get g = 0 and y = ∞ (so t = _TINY): they add exactly 0 to ∂x. (Not y = 1:
+    # t = |x| could overflow t^(p-1) to ∞ for large p, and ∞ · 0 would make ∂x NaN.)
     gp = jnp.pad(g, ((0, 0), (0, pad)))
     yp = jnp.pad(y, ((0, 0), (0, pad)), constant_values=jnp.inf)
     inv_y = 1.0 / jnp.where(yp > 0, yp, 1.0)
