@@ -18,6 +18,13 @@ Adam step", both scaled by the current learning rate. Every parameter is decayed
 schedule's for every parameter but the logit scale, whose base lr may differ (v2: 0.006 where
 the rest has 0.03) on the same schedule (:func:`scale_by_learning_rate`).
 
+Which rule a leaf gets is read from a label tree, :func:`param_labels` (``'linf_weight'``,
+``'logit_scale'`` or ``'other'`` per leaf, from the leaf's name), as optax's ``mask`` and
+``multi_transform`` select leaves; the transformations only map labels to rules (``DECAY``, the
+lr per label). The labels are built from the parameter paths when ``update`` is traced, so the
+optimiser state holds arrays only and keeps the structure of the plain chain (checkpoints of
+earlier runs resume).
+
 The EMA is :func:`optax.incremental_update` applied to parameters and batch statistics alike.
 """
 
@@ -33,10 +40,31 @@ import optax
 from linf_jax import native, ops
 from linf_jax.schedules import Schedule
 
+LINF_WEIGHT, LOGIT_SCALE, OTHER = "linf_weight", "logit_scale", "other"
+
 
 def _leaf_name(path) -> str:
     last = path[-1]
     return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def param_labels(params):
+    """A pytree of the structure of ``params`` with one label per leaf: ``'linf_weight'`` for the
+    ℓ∞-dist weights, ``'logit_scale'`` for the v2 logit scale, ``'other'`` for the rest (head
+    weights, biases). Any tree of that structure works (gradients and updates too): only the
+    paths are read."""
+
+    def label(path, _):
+        name = _leaf_name(path)
+        return name if name in (LINF_WEIGHT, LOGIT_SCALE) else OTHER
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _labels_of(labels, tree):
+    """``labels`` as given (a pytree of labels) or computed from ``tree`` (a callable, optax's
+    habit for masks)."""
+    return labels(tree) if callable(labels) else labels
 
 
 def lp_decay_direction(w, p):
@@ -95,13 +123,21 @@ class DecayState(NamedTuple):
     count: jax.Array
 
 
-NO_DECAY = ("logit_scale",)
+# label -> the term whose wd-multiple is added to a leaf's update; a label not here (the logit
+# scale) is not decayed.
+DECAY = {
+    LINF_WEIGHT: lp_decay_direction,  # ∇(½‖w‖_p²) per row
+    OTHER: lambda w, p: w,  # plain decoupled decay
+}
 
 
-def lp_weight_decay(weight_decay: float, p_fn) -> optax.GradientTransformationExtraArgs:
-    """Adds ``wd · ∇(½‖w‖_p²)`` (row-wise, ``p = p_fn(count)``) to the updates of ``linf_weight``
-    leaves and ``wd · θ`` to those of every other leaf but the logit scale (module docstring);
-    ``weight_decay = 0`` leaves the updates as they are.
+def lp_weight_decay(weight_decay: float, p_fn, labels=param_labels
+                    ) -> optax.GradientTransformationExtraArgs:
+    """Adds ``wd · ∇(½‖w‖_p²)`` (row-wise, ``p = p_fn(count)``) to the updates of the leaves
+    labelled ``'linf_weight'`` and ``wd · θ`` to those labelled ``'other'``; the logit scale is
+    not decayed (``DECAY``, module docstring); ``weight_decay = 0`` leaves the updates as they
+    are. ``labels``: the label tree, or a function of the parameters giving it (default
+    :func:`param_labels`).
 
     ``tx.update(..., decay_p=p)`` (an Optax extra argument, passed through ``optax.chain``) may
     give that p as a Python number when the caller knows it statically: the train step does in
@@ -122,25 +158,23 @@ def lp_weight_decay(weight_decay: float, p_fn) -> optax.GradientTransformationEx
             return updates, new_state
         p = decay_p if isinstance(decay_p, (int, float)) else p_fn(state.count)
 
-        def one(path, u, w):
-            name = _leaf_name(path)
-            if name == "linf_weight":
-                return u + weight_decay * lp_decay_direction(w, p)
-            if name in NO_DECAY:
+        def one(label, u, w):
+            if label not in DECAY:
                 return u
-            return u + weight_decay * w
+            return u + weight_decay * DECAY[label](w, p)
 
-        return jax.tree_util.tree_map_with_path(one, updates, params), new_state
+        return jax.tree.map(one, _labels_of(labels, params), updates, params), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def scale_by_learning_rate(schedule: Schedule, logit_scale_lr: float | None = None
-                           ) -> optax.GradientTransformation:
+def scale_by_learning_rate(schedule: Schedule, logit_scale_lr: float | None = None,
+                           labels=param_labels) -> optax.GradientTransformation:
     """Multiplies the updates by ``−lr0 · schedule.lr_factor(count)``: ``lr0 = schedule.lr``
-    for every leaf but ``logit_scale``, which has ``logit_scale_lr`` (None: ``schedule.lr``),
-    on the same schedule (the v2 code's two parameter groups). The state is optax's
-    ``ScaleByScheduleState``, as ``optax.scale_by_schedule``'s."""
+    for every leaf but the one labelled ``'logit_scale'``, which has ``logit_scale_lr`` (None:
+    ``schedule.lr``), on the same schedule (the v2 code's two parameter groups). ``labels``: the
+    label tree, or a function of the updates giving it (default :func:`param_labels`). The
+    state is optax's ``ScaleByScheduleState``, as ``optax.scale_by_schedule``'s."""
 
     def init_fn(params):
         del params
@@ -150,13 +184,12 @@ def scale_by_learning_rate(schedule: Schedule, logit_scale_lr: float | None = No
         del params
         factor = schedule.lr_factor(state.count)
         lr = -schedule.lr * factor
-        scale_lr = lr if logit_scale_lr is None else -logit_scale_lr * factor
+        rates = {LOGIT_SCALE: lr if logit_scale_lr is None else -logit_scale_lr * factor}
 
-        def one(path, u):
-            rate = scale_lr if _leaf_name(path) == "logit_scale" else lr
-            return (rate * u).astype(u.dtype)
+        def one(label, u):
+            return (rates.get(label, lr) * u).astype(u.dtype)
 
-        new = jax.tree_util.tree_map_with_path(one, updates)
+        new = jax.tree.map(one, _labels_of(labels, updates), updates)
         return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)

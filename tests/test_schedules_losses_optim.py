@@ -386,3 +386,125 @@ def test_crop_padding_modes(mode):
         np.testing.assert_array_equal(
             data.augment(k, ramp, kind),
             data.crop_flip(k, ramp, data.DEFAULT_PADDING[kind], "zeros", kind == "cifar"))
+
+
+def _np_adam_decay_lr(params, grads, s, steps, wd, logit_scale_lr):
+    """Float64 NumPy reference of ``make_optimizer``: Adam(0.9, 0.99, eps 1e-10) from zero
+    moments, plus wd · (ℓp decay on linf_weight, plain on every other leaf but the logit scale),
+    times −lr (the logit scale: its own base lr on the same schedule). Returns the updates of
+    every step and the parameters after them."""
+    b1, b2, eps = 0.9, 0.99, 1e-10
+    theta = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    mu = {k: np.zeros_like(v) for k, v in theta.items()}
+    nu = {k: np.zeros_like(v) for k, v in theta.items()}
+    out = []
+    for t, step in enumerate(steps, start=1):
+        g = {k: np.asarray(v, np.float64) for k, v in grads[t - 1].items()}
+        factor, p = f(s.lr_factor(step)), f(s.p(step))
+        upd = {}
+        for k in theta:
+            mu[k] = b1 * mu[k] + (1 - b1) * g[k]
+            nu[k] = b2 * nu[k] + (1 - b2) * g[k] ** 2
+            # optax counts from the schedule's step: bias correction uses count + 1
+            direction = (mu[k] / (1 - b1 ** (step + 1))) / (
+                np.sqrt(nu[k] / (1 - b2 ** (step + 1))) + eps)
+            w = theta[k]
+            if k.endswith("linf_weight"):
+                direction = direction + wd * np_decay(w.reshape(w.shape[0], -1), p).reshape(
+                    w.shape)
+            elif k != "logit_scale":
+                direction = direction + wd * w
+            lr0 = logit_scale_lr if k == "logit_scale" and logit_scale_lr is not None else s.lr
+            upd[k] = -lr0 * factor * direction
+        theta = {k: theta[k] + upd[k] for k in theta}
+        out.append(upd)
+    return out, theta
+
+
+@pytest.mark.parametrize("phase", ["start", "ramp", "inf"])
+@pytest.mark.parametrize("wd,logit_scale_lr", [(5e-3, None), (5e-3, 0.006), (0.0, 0.006)])
+def test_optimizer_steps_match_float64_numpy_reference(phase, wd, logit_scale_lr):
+    """Four steps of ``make_optimizer`` on ℓ∞-dist weights (dense and conv), a bias, a head
+    kernel and the logit scale, with ``decay_p`` as the train step passes it in each p phase,
+    against a float64 NumPy Adam + ℓp decay + per-label lr."""
+    rng = np.random.default_rng(11)
+    s = make()
+    start = {"start": 3, "ramp": EPOCHS[1] * SPE + 9, "inf": EPOCHS[3] * SPE + 2}[phase]
+    decay_p = {"start": 8.0, "ramp": None, "inf": math.inf}[phase]
+    steps = list(range(start, start + 4))
+    assert all(s.p_phase(t) == phase for t in steps)
+    shapes = {"dense/linf_weight": (6, 11), "conv/linf_weight": (4, 3, 3, 2), "dense/bias": (6,),
+              "head/kernel": (11, 3), "logit_scale": ()}
+    flat = {k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()}
+    grads = [{k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()}
+             for _ in steps]
+
+    def nest(d):
+        tree = {}
+        for k, v in d.items():
+            *parents, leaf = k.split("/")
+            node = tree
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = jnp.asarray(v)
+        return tree
+
+    tx = optim.make_optimizer(s, wd, logit_scale_lr=logit_scale_lr)
+    params = nest(flat)
+    state = jax.tree.map(lambda a: jnp.full_like(a, start) if a.dtype == jnp.int32 else a,
+                         tx.init(params))
+    update = jax.jit(lambda g, st, pr: tx.update(g, st, pr, decay_p=decay_p))
+    got = []
+    for g in grads:
+        u, state = update(nest(g), state, params)
+        params = optax.apply_updates(params, u)
+        got.append(u)
+    want, theta = _np_adam_decay_lr(flat, grads, s, steps, wd, logit_scale_lr)
+    for u, ref in zip(got, want, strict=True):
+        for k in shapes:
+            np.testing.assert_allclose(_at(u, k), ref[k], rtol=2e-5, atol=1e-9, err_msg=k)
+    for k in shapes:
+        np.testing.assert_allclose(_at(params, k), theta[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def _at(tree, key):
+    for part in key.split("/"):
+        tree = tree[part]
+    return np.asarray(tree)
+
+
+def test_leaves_are_selected_by_the_label_tree():
+    """``param_labels`` labels a model's leaves from their names; the decay and the lr read only
+    that tree (a given tree works as well as the function), and the optimiser state is the plain
+    chain's (Adam, decay count, lr count), so checkpoints keep their structure."""
+    from linf_jax.models import build_model
+
+    model = build_model(dict(name="linf_dist_net_mlp", depth=2, width=8, head_hidden=4), 3)
+    params = model.init(jax.random.key(0), jnp.zeros((2, 4, 4, 1)), p=8.0)["params"]
+    labels = optim.param_labels(params)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(labels)}
+    assert flat == {"['dists_0']['linf_weight']": "linf_weight",
+                    "['dists_1']['linf_weight']": "linf_weight",
+                    "['fc1']['kernel']": "other", "['fc1']['bias']": "other",
+                    "['fc2']['kernel']": "other", "['fc2']['bias']": "other",
+                    "['logit_scale']": "logit_scale"}
+    s = make()
+    zero = jax.tree.map(jnp.zeros_like, params)
+    decay = optim.lp_weight_decay(0.1, s.p)
+    by_fn, _ = decay.update(zero, decay.init(params), params)
+    by_tree, _ = optim.lp_weight_decay(0.1, s.p, labels=labels).update(
+        zero, decay.init(params), params)
+    for a, b in zip(jax.tree.leaves(by_fn), jax.tree.leaves(by_tree), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # relabel everything 'logit_scale': no leaf is decayed, every leaf gets the scale's lr
+    scale = jax.tree.map(lambda _: "logit_scale", labels)
+    kept, _ = optim.lp_weight_decay(0.1, s.p, labels=scale).update(
+        zero, decay.init(params), params)
+    assert all(not np.asarray(a).any() for a in jax.tree.leaves(kept))
+    ones = jax.tree.map(jnp.ones_like, params)
+    lr = optim.scale_by_learning_rate(s, 0.5, labels=scale)
+    scaled, _ = lr.update(ones, lr.init(params))
+    assert all(np.allclose(a, -0.5 * f(s.lr_factor(0))) for a in jax.tree.leaves(scaled))
+    state = optim.make_optimizer(s, 5e-3).init(params)
+    assert [type(x).__name__ for x in state] == ["ScaleByAdamState", "DecayState",
+                                                 "ScaleByScheduleState"]
