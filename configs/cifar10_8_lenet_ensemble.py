@@ -28,14 +28,19 @@ scripts describe.
 Published: 33.42% certified at 8/255 ("ℓ∞-dist LeNet", EMA paper README; presumably this script).
 """
 
+import ml_collections
+
 from linf_jax.config import base_config
 
 
 def get_config():
     c = base_config()
     c.data.source = "tfds:cifar10"
-    c.model = c.model.__class__(dict(name="linf_lenet", channels=(6, 16), kernel_size=5,
-                                     dense=(120, 1024), head="mlp", head_hidden=512))
+    # A model section of its own: base_config's is the ℓ∞-dist Net's (depth, width), fields the
+    # LeNet does not have and build_model rejects.
+    c.model = ml_collections.ConfigDict(dict(
+        name="linf_lenet", channels=(6, 16), kernel_size=5, dense=(120, 1024), head="mlp",
+        head_hidden=512))
     c.train.update(
         schedule="v1", epochs=(0, 100, 100, 750, 800), batch_size=512, drop_last=False,
         lr=0.02, weight_decay=5e-3, eps_train=0.03451, loss="kappa_ce", kappa=0.95,

@@ -203,15 +203,23 @@ def build_model(model_config, num_classes: int) -> _LinfModel:
 
     ``model_config`` is a mapping or ``ml_collections.ConfigDict`` with ``name`` and any of the
     model's fields (:func:`model_fields`: ``depth``, ``width``, ``head``, ``head_hidden``,
-    ``channels``, ...; lists become tuples); a field of another model is ignored. A value out of
-    range raises ``ValueError`` with one line that starts with ``model.<field>=``.
+    ``channels``, ...; lists become tuples). A field the model does not have (a typo, or a field
+    of another model: a LeNet config has no ``depth``) or a value out of range raises
+    ``ValueError`` with one line that starts with ``model.<field>=``.
     """
     cfg = dict(model_config)
     name = cfg.pop("name", None)
     if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"model.name={name!r} is not allowed: one of {sorted(MODELS)}")
     fields = model_fields(name)
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in fields}
+    for key, value in cfg.items():
+        if key == "num_classes":
+            raise ValueError(f"model.num_classes={value!r} is not allowed: the data set gives "
+                             "the number of classes")
+        if key not in fields:
+            raise ValueError(f"model.{key}={value!r} is not allowed: unknown field of {name}; "
+                             f"allowed: {', '.join(sorted(fields))}")
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()}
     for key in ("depth", "width", "head_hidden", "kernel_size"):
         if key in kwargs and not _positive_int(kwargs[key]):
             raise ValueError(f"model.{key}={kwargs[key]!r} is not allowed: a positive integer")

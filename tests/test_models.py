@@ -139,10 +139,29 @@ def test_training_margins_of_pure_net_are_lipschitz_margins():
 @pytest.mark.parametrize("bad,field", [
     (dict(name="nope"), "model.name"), (dict(name="linf_dist_net", width=0), "model.width"),
     (dict(name="linf_dist_net", depth=-1), "model.depth"),
-    (dict(name="linf_dist_net", head="cnn"), "model.head")])
+    (dict(name="linf_dist_net", head="cnn"), "model.head"),
+    (dict(name="linf_dist_net", widht=64), "model.widht"),
+    (dict(name="linf_lenet", depth=4), "model.depth"),
+    (dict(name="linf_dist_net", num_classes=10), "model.num_classes")])
 def test_build_model_rejects_bad_fields_with_the_field_name(bad, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as err:
         build_model(bad, 10)
+    assert str(err.value).startswith(field + "=") and "\n" not in str(err.value)
+
+
+def test_unknown_model_field_names_the_model_and_its_fields():
+    with pytest.raises(ValueError) as err:
+        build_model(dict(name="linf_dist_net", depth=3, widht=64), 10)
+    assert str(err.value) == ("model.widht=64 is not allowed: unknown field of linf_dist_net; "
+                              "allowed: depth, head, head_hidden, width")
+    with pytest.raises(ValueError) as err:
+        build_model(dict(name="linf_lenet", depth=4, width=512), 10)
+    assert str(err.value) == ("model.depth=4 is not allowed: unknown field of linf_lenet; "
+                              "allowed: channels, dense, head, head_hidden, kernel_size")
+    # head_hidden is a field of every model, used with head='mlp' only: a pure net's config may
+    # carry it (base_config has it)
+    assert build_model(dict(name="linf_dist_net", depth=2, width=8, head="none",
+                            head_hidden=256), 10).head == "none"
 
 
 def test_models_accept_a_traced_p_schedule():

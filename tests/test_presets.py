@@ -156,6 +156,15 @@ def test_preset_equals_official_script(name):
         assert m.head_hidden == o["model"]["head_hidden"]
 
 
+@pytest.mark.parametrize("name", sorted(set(OFFICIAL) | OWN))
+def test_every_preset_model_section_builds(name):
+    """Each preset's model section holds only fields of its model (build_model rejects any
+    other), the paper presets and the own ones alike."""
+    c = load(name)
+    m = build_model(c.model, 10)
+    assert {k for k in c.model if k != "name"} <= set(m.__dataclass_fields__)
+
+
 # ----------------------------------------------------------------------------------------------
 # The schedules: an independent float64 transcription of the official create_schedule functions
 # ----------------------------------------------------------------------------------------------
