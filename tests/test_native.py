@@ -512,7 +512,7 @@ def test_train_step_and_logits_export_for_cpu_cuda_and_tpu_from_a_cpu_host(monke
     custom calls."""
     from conftest import StepSetup, tiny_config
 
-    from linf_jax import train_lib
+    from linf_jax import evaluation
 
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
     cfg = tiny_config(**{"ensemble.size": 2, "ensemble.mode": "joint"})
@@ -520,12 +520,12 @@ def test_train_step_and_logits_export_for_cpu_cuda_and_tpu_from_a_cpu_host(monke
     ds, meta, model, state, step = setup.ds, setup.meta, setup.model, setup.state, setup.step
     args = (state, jnp.asarray(ds.images), jnp.asarray(ds.labels), jnp.arange(64))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits_fn, margins_fn = train_lib.make_eval_fns(model, variables, 2)
+    logits_fn, margins_fn = evaluation.make_eval_fns(model, variables, 2)
     x = jnp.zeros((4, *meta["input_shape"]), jnp.float32)
     y = jnp.zeros((4,), jnp.int32)
     checks = native.export_disabled_checks()
     uses_native = ops.kernel_backend() == "native"
-    for fn, fargs in ((lambda *a: step(*a, p_mode="ramp"), args),
+    for fn, fargs in ((lambda *a: step(*a, p_phase="ramp"), args),
                       (lambda x: logits_fn(x), (x,)),
                       (lambda x, y: margins_fn(x - 0.1, x + 0.1, y), (x, y))):
         exported = jax.export.export(jax.jit(fn), platforms=["cpu", "cuda", "tpu"],
@@ -547,6 +547,22 @@ def test_calibration_measures_every_family_here():
     assert set(times) == set(calibration.FAMILIES)
     for t in times.values():
         assert 0 < t["native_ms"] < 1e4 and 0 < t["xla_ms"] < 1e4
+
+
+@pytest.mark.skipif(not native.available(), reason="no native build on this machine")
+def test_first_calibration_inside_a_trace_times_concrete_arrays(monkeypatch, tmp_path):
+    """The first kernel a program uses is often traced (``jax.jit``, ``jax.eval_shape``): the
+    calibration that this triggers must still time concrete arrays (a compiled executable
+    refuses tracers), and the traced program goes on with the decision."""
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    monkeypatch.delenv(calibration.CALIBRATION_ENV, raising=False)
+    monkeypatch.setattr(calibration, "_state", {})
+    monkeypatch.setattr(calibration, "_path", lambda: tmp_path / "lib.calibration.json")
+    x, w, _ = _rand(1, 4, 20, 3)
+    out = jax.eval_shape(lambda x, w: ops.linf_dist(x, w), x, w)
+    assert out.shape == (4, 3)
+    assert calibration.how_decided() == "measured"
+    assert set(calibration.decisions()) == set(calibration.FAMILIES)
 
 
 def test_calibration_decides_per_family_caches_and_dispatches(monkeypatch, tmp_path, capsys):
