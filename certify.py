@@ -90,13 +90,14 @@ def check_data(meta: dict, ds, source: str) -> None:
 def run() -> dict:
     eps, output = check_flags()
 
+    from linf_jax import checkpoint as ckpt
     from linf_jax import data as data_lib
-    from linf_jax import plots, train_lib
+    from linf_jax import plots
     from linf_jax.classifier import load_classifier
     from linf_jax.cli import print_kernels
 
     # The run's files and the data first (cheap), the checkpoint(s) last.
-    config, meta = train_lib.read_run_files(_WORKDIR.value[0])
+    config, meta = ckpt.read_run_files(_WORKDIR.value[0])
     source = _SOURCE.value or meta["source"]
     split = _SPLIT.value or config.data.test_split
     ds = data_lib.load(source, split, _DATA_DIR.value or config.data.get("data_dir"))
@@ -112,7 +113,7 @@ def run() -> dict:
                           progress=_PROGRESS.value)
     result.update(weights=_WEIGHTS.value, workdirs=list(_WORKDIR.value), data=source,
                   split=split, members=clf.num_members or 1)
-    train_lib.write_json(output, result)
+    ckpt.write_json(output, result)
     if _PLOT.value:
         label = "ensemble" if clf.num_members else "model"
         plots.plot_certified_accuracy({f"{label} ({_WEIGHTS.value})": result}, _PLOT.value)

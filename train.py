@@ -108,25 +108,27 @@ def main(argv) -> None:
         cli.fail("--coordinator_address, --num_processes and --process_id are only allowed "
                  "with --distributed")
     config = cli.load_config(_CONFIG)
-    from linf_jax import train_lib
+    from linf_jax import checkpoint as ckpt
+    from linf_jax import config as config_lib
+    from linf_jax import trainer
 
     if _PRINT_CONFIG.value:
-        cli.run_guarded(train_lib.validate_config, config)
+        cli.run_guarded(config_lib.validate_config, config)
         print(config.to_json_best_effort(indent=2, sort_keys=True))
         return
 
-    train_lib.request_determinism(config)  # before JAX starts its backend
+    config_lib.request_determinism(config)  # before JAX starts its backend
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)
     cli.check_writable_dir(workdir, "--workdir")
 
     # Every check that needs no training data runs before anything is written.
-    cli.run_guarded(train_lib.validate_config, config)
-    cli.run_guarded(train_lib.check_resume, config, workdir)
-    cli.print_kernels(train_lib.kernels_choice(config))
+    cli.run_guarded(config_lib.validate_config, config)
+    cli.run_guarded(ckpt.check_resume, config, workdir)
+    cli.print_kernels(config_lib.kernels_choice(config))
     created = not os.path.exists(workdir)
     try:
-        result = cli.run_guarded(train_lib.train_and_evaluate, config, workdir,
+        result = cli.run_guarded(trainer.train_and_evaluate, config, workdir,
                                  progress=_PROGRESS.value)
     except SystemExit:
         if created:  # e.g. the data could not be loaded: leave no empty run folder behind

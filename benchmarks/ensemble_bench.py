@@ -38,7 +38,7 @@ import numpy as np
 
 from linf_jax import certify as certify_lib
 from linf_jax import data as data_lib
-from linf_jax import ensemble, host, train_lib
+from linf_jax import ensemble, host, train_lib, trainer
 from linf_jax.config import base_config
 from linf_jax.models import build_model
 
@@ -50,7 +50,7 @@ def size_setup(name: str, mnist_width: int):
         test = data_lib.load("digits", "test")
         images, labels = ds.images, ds.labels
         test_x, test_y = data_lib.as_pixels(test.images), test.labels
-        meta = train_lib.dataset_meta(ds)
+        meta = trainer.dataset_meta(ds)
     else:
         cfg.model.update(depth=5, width=mnist_width)
         rng = np.random.default_rng(0)

@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from linf_jax import train_lib  # noqa: E402
+from linf_jax.models import build_model  # noqa: E402
 
 MODELS = [("default (4 x 512, digits)", "configs/default.py", (8, 8, 1)),
           ("cifar10_8 (6 x 5120, CIFAR-10)", "configs/cifar10_8.py", (32, 32, 3))]
@@ -37,7 +38,7 @@ def step_footprint(cfg, shape, donate: bool) -> tuple[int, int, int]:
             "num_classes": 10, "augment": "none"}
     schedule = train_lib.make_schedule(cfg, 10, meta["std"])
     tx = train_lib.make_run_optimizer(cfg, schedule)
-    model = train_lib.build_model(cfg.model, 10)
+    model = build_model(cfg.model, 10)
     state = jax.eval_shape(lambda: train_lib.create_train_state(cfg, model, shape, tx))
     images = jax.ShapeDtypeStruct((1000, *shape), jnp.uint8)
     labels = jax.ShapeDtypeStruct((1000,), jnp.int32)

@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from linf_jax import certify as certify_lib
+from linf_jax import checkpoint as ckpt
+from linf_jax import config as config_lib
 from linf_jax import data as data_lib
 from linf_jax import ensemble as ensemble_lib
-from linf_jax import train_lib
+from linf_jax import evaluation
 from linf_jax.models import is_1_lipschitz
 
 
@@ -47,7 +49,7 @@ class Classifier:
         self.std = float(meta["std"])
         self._mean = jnp.asarray(meta["mean"], jnp.float32)
         self._lo, self._hi = data_lib.pixel_bounds(meta["mean"], self.std)
-        self._logits_fn, self._margins_fn = train_lib.make_eval_fns(model, variables, members)
+        self._logits_fn, self._margins_fn = evaluation.make_eval_fns(model, variables, members)
         self.lipschitz = is_1_lipschitz(model)  # pure nets and ensembles of them
         self._logits = jax.jit(lambda x: self._logits_fn(self._normalize(x)))
         self._certify = jax.jit(self._certify_impl)
@@ -176,26 +178,25 @@ def load_classifier(workdir: str | os.PathLike | Sequence[str | os.PathLike],
         raise InputError("workdir: at least one run directory is needed")
     if step is not None and len(dirs) > 1:
         raise InputError(f"step={step} is not allowed with {len(dirs)} workdirs: one run only")
-    loaded = [train_lib.load_run(os.fspath(d), step) for d in dirs]
-    cfg0, meta, model, _ = loaded[0]
-    arch0 = train_lib._flat(cfg0.model)
+    loaded = [ckpt.load_variables(os.fspath(d), weights, step) for d in dirs]
+    cfg0, meta, model, _, _ = loaded[0]
+    arch0 = config_lib.flat(cfg0.model)
     variables = []
-    for d, (cfg, m, _, state) in zip(dirs, loaded, strict=True):
+    for d, (cfg, m, _, v, _) in zip(dirs, loaded, strict=True):
         if (m["input_shape"], m["num_classes"], m["mean"], m["std"]) != (
                 meta["input_shape"], meta["num_classes"], meta["mean"], meta["std"]):
             raise ensemble_lib.EnsembleError(
                 f"ensemble member {os.fspath(d)!r}: data {m['source']} (shape {m['input_shape']},"
                 f" {m['num_classes']} classes) differs from member 0's {meta['source']}; "
                 "allowed: members trained on one data set")
-        arch = train_lib._flat(cfg.model)
+        arch = config_lib.flat(cfg.model)
         for key in sorted(set(arch) | set(arch0)):
             if arch.get(key) != arch0.get(key):
                 raise ensemble_lib.EnsembleError(
                     f"ensemble member {os.fspath(d)!r}: config.model.{key}={arch.get(key)!r} "
                     f"differs from member 0 ({os.fspath(dirs[0])!r}: {arch0.get(key)!r}); "
                     "allowed: members of one architecture")
-        v = train_lib.variables_for(state, weights)
-        k = train_lib._members(cfg)
+        k = config_lib.members(cfg)
         if k is None:
             variables.append(v)
         else:

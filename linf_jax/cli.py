@@ -160,9 +160,9 @@ def check_writable_file(path: str, field: str) -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from linf_jax.classifier import InputError
+    from linf_jax.config import CheckpointError, ConfigError, TrainingError
     from linf_jax.data import DataError
     from linf_jax.ensemble import EnsembleError
-    from linf_jax.train_lib import CheckpointError, ConfigError, TrainingError
 
     return (ConfigError, DataError, EnsembleError, CheckpointError, InputError, TrainingError,
             PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError,

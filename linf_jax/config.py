@@ -5,7 +5,19 @@ every experiment has the same fields and any of them can be overridden on the co
 (``--config.model.width=1024``).
 """
 
+from __future__ import annotations
+
+import math
+import os
+
+import jax
 import ml_collections
+
+from linf_jax import data as data_lib
+from linf_jax import ensemble as ensemble_lib
+from linf_jax import ops
+from linf_jax.models import build_model
+from linf_jax.schedules import FAMILIES
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -67,11 +79,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.flip = ml_collections.config_dict.placeholder(bool)
     c.train.log_every = 10
     c.train.checkpoint_every_epochs = 10
-    c.train.keep_checkpoints = 2
+    c.train.keep_checkpoints = 2  # the newest checkpoints kept
+    # Also keep, for good, the checkpoint of every k-th epoch (0: none), so that a run can be
+    # studied afterwards (certify.py --all_checkpoints).
+    c.train.keep_every_epochs = 0
     # GPU only: XLA's deterministic ops (scatter-adds in a fixed order), so that a resumed run is
     # bit-identical to an uninterrupted one there too, at some cost in speed. The CPU and TPU
     # backends are deterministic already. Needs XLA_FLAGS before JAX starts its backend:
-    # train.py sets it; in a notebook, see linf_jax.train_lib.request_determinism.
+    # train.py sets it; in a notebook, see linf_jax.config.request_determinism.
     c.train.deterministic = False
 
     c.eval = ml_collections.ConfigDict()
@@ -92,3 +107,209 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel = ml_collections.ConfigDict()
     c.parallel.num_devices = 0  # 0: every device (data parallel; members too with ensemble.shard)
     return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: each is a user mistake or a refusal, with a message of one line naming the field, the
+# bad value and what is allowed; the command-line tools print that line and exit non-zero.
+# ----------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; its message is one line naming the field."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a workdir in use by another process)."""
+
+
+class CheckpointError(RuntimeError):
+    """A workdir without a usable checkpoint (missing, truncated or unreadable)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation, once, at the boundary: train.py, certify.py and train_and_evaluate call these
+# before anything is built; the code behind them assumes valid fields.
+# ----------------------------------------------------------------------------------------------
+
+LOSSES = ("hinge", "kappa_ce", "v2")
+ENSEMBLE_MODES = ("joint", "independent")
+
+
+def is_number(v) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def members(config) -> int | None:
+    """The ensemble size K of a run, or None for a single model (no member axis)."""
+    k = int(config.ensemble.size)
+    return None if k == 1 else k
+
+
+def flat(node, prefix: str = "") -> dict:
+    """``{'model.width': 512, ...}``: the dotted fields of a config (or its JSON dict)."""
+    if hasattr(node, "items"):
+        out = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: list(node) if isinstance(node, (list, tuple)) else node}
+
+
+def _field(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _require(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}={value!r} is not allowed: {allowed}")
+
+
+def validate_config(config) -> None:
+    """Checks every field a user can get wrong; raises :class:`ConfigError` (one line)."""
+    t = config.train
+    _require(isinstance(config.seed, int) and not isinstance(config.seed, bool), "seed",
+             config.seed, "an integer")
+    _require(config.get("kernels", "auto") in ops.KERNEL_CHOICES, "kernels",
+             config.get("kernels"), f"one of {', '.join(ops.KERNEL_CHOICES)}")
+    _require(isinstance(t.get("deterministic", False), bool), "train.deterministic",
+             t.get("deterministic"), "True or False")
+    for f in ("source", "train_split", "test_split"):
+        v = config.data[f]
+        _require(isinstance(v, str) and v.strip() != "", f"data.{f}", v, "a non-empty string")
+    _require(isinstance(t.batch_size, int) and t.batch_size >= 1, "train.batch_size",
+             t.batch_size, "a positive integer")
+    family = t.get("schedule", "v1")
+    _require(family in FAMILIES, "train.schedule", family,
+             f"one of {FAMILIES} (how train.epochs is read; docs/RECIPES.md)")
+    epochs = tuple(t.epochs)
+    names = "(e0, e1, e2, e3, T)" if family == "v1" else "(es, ee, ps, pe, T)"
+    _require(len(epochs) == 5 and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0
+                                      for e in epochs),
+             "train.epochs", epochs, f"five non-negative integers {names}")
+    if family == "v1":
+        e0, e1, e2, e3, total = epochs
+        _require(total >= 1 and e1 <= e3 <= total and e0 <= total, "train.epochs", epochs,
+                 "v1 (e0, e1, e2, e3, T) with e1 <= e3 <= T, e0 <= T and T >= 1")
+    else:
+        es, ee, ps, pe, total = epochs
+        _require(total >= 1 and ps <= pe <= total and es <= total and ee <= total,
+                 "train.epochs", epochs,
+                 "v2 (es, ee, ps, pe, T) with ps <= pe <= T, es <= T, ee <= T and T >= 1")
+    _require(isinstance(t.get("drop_last", False), bool), "train.drop_last",
+             t.get("drop_last"), "True or False")
+    _require(is_number(t.adam_eps) and t.adam_eps > 0, "train.adam_eps", t.adam_eps,
+             "a finite number > 0")
+    for f in ("lr", "weight_decay", "ema_decay", "mix", "kappa", "lam_start", "lam_end"):
+        v = t[f]
+        _require(is_number(v) and v >= 0, f"train.{f}", v, "a finite number >= 0")
+    scale_lr = t.get("logit_scale_lr")
+    _require(scale_lr is None or (is_number(scale_lr) and scale_lr >= 0),
+             "train.logit_scale_lr", scale_lr, "None (train.lr) or a finite number >= 0")
+    _require(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "a number in [0, 1)")
+    _require(0 <= t.mix <= 1, "train.mix", t.mix, "a number in [0, 1]")
+    _require(0 <= t.kappa <= 1, "train.kappa", t.kappa, "a number in [0, 1]")
+    _require(is_number(t.eps_train) and 0 <= t.eps_train <= 1, "train.eps_train", t.eps_train,
+             "a number of pixels in [0, 1]")
+    _require(is_number(t.p_start) and t.p_start >= 1, "train.p_start", t.p_start,
+             "a finite number >= 1")
+    _require(t.weight_decay == 0 or t.p_start >= 2, "train.p_start", t.p_start,
+             ">= 2 with weight decay (the l_p decay is the gradient of ½||w||_p², p >= 2), or "
+             "train.weight_decay=0")
+    _require(is_number(t.p_end) and t.p_end >= t.p_start, "train.p_end", t.p_end,
+             "a finite number >= train.p_start")
+    _require(t.loss in LOSSES, "train.loss", t.loss, f"one of {LOSSES}")
+    if t.loss == "v2":
+        _require(t.eps_train > 0 and _eps_ever_positive(family, epochs), "train.eps_train",
+                 t.eps_train, "> 0 at some step with the v2 loss: with ε = 0 its margin term "
+                 "(r / 2ε clipped to [0, 1]) is the 0-1 error, which has no gradient; check "
+                 f"train.eps_train and the ε ramp of train.epochs={epochs}")
+        _require((t.lam_start > 0) == (t.lam_end > 0), "train.lam_end", t.lam_end,
+                 f"> 0 with train.lam_start={t.lam_start} (λ moves geometrically, lam_start · "
+                 "(lam_end/lam_start)^r, which is undefined when only one of them is 0), or "
+                 "both 0 (no cross-entropy term)")
+    _require(t.get("crop_mode", "zeros") in data_lib.CROP_MODES, "train.crop_mode",
+             t.get("crop_mode"), f"one of {data_lib.CROP_MODES}")
+    pad = t.get("crop_padding")
+    _require(pad is None or (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0),
+             "train.crop_padding", pad, "None (the data set's) or an integer >= 0")
+    _require(t.get("flip") is None or isinstance(t.get("flip"), bool), "train.flip",
+             t.get("flip"), "None (the data set's), True or False")
+    _require(isinstance(t.checkpoint_every_epochs, int) and t.checkpoint_every_epochs >= 1,
+             "train.checkpoint_every_epochs", t.checkpoint_every_epochs, "a positive integer")
+    _require(isinstance(t.log_every, int) and t.log_every >= 1, "train.log_every", t.log_every,
+             "a positive integer")
+    _require(isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1,
+             "train.keep_checkpoints", t.keep_checkpoints, "a positive integer")
+    kee = t.get("keep_every_epochs", 0)
+    _require(isinstance(kee, int) and not isinstance(kee, bool) and kee >= 0,
+             "train.keep_every_epochs", kee, "an integer >= 0 (0: keep only the newest)")
+    _require(isinstance(t.augment, bool), "train.augment", t.augment, "True or False")
+    e = config.ensemble
+    _require(isinstance(e.size, int) and e.size >= 1, "ensemble.size", e.size,
+             "a positive integer")
+    _require(e.mode in ENSEMBLE_MODES, "ensemble.mode", e.mode, f"one of {ENSEMBLE_MODES}")
+    _require(e.get("execution", "auto") in ensemble_lib.EXECUTIONS, "ensemble.execution",
+             e.get("execution"), f"one of {ensemble_lib.EXECUTIONS}")
+    validate_eval_config(config.eval)
+    try:
+        build_model(config.model, 2)
+    except ValueError as err:
+        raise ConfigError(f"config.{err}") from None
+
+
+def _eps_ever_positive(family: str, epochs) -> bool:
+    """Whether the training ε is > 0 at some step of the run (given eps_train > 0)."""
+    if family == "v1":
+        e0, _, e2, _, total = epochs
+        return e2 == 0 or e0 < total
+    es, ee, _, _, total = epochs
+    return ee <= es or es < total
+
+
+def validate_eval_config(ev) -> None:
+    eps = ev.eps if isinstance(ev.eps, (list, tuple)) else (ev.eps,)
+    for v in eps:
+        _require(is_number(v) and 0 <= v <= 1, "eval.eps", v, "numbers of pixels in [0, 1]")
+    _require(isinstance(ev.pgd_steps, int) and ev.pgd_steps >= 0, "eval.pgd_steps",
+             ev.pgd_steps, "an integer >= 0")
+    _require(isinstance(ev.pgd_restarts, int) and ev.pgd_restarts >= 0, "eval.pgd_restarts",
+             ev.pgd_restarts, "an integer >= 0")
+    _require(isinstance(ev.batch_size, int) and ev.batch_size >= 1, "eval.batch_size",
+             ev.batch_size, "a positive integer")
+
+
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def request_determinism(config) -> None:
+    """With ``config.train.deterministic``, adds XLA's deterministic-ops flag to ``XLA_FLAGS``.
+    Effective only before JAX starts its GPU backend (train.py calls it right after reading the
+    config); :func:`train_and_evaluate` refuses a deterministic run on a GPU without it."""
+    if config.train.get("deterministic", False):
+        flags = os.environ.get("XLA_FLAGS", "")
+        if DETERMINISTIC_FLAG not in flags:
+            os.environ["XLA_FLAGS"] = (flags + " " + DETERMINISTIC_FLAG).strip()
+
+
+def check_determinism(config) -> None:
+    if (config.train.get("deterministic", False) and jax.default_backend() == "gpu"
+            and DETERMINISTIC_FLAG not in os.environ.get("XLA_FLAGS", "")):
+        raise ConfigError(
+            f"config.train.deterministic=True is not allowed here: the GPU backend started "
+            f"without XLA_FLAGS={DETERMINISTIC_FLAG}; allowed: set it before JAX starts "
+            "(train.py does; in Python call linf_jax.config.request_determinism(config) "
+            "before the first JAX computation)")
+
+
+def kernels_choice(config) -> str | None:
+    """The :func:`linf_jax.ops.use_kernels` argument of ``config.kernels``: None for 'auto'
+    (the library default, ``LINF_JAX_KERNELS`` when set), else the choice itself."""
+    choice = config.get("kernels", "auto")
+    return None if choice == "auto" else choice
+
+

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny, fast training configuration on the embedded digits."""
 
+import functools
 import os
 import sys
 import tempfile
@@ -71,15 +72,50 @@ class StepSetup:
     the schedule, optimiser, model, a fresh state and the jitted step."""
 
     def __init__(self, cfg, split=None, steps_per_epoch=10, adam_eps=1e-10):
+        import jax
+
+        from linf_jax import config as config_lib
         from linf_jax import data as data_lib
-        from linf_jax import train_lib
+        from linf_jax import ensemble as ensemble_lib
+        from linf_jax import train_lib, trainer
         from linf_jax.models import build_model
 
         self.ds = data_lib.load("digits", split or cfg.data.train_split)
-        self.meta = train_lib.dataset_meta(self.ds)
+        self.meta = trainer.dataset_meta(self.ds)
         self.schedule = train_lib.make_schedule(cfg, steps_per_epoch, self.meta["std"])
         self.tx = train_lib.optim.make_optimizer(self.schedule, cfg.train.weight_decay, adam_eps)
         self.model = build_model(cfg.model, self.meta["num_classes"])
         self.state = train_lib.create_train_state(cfg, self.model,
                                                   tuple(self.meta["input_shape"]), self.tx)
-        self.step = train_lib.make_train_step(cfg, self.model, self.tx, self.schedule, self.meta)
+        # The module-level train_step, bound and jitted here as the training loop's
+        # make_train_step does (tests call the real step, not a stand-in).
+        execution = ensemble_lib.resolve_execution(cfg.ensemble.get("execution", "auto"),
+                                                   training=True)
+        self.step = jax.jit(functools.partial(
+            train_lib.train_step, model=self.model, tx=self.tx, schedule=self.schedule,
+            loss_fn=train_lib.make_loss_fn(cfg), prepare=train_lib.make_prepare_fn(cfg, self.meta),
+            pixel_std=self.meta["std"], ensemble=config_lib.members(cfg),
+            mode=cfg.ensemble.mode, execution=execution), static_argnames=("p_phase",))
+
+
+def read_tensorboard_scalars(workdir) -> dict:
+    """``{tag: {step: value}}`` of every TensorBoard event file in ``workdir``, read from the
+    TFRecord framing (length, CRC, Event proto, CRC) with tensorboardX's own protos; a later
+    file's values win, as TensorBoard shows a resumed run."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict = {}
+    for path in sorted(glob.glob(os.path.join(os.fspath(workdir), "events.out.tfevents.*"))):
+        data = open(path, "rb").read()
+        i = 0
+        while i + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + length])
+            i += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[int(event.step)] = float(value.simple_value)
+    return out

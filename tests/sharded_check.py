@@ -15,11 +15,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_config  # noqa: E402
 
-from linf_jax import parallel, train_lib  # noqa: E402
+from linf_jax import (
+    parallel,  # noqa: E402
+    trainer,
+)
 
 
 def run(cfg, workdir, **kw):
-    return train_lib.train_and_evaluate(cfg, workdir, progress=False, evaluate_at_end=False,
+    return trainer.train_and_evaluate(cfg, workdir, progress=False, evaluate_at_end=False,
                                         **kw)
 
 

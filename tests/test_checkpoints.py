@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from linf_jax import train_lib
+from linf_jax import checkpoint as ckpt
+from linf_jax import config as config_lib
+from linf_jax import train_lib, trainer
 
 N = 4_000_000  # 16 MB per array: a save takes long enough to be killed inside it
 
@@ -36,18 +38,18 @@ CHILD = textwrap.dedent(f"""
     import sys
     sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
     import jax.numpy as jnp
-    from linf_jax import train_lib
+    from linf_jax import checkpoint as ckpt
     from test_checkpoints import S
 
     def state(step):
         w = jnp.arange({N}, dtype=jnp.float32) * 1e-3 + step
         return S(step=jnp.int32(step), w=w, v=-w)
 
-    mngr = train_lib.checkpoint_manager(sys.argv[1], keep=5)
-    train_lib.save_checkpoint(mngr, state(1))
+    mngr = ckpt.checkpoint_manager(sys.argv[1], keep=5)
+    ckpt.save_checkpoint(mngr, state(1))
     print("saved 1", flush=True)
     sys.stdin.readline()  # the parent is watching the folder now
-    train_lib.save_checkpoint(mngr, state(2))
+    ckpt.save_checkpoint(mngr, state(2))
     print("saved 2", flush=True)
 """)
 
@@ -85,10 +87,10 @@ def _kill_during_save(workdir, delay):
 
 def _restore(workdir):
     target = S(step=jnp.int32(0), w=jnp.zeros(N, jnp.float32), v=jnp.zeros(N, jnp.float32))
-    mngr = train_lib.checkpoint_manager(workdir, keep=5)  # removes the killed save's tmp folder
+    mngr = ckpt.checkpoint_manager(workdir, keep=5)  # removes the killed save's tmp folder
     try:
         step = mngr.latest_step()
-        restored = train_lib.restore_checkpoint(mngr, target)
+        restored = ckpt.restore_checkpoint(mngr, target)
         leftovers = [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
         return step, restored, leftovers
     finally:
@@ -123,7 +125,7 @@ def _is_pickle(path) -> bool:
 
 def test_checkpoints_hold_no_pickles_and_restore_never_unpickles(tmp_path, monkeypatch):
     workdir = str(tmp_path)
-    train_lib.train_and_evaluate(tiny_config(**{"train.epochs": (0, 1, 1, 1, 2)}), workdir,
+    trainer.train_and_evaluate(tiny_config(**{"train.epochs": (0, 1, 1, 1, 2)}), workdir,
                                  progress=False, evaluate_at_end=False)
     files = [os.path.join(root, f) for root, _, names in os.walk(workdir) for f in names]
     assert len(files) > 5
@@ -135,7 +137,7 @@ def test_checkpoints_hold_no_pickles_and_restore_never_unpickles(tmp_path, monke
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, refuse)
     monkeypatch.setattr(np, "load", lambda *a, **k: refuse())
-    _, _, _, state = train_lib.load_run(workdir)
+    _, _, _, state = ckpt.load_run(workdir)
     assert int(state.step) == 20
 
 
@@ -158,8 +160,8 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_pa
 
     monkeypatch.setattr(train_lib, "make_train_step", poisoned)
     workdir = str(tmp_path)
-    with pytest.raises(train_lib.TrainingError) as info:
-        train_lib.train_and_evaluate(tiny_config(), workdir, progress=False)
+    with pytest.raises(config_lib.TrainingError) as info:
+        trainer.train_and_evaluate(tiny_config(), workdir, progress=False)
     message = str(info.value)
     assert f"at step {bad_step};" in message and "nan" in message, message
     assert "step 20" in message  # the checkpoint that stays
@@ -167,7 +169,7 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_pa
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert steps[-1] == 20
     assert not os.path.exists(os.path.join(workdir, "results.json"))
-    _, _, _, state = train_lib.load_run(workdir)
+    _, _, _, state = ckpt.load_run(workdir)
     assert int(state.step) == 20
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
@@ -194,7 +196,7 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_training_resumes(tmp_path,
 
     cfg = tiny_config(**{"train.epochs": (0, 1, 1, 2, 3), "train.checkpoint_every_epochs": 1})
     base = str(tmp_path / "base")
-    train_lib.train_and_evaluate(cfg, base, progress=False, evaluate_at_end=False, max_steps=20)
+    trainer.train_and_evaluate(cfg, base, progress=False, evaluate_at_end=False, max_steps=20)
     assert sorted(int(s) for s in os.listdir(os.path.join(base, "checkpoints"))) == [10, 20]
     damaged, reference = str(tmp_path / "damaged"), str(tmp_path / "reference")
     shutil.copytree(base, damaged)
@@ -206,16 +208,16 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_training_resumes(tmp_path,
             f.truncate(os.path.getsize(path) // 2)
     shutil.rmtree(os.path.join(reference, "checkpoints", "20"))
     capsys.readouterr()
-    got = train_lib.train_and_evaluate(cfg, damaged, progress=False, evaluate_at_end=False)
+    got = trainer.train_and_evaluate(cfg, damaged, progress=False, evaluate_at_end=False)
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1, warnings
     assert "checkpoint step 20 cannot be restored" in warnings[0]
     assert "resuming from step 10" in warnings[0] and "damaged_checkpoints" in warnings[0]
     moved = os.listdir(os.path.join(damaged, "damaged_checkpoints"))
     assert len(moved) == 1 and moved[0].startswith("20-")
-    want = train_lib.train_and_evaluate(cfg, reference, progress=False, evaluate_at_end=False)
+    want = trainer.train_and_evaluate(cfg, reference, progress=False, evaluate_at_end=False)
     assert int(got.state.step) == int(want.state.step) == 30
     for a, b in zip(jax.tree.leaves(got.state), jax.tree.leaves(want.state), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     # certification of the run now finds its latest checkpoint intact
-    train_lib.load_run(damaged)
+    ckpt.load_run(damaged)

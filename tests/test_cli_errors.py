@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from linf_jax import train_lib
+from linf_jax import config as config_lib
+from linf_jax import trainer
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -168,9 +169,9 @@ def env(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("cli_errors"))
     run = os.path.join(tmp, "run")
     cfg = tiny_config(**{"train.epochs": (0, 1, 1, 1, 2), "train.checkpoint_every_epochs": 1})
-    train_lib.train_and_evaluate(cfg, run, progress=False, evaluate_at_end=False)
+    trainer.train_and_evaluate(cfg, run, progress=False, evaluate_at_end=False)
     narrow = os.path.join(tmp, "narrow")
-    train_lib.train_and_evaluate(tiny_config(**{"model.width": 16}), narrow, progress=False,
+    trainer.train_and_evaluate(tiny_config(**{"model.width": 16}), narrow, progress=False,
                                  max_steps=1)
     steps = sorted(int(s) for s in os.listdir(os.path.join(run, "checkpoints")) if s.isdigit())
     assert steps == [10, 20]
@@ -327,21 +328,21 @@ def _api_cases():
         ("api-ensemble-two-widths", lambda e: load_classifier([e["run"], e["narrow"]]),
          EnsembleError, ["width=16", "one architecture"]),
         ("api-load-truncated", lambda e: load_classifier(e["truncated"]),
-         train_lib.CheckpointError, ["cannot be restored"]),
+         config_lib.CheckpointError, ["cannot be restored"]),
         ("api-load-missing", lambda e: load_classifier(os.path.join(e["tmp"], "nothing")),
-         train_lib.CheckpointError, ["not a linf-jax run"]),
+         config_lib.CheckpointError, ["not a linf-jax run"]),
         ("api-config-p-below-1",
-         lambda e: train_lib.validate_config(tiny_config(**{"train.p_start": 0.5})),
-         train_lib.ConfigError, ["train.p_start", "0.5"]),
+         lambda e: config_lib.validate_config(tiny_config(**{"train.p_start": 0.5})),
+         config_lib.ConfigError, ["train.p_start", "0.5"]),
         ("api-config-eps-train-above-1",
-         lambda e: train_lib.validate_config(tiny_config(**{"train.eps_train": 1.5})),
-         train_lib.ConfigError, ["train.eps_train", "1.5", "[0, 1]"]),
+         lambda e: config_lib.validate_config(tiny_config(**{"train.eps_train": 1.5})),
+         config_lib.ConfigError, ["train.eps_train", "1.5", "[0, 1]"]),
         ("api-config-depth-negative",
-         lambda e: train_lib.validate_config(tiny_config(**{"model.depth": -2})),
-         train_lib.ConfigError, ["model.depth", "-2", "positive integer"]),
+         lambda e: config_lib.validate_config(tiny_config(**{"model.depth": -2})),
+         config_lib.ConfigError, ["model.depth", "-2", "positive integer"]),
         ("api-config-eval-eps-above-1",
-         lambda e: train_lib.validate_config(tiny_config(**{"eval.eps": (0.1, 2.0)})),
-         train_lib.ConfigError, ["eval.eps", "2.0", "[0, 1]"]),
+         lambda e: config_lib.validate_config(tiny_config(**{"eval.eps": (0.1, 2.0)})),
+         config_lib.ConfigError, ["eval.eps", "2.0", "[0, 1]"]),
         ("api-data-npz-label-range",
          lambda e: data_lib.load(f"npz:{e['npz_neg']}", "train"),
          data_lib.DataError, ["data.labels", "-3"]),

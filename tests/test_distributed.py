@@ -11,7 +11,8 @@ import jax
 import numpy as np
 from conftest import REPO, tiny_config
 
-from linf_jax import train_lib
+from linf_jax import checkpoint as ckpt
+from linf_jax import trainer
 
 # A few steps at p = 8 and at p = ∞; Adam's eps = 1e-3 keeps rounding noise from being amplified
 # to ~lr (see sharded_check.py).
@@ -54,8 +55,8 @@ def test_two_processes_train_like_one(tmp_path):
     assert files == [".lock", "checkpoints", "config.json", "meta.json", "metrics.jsonl",
                      "results.json"]  # .lock: process 0's one-writer lock (released)
 
-    _, _, _, state = train_lib.load_run(workdir)
-    one = train_lib.train_and_evaluate(tiny_config(**OVERRIDES), str(tmp_path / "one"),
+    _, _, _, state = ckpt.load_run(workdir)
+    one = trainer.train_and_evaluate(tiny_config(**OVERRIDES), str(tmp_path / "one"),
                                        progress=False, evaluate_at_end=False)
     assert int(state.step) == int(one.state.step) == 20
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one.state.params),
@@ -126,8 +127,8 @@ def test_sigterm_on_two_hosts_stops_both_at_one_step_and_resume_is_bit_identical
         for p in procs_again:
             out, err = p.communicate(timeout=400)
             assert p.returncode == 0, err[-3000:]
-    _, _, _, a = train_lib.load_run(workdir)
-    _, _, _, b = train_lib.load_run(reference)
+    _, _, _, a = ckpt.load_run(workdir)
+    _, _, _, b = ckpt.load_run(reference)
     assert int(a.step) == int(b.step) == 120
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y))

@@ -14,8 +14,9 @@ from conftest import REPO, StepSetup, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from linf_jax import config as config_lib
 from linf_jax import data as data_lib
-from linf_jax import ensemble, train_lib
+from linf_jax import ensemble, train_lib, trainer
 from linf_jax.classifier import load_classifier
 from linf_jax.models import build_model
 
@@ -94,7 +95,7 @@ def fixed_p_config(mode, workdir_name):
 @pytest.fixture(scope="module", params=["joint", "independent"])
 def ensemble_run(request, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp(request.param))
-    result = train_lib.train_and_evaluate(fixed_p_config(request.param, workdir), workdir,
+    result = trainer.train_and_evaluate(fixed_p_config(request.param, workdir), workdir,
                                           progress=False)
     return request.param, workdir, result
 
@@ -128,7 +129,7 @@ def test_several_workdirs_stack_into_one_ensemble(tmp_path_factory):
     for seed in (1, 2):
         d = str(tmp_path_factory.mktemp(f"member{seed}"))
         cfg = tiny_config(**{"seed": seed, "train.epochs": (0, 1, 0, 1, 1)})
-        train_lib.train_and_evaluate(cfg, d, progress=False, evaluate_at_end=False)
+        trainer.train_and_evaluate(cfg, d, progress=False, evaluate_at_end=False)
         dirs.append(d)
     clf = load_classifier(dirs, weights="raw")
     assert clf.num_members == 2
@@ -228,8 +229,8 @@ def test_auto_execution_is_batched_when_training_or_sharded_and_rejects_unknown_
     assert ensemble.resolve_execution("sequential", training=True) == "sequential"
     with pytest.raises(ValueError, match="ensemble.execution='fast' is not allowed"):
         ensemble.resolve_execution("fast")
-    with pytest.raises(train_lib.ConfigError, match="ensemble.execution"):
-        train_lib.validate_config(tiny_config(**{"ensemble.execution": "fast"}))
+    with pytest.raises(config_lib.ConfigError, match="ensemble.execution"):
+        config_lib.validate_config(tiny_config(**{"ensemble.execution": "fast"}))
 
 
 @pytest.mark.parametrize("mode", ["joint", "independent"])
@@ -261,7 +262,7 @@ def test_joint_and_independent_steps_take_different_gradients(mode):
         return logits, margins
 
     def loss_of(logits, margins, scale):
-        return train_lib.training_loss(cfg, logits, margins, y, eps, lam, scale)
+        return train_lib.make_loss_fn(cfg)(logits, margins, y, eps, lam, scale)
 
     def joint(params):
         logits, margins = jax.vmap(member)(params, state.batch_stats)

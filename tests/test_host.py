@@ -45,6 +45,6 @@ def test_squared_norm_is_the_global_norm_squared():
             "b": [jnp.asarray(rng.normal(size=(3,)), jnp.float32),
                   jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)]}
     want = sum(float(np.sum(np.float64(x) ** 2)) for x in jax.tree.leaves(tree))
-    got = float(jax.jit(train_lib._squared_norm)(tree))
+    got = float(jax.jit(train_lib.squared_norm)(tree))
     assert got == pytest.approx(want, rel=1e-6)
     assert got == pytest.approx(float(optax.global_norm(tree)) ** 2, rel=1e-6)

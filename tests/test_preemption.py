@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from linf_jax import train_lib
+from linf_jax import checkpoint as ckpt
 
 # 640 examples / batch 64 = 10 steps per epoch, 40 epochs: p = 8 for steps 0-79, the p ramp
 # (traced p) for 80-239, p = ∞ from 240; the signal lands in the first two phases, and the
@@ -110,8 +110,8 @@ def test_signal_saves_and_resume_is_bit_identical(signum, reference, tmp_path):
     assert "clean accuracy" in done.stdout
 
     ref = reference()
-    _, _, _, state = train_lib.load_run(workdir)
-    _, _, _, ref_state = train_lib.load_run(ref)
+    _, _, _, state = ckpt.load_run(workdir)
+    _, _, _, ref_state = ckpt.load_run(ref)
     assert int(state.step) == int(ref_state.step) == TOTAL_STEPS
     leaves, ref_leaves = jax.tree.leaves(state), jax.tree.leaves(ref_state)
     assert len(leaves) == len(ref_leaves) > 10

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from linf_jax import config as config_lib
 from linf_jax import data as data_lib
 from linf_jax import schedules, train_lib
 from linf_jax.models import build_model
@@ -119,7 +120,7 @@ def test_preset_equals_official_script(name):
     doc = open(os.path.join(REPO, "configs", name)).read().split('"""')[1]
     assert repo in doc and script in doc, "the docstring names the repository and the script"
     assert "Deliberate differences" in doc and "Published" in doc
-    train_lib.validate_config(c)
+    config_lib.validate_config(c)
     t = c.train
     assert c.data.source == f"tfds:{o['data']}" and c.data.train_split == "train"
     model = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in c.model.items()}

@@ -20,8 +20,10 @@ import pytest
 from conftest import REPO
 from test_presets import OFFICIAL, OWN, load
 
+from linf_jax import checkpoint as ckpt
+from linf_jax import config as config_lib
 from linf_jax import data as data_lib
-from linf_jax import train_lib
+from linf_jax import train_lib, trainer
 from linf_jax.models import build_model
 
 INF = float("inf")
@@ -70,7 +72,7 @@ def test_loss_family_lowers_its_loss(preset, epochs, n, width, eps0, tmp_path):
                  "--config.train.log_every=1"]
     config = load(preset, overrides)
     workdir = str(tmp_path / "run")
-    result = train_lib.train_and_evaluate(config, workdir, progress=False,
+    result = trainer.train_and_evaluate(config, workdir, progress=False,
                                           evaluate_at_end=False)  # a NaN would raise
     t = config.train
     spe = -(-n // 64)
@@ -98,8 +100,8 @@ def test_loss_family_lowers_its_loss(preset, epochs, n, width, eps0, tmp_path):
     init = train_lib.create_train_state(config, model, ds.input_shape, tx)
     lam_end = t.lam_end if t.loss == "v2" else 0.0
     loss = _loss_fn(config, model, result.meta, x, y, 0.1, lam_end)
-    before = loss(train_lib.variables_for(init, "raw"))
-    after = loss(train_lib.variables_for(result.state, "raw"))
+    before = loss(ckpt.variables_for(init, "raw"))
+    after = loss(ckpt.variables_for(result.state, "raw"))
     assert math.isfinite(before) and math.isfinite(after)
     assert after < 0.95 * before, (before, after)
 
@@ -153,9 +155,9 @@ def test_every_preset_trains_scaled_down(name, npz_data, tmp_path):
     if name == "mnist_local.py":  # its data is the offline MNIST folder; the npz stands in
         overrides.append("--config.data.test_split=train")
     config = load(name, overrides)
-    train_lib.validate_config(config)
+    config_lib.validate_config(config)
     workdir = str(tmp_path / "run")
-    result = train_lib.train_and_evaluate(config, workdir, progress=False,
+    result = trainer.train_and_evaluate(config, workdir, progress=False,
                                           evaluate_at_end=False)
     assert not result.preempted and int(result.state.step) == 2
     m = _metrics(workdir)
@@ -212,8 +214,8 @@ def test_train_cli_refuses_an_undefined_loss(tmp_path):
 def test_undefined_or_bad_schedule_settings_are_refused(overrides, words):
     base = ["--config.train.weight_decay=5e-3"] if "p_start" in overrides[0] else []
     config = load("mnist_01.py", [*base, *overrides])
-    with pytest.raises(train_lib.ConfigError) as err:
-        train_lib.validate_config(config)
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.validate_config(config)
     line = str(err.value)
     assert "\n" not in line
     for w in words:
@@ -235,14 +237,14 @@ def test_resume_is_bit_identical_with_a_partial_last_batch(tmp_path):
                  "--config.train.batch_size=64", "--config.train.epochs=(0,0,1,1,2)",
                  "--config.train.checkpoint_every_epochs=1"]
     config = load("mnist_01.py", overrides)
-    full = train_lib.train_and_evaluate(config, str(tmp_path / "full"), progress=False,
+    full = trainer.train_and_evaluate(config, str(tmp_path / "full"), progress=False,
                                         evaluate_at_end=False)
     assert int(full.state.step) == 20
     work = str(tmp_path / "parts")
-    part = train_lib.train_and_evaluate(config, work, progress=False, evaluate_at_end=False,
+    part = trainer.train_and_evaluate(config, work, progress=False, evaluate_at_end=False,
                                         max_steps=9)  # stops before the first partial batch
     assert part.preempted and int(part.state.step) == 9
-    part = train_lib.train_and_evaluate(config, work, progress=False, evaluate_at_end=False,
+    part = trainer.train_and_evaluate(config, work, progress=False, evaluate_at_end=False,
                                         max_steps=10)  # through it, into the second epoch
     assert part.preempted and int(part.state.step) == 19
     # a config.json written before model.head_hidden existed
@@ -250,11 +252,11 @@ def test_resume_is_bit_identical_with_a_partial_last_batch(tmp_path):
     old = json.load(open(path))
     del old["model"]["head_hidden"]
     json.dump(old, open(path, "w"))
-    train_lib.check_resume(config, work)
-    done = train_lib.train_and_evaluate(config, work, progress=False, evaluate_at_end=False)
+    ckpt.check_resume(config, work)
+    done = trainer.train_and_evaluate(config, work, progress=False, evaluate_at_end=False)
     assert int(done.state.step) == 20
     for field in ("params", "opt_state", "ema_params", "batch_stats", "ema_batch_stats"):
         assert _leaves_equal(getattr(done.state, field), getattr(full.state, field)), field
-    with pytest.raises(train_lib.ConfigError, match="head_hidden=512"):
-        train_lib.check_resume(load("mnist_01.py", [*overrides, "--config.model.head_hidden=512"]),
+    with pytest.raises(config_lib.ConfigError, match="head_hidden=512"):
+        ckpt.check_resume(load("mnist_01.py", [*overrides, "--config.model.head_hidden=512"]),
                                str(tmp_path / "full"))

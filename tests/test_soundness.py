@@ -14,11 +14,13 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from conftest import tiny_config
 
-from linf_jax import certify, data, train_lib
+from linf_jax import certify, data, trainer
+from linf_jax import checkpoint as ckpt
 from linf_jax.classifier import load_classifier
 
 RESTARTS = int(os.environ.get("LINF_SOUNDNESS_RESTARTS", "8"))
@@ -31,8 +33,8 @@ RANDOM_DRAWS = 64  # random corners and random interior points, each
 # a 2-member joint ensemble of each of the last two.
 MLP = {"model.name": "linf_dist_net_mlp", "model.depth": 2, "model.width": 32,
        "model.head": "mlp", "model.head_hidden": 16}
-LENET = {"model.name": "linf_lenet", "model.channels": (4,), "model.kernel_size": 3,
-         "model.dense": (32, 32), "model.head": "mlp", "model.head_hidden": 16}
+LENET = {"model": ml_collections.ConfigDict(dict(name="linf_lenet", channels=(4,), kernel_size=3,
+                                                 dense=(32, 32), head="mlp", head_hidden=16))}
 ENSEMBLE = {"ensemble.size": 2, "ensemble.mode": "joint"}
 KINDS = {"pure": {}, "mlp": MLP, "mlp-ensemble": {**MLP, **ENSEMBLE}, "lenet": LENET,
          "lenet-ensemble": {**LENET, **ENSEMBLE}}
@@ -54,9 +56,9 @@ def trained(tmp_path_factory):
         workdir = os.environ.get("LINF_SOUNDNESS_WORKDIR") if kind == "pure" else None
         if not workdir:
             workdir = str(tmp_path_factory.mktemp(f"sound_{kind}"))
-            train_lib.train_and_evaluate(tiny_config(**KINDS[kind]), workdir, progress=False,
+            trainer.train_and_evaluate(tiny_config(**KINDS[kind]), workdir, progress=False,
                                          evaluate_at_end=False)
-        config, meta, _, _ = train_lib.load_run(workdir)
+        config, meta, _, _ = ckpt.load_run(workdir)
         ds = data.load(meta["source"], config.data.test_split, config.data.get("data_dir"))
         runs[kind] = workdir, config, ds
         return runs[kind]

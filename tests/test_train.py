@@ -10,10 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, read_tensorboard_scalars, tiny_config
 
+from linf_jax import checkpoint as ckpt
+from linf_jax import config as config_lib
 from linf_jax import data as data_lib
-from linf_jax import train_lib
+from linf_jax import train_lib, trainer
 from linf_jax.classifier import load_classifier
 
 
@@ -26,7 +28,7 @@ def leaves_equal(a, b):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("full"))
-    result = train_lib.train_and_evaluate(tiny_config(), workdir, progress=False)
+    result = trainer.train_and_evaluate(tiny_config(), workdir, progress=False)
     return workdir, result
 
 
@@ -51,17 +53,26 @@ def test_tiny_run_learns_and_certifies(full_run):
     assert {"loss", "accuracy", "p", "eps", "lr", "grad_norm"} <= set(last)
     assert last["p"] == float("inf") and first["p"] == 8.0
     assert os.path.exists(os.path.join(workdir, "results.json"))
+    # the same figures as TensorBoard scalars, one per logged step, plus the final evaluation
+    scalars = read_tensorboard_scalars(workdir)
+    for name in ("loss", "accuracy", "p", "eps", "lr"):
+        logged = scalars[f"train/{name}"]
+        assert sorted(logged) == [x["step"] for x in lines], name
+        np.testing.assert_allclose([logged[x["step"]] for x in lines],
+                                   [x[name] for x in lines], rtol=1e-6)
+    final = scalars["eval/certified_accuracy_0.1"]
+    assert final == {int(result.state.step): pytest.approx(rows[0.1]["certified_accuracy"])}
 
 
 def test_resume_is_bit_identical(full_run, tmp_path):
     _, full = full_run
     workdir = str(tmp_path / "resumed")
     cfg = tiny_config()
-    part = train_lib.train_and_evaluate(cfg, workdir, progress=False, max_steps=17)
+    part = trainer.train_and_evaluate(cfg, workdir, progress=False, max_steps=17)
     assert part.preempted and int(part.state.step) == 17
-    part = train_lib.train_and_evaluate(cfg, workdir, progress=False, max_steps=20)
+    part = trainer.train_and_evaluate(cfg, workdir, progress=False, max_steps=20)
     assert part.preempted and int(part.state.step) == 37
-    done = train_lib.train_and_evaluate(cfg, workdir, progress=False, evaluate_at_end=False)
+    done = trainer.train_and_evaluate(cfg, workdir, progress=False, evaluate_at_end=False)
     assert not done.preempted
     assert int(done.state.step) == int(full.state.step)
     assert leaves_equal(done.state.params, full.state.params)
@@ -82,7 +93,7 @@ def test_load_classifier_matches_training_state(full_run):
     raw = load_classifier(workdir, weights="raw")
     logits = np.asarray(clf(x))
     assert logits.shape == (50, 10)
-    variables = train_lib.variables_for(result.state, "ema")
+    variables = ckpt.variables_for(result.state, "ema")
     norm = data_lib.normalize(x, np.asarray(result.meta["mean"]), result.meta["std"])
     np.testing.assert_allclose(logits, result.model.apply(variables, norm), rtol=1e-5, atol=1e-5)
     assert not np.allclose(logits, np.asarray(raw(x)))  # EMA and raw weights differ
@@ -127,7 +138,7 @@ def test_config_kernels_is_recorded_and_used(full_run, monkeypatch, tmp_path):
     workdir, _ = full_run
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["kernels"] == "auto"
-    assert train_lib.kernels_choice(tiny_config()) is None  # auto: the library default
+    assert config_lib.kernels_choice(tiny_config()) is None  # auto: the library default
     if not native.available():
         pytest.skip("no native kernels to keep out")
     monkeypatch.setenv(ops.KERNELS_ENV, "native")
@@ -139,7 +150,7 @@ def test_config_kernels_is_recorded_and_used(full_run, monkeypatch, tmp_path):
 
     monkeypatch.setattr(native, "_call", spy)
     cfg = tiny_config(**{"kernels": "xla", "train.epochs": (0, 1, 1, 2, 2)})
-    train_lib.train_and_evaluate(cfg, str(tmp_path / "xla"), progress=False,
+    trainer.train_and_evaluate(cfg, str(tmp_path / "xla"), progress=False,
                                  evaluate_at_end=False, max_steps=12)
     assert called == []
     with open(tmp_path / "xla" / "config.json") as f:
@@ -173,6 +184,8 @@ def test_train_cli_on_an_avx2_cpu_uses_the_xla_code(tmp_path):
                        "kernels are the default only on AVX-512 CPUs, where they were measured "
                        "faster (LINF_JAX_KERNELS=native forces them))"], proc.stdout[-2000:]
     assert "certified" in proc.stdout
+    scalars = read_tensorboard_scalars(tmp_path / "run")  # python train.py writes TensorBoard
+    assert {"train/loss", "train/accuracy", "train/p", "train/eps", "train/lr"} <= set(scalars)
 
 
 def test_deterministic_gpu_runs_set_or_demand_xla_flag(monkeypatch):
@@ -180,16 +193,16 @@ def test_deterministic_gpu_runs_set_or_demand_xla_flag(monkeypatch):
     without it is refused in one line; CPU runs need nothing."""
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     cfg = tiny_config(**{"train.deterministic": True})
-    train_lib._check_determinism(cfg)  # CPU: deterministic already
+    config_lib.check_determinism(cfg)  # CPU: deterministic already
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    with pytest.raises(train_lib.ConfigError, match="config.train.deterministic=True .*XLA_FLAGS"):
-        train_lib._check_determinism(cfg)
-    train_lib.request_determinism(cfg)
-    train_lib.request_determinism(cfg)
+    with pytest.raises(config_lib.ConfigError, match="config.train.deterministic=True .*XLA_FLAGS"):
+        config_lib.check_determinism(cfg)
+    config_lib.request_determinism(cfg)
+    config_lib.request_determinism(cfg)
     assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=1 "
-                                       + train_lib.DETERMINISTIC_FLAG)
-    train_lib._check_determinism(cfg)
-    train_lib._check_determinism(tiny_config())  # not asked for: nothing demanded
+                                       + config_lib.DETERMINISTIC_FLAG)
+    config_lib.check_determinism(cfg)
+    config_lib.check_determinism(tiny_config())  # not asked for: nothing demanded
 
 
 def test_classifier_is_a_jax_function(full_run):
@@ -248,7 +261,7 @@ def test_donated_train_step_reuses_the_state_buffers_and_computes_the_same():
     images, labels = jnp.asarray(plain.ds.images), jnp.asarray(plain.ds.labels)
     idx = jnp.arange(64)
     state_bytes = sum(a.nbytes for a in jax.tree.leaves(plain.state))
-    analysis = donating.lower(donated.state, images, labels, idx, p_mode="start").compile() \
+    analysis = donating.lower(donated.state, images, labels, idx, p_phase="start").compile() \
         .memory_analysis()
     assert analysis.alias_size_in_bytes >= state_bytes
     a, b = plain.state, donated.state
