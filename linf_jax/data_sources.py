@@ -1,0 +1,341 @@
+"""The readers behind :func:`linf_jax.data.load`: scikit-learn's digits (shipped in the wheel),
+MNIST-format IDX files, NumPy ``.npz`` files and TFDS data sets read without TensorFlow. The
+``source`` strings, splits and normalisation they follow are described in :mod:`linf_jax.data`.
+
+Each reader returns a :class:`~linf_jax.data.Dataset` checked by :mod:`linf_jax.data_arrays`, or
+raises :class:`~linf_jax.data.DataError` with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+
+import numpy as np
+
+from linf_jax.data import (
+    DIGITS_MEAN,
+    DIGITS_NUM_TRAIN,
+    DIGITS_STD,
+    KNOWN_TFDS,
+    MNIST_MEAN,
+    MNIST_STD,
+    DataError,
+    Dataset,
+)
+from linf_jax.data_arrays import (
+    _as_images,
+    _as_labels,
+    _make,
+    _pooled_stats,
+    _resolve_split,
+    _select,
+)
+
+# ---------------------------------------------------------------------------------------------
+# digits
+
+
+def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[..., None]
+    y = d.target.astype(np.int32)
+    perm = np.random.default_rng(0).permutation(len(y))
+    tr, te = perm[:DIGITS_NUM_TRAIN], perm[DIGITS_NUM_TRAIN:]
+    return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
+
+
+def _load_digits(split: str) -> Dataset:
+    splits = _digits_splits()
+    x, y = _select(split, splits, splits.__getitem__, "digits")
+    return _make("digits", x, y, 10, (DIGITS_MEAN,), DIGITS_STD, "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX (MNIST format)
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _read_idx(path: str, magic: int, ndim: int) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(
+            f"data.source: cannot read IDX file {path} ({e}); "
+            "allowed: an IDX file, gzipped or not"
+        ) from None
+    got = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if got != magic:
+        raise DataError(
+            f"data.source: bad magic number {got} in IDX file {path}; allowed: {magic} "
+            f"(uint8 IDX with {ndim} dimension{'s' if ndim > 1 else ''})"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(
+            f"data.source: IDX file {path} is truncated in its header; "
+            "allowed: a complete IDX file"
+        )
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    size = int(np.prod(shape))
+    if len(raw) - header != size:
+        raise DataError(
+            f"data.source: IDX file {path} holds {len(raw) - header} data bytes for shape {shape}; "
+            f"allowed: exactly {size}"
+        )
+    return np.frombuffer(raw, np.uint8, count=size, offset=header).reshape(shape)
+
+
+def _find(directory: str, stem: str) -> str:
+    for candidate in (stem, stem + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.isfile(path):
+            return path
+    raise DataError(
+        f"data.source: missing IDX file {os.path.join(directory, stem)}[.gz]; "
+        f"allowed: a directory holding {stem} or {stem}.gz"
+    )
+
+
+def _load_idx(source: str, directory: str, split: str) -> Dataset:
+    if not os.path.isdir(directory):
+        raise DataError(
+            f"data.source: {source!r}: no directory {directory!r}; "
+            "allowed: idx:DIR with IDX files"
+        )
+
+    def get(name):
+        img_stem, lab_stem = _IDX_FILES[name]
+        x = _read_idx(_find(directory, img_stem), 2051, 3)
+        y = _read_idx(_find(directory, lab_stem), 2049, 1)
+        if x.shape[0] != y.shape[0]:
+            raise DataError(
+                f"data.labels: {y.shape[0]} labels for {x.shape[0]} images "
+                f"in {directory} ({name}); allowed: one label per image"
+            )
+        return x[..., None], y
+
+    x, y = _select(split, list(_IDX_FILES), get, source)
+    return _make(source, x, y, 10, MNIST_MEAN, MNIST_STD, "mnist")
+
+
+# ---------------------------------------------------------------------------------------------
+# npz
+
+
+def _load_npz(source: str, path: str, split: str) -> Dataset:
+    if not os.path.isfile(path):
+        raise DataError(
+            f"data.source: {source!r}: no file {path!r}; allowed: npz:FILE with an existing .npz"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a data error
+        raise DataError(
+            f"data.source: cannot read {path!r} as .npz ({type(e).__name__}: {e}); "
+            "allowed: a NumPy .npz"
+        ) from None
+
+    def pick(*keys):
+        for k in keys:
+            if k in arrays:
+                return arrays[k]
+        return None
+
+    if all(k in arrays for k in ("x_train", "y_train", "x_test", "y_test")):
+        splits = {
+            "train": (
+                _as_images(arrays["x_train"], "data.x_train"),
+                _as_labels(arrays["y_train"], "data.y_train"),
+            ),
+            "test": (
+                _as_images(arrays["x_test"], "data.x_test"),
+                _as_labels(arrays["y_test"], "data.y_test"),
+            ),
+        }
+    else:
+        x, y = pick("x", "images"), pick("y", "labels")
+        if x is None or y is None:
+            raise DataError(
+                f"data.source: {path!r} has arrays {sorted(arrays)}; allowed: x/images + y/labels, "
+                "or x_train + y_train + x_test + y_test"
+            )
+        whole = (_as_images(x, "data.images"), _as_labels(y, "data.labels"))
+        splits = {"train": whole, "test": whole}
+
+    train_x = splits["train"][0]
+    if "mean" in arrays or "std" in arrays:
+        if "mean" not in arrays or "std" not in arrays:
+            raise DataError(
+                f"data.mean: {path!r} has only one of mean/std; allowed: both or neither"
+            )
+        mean, std = arrays["mean"], arrays["std"]
+    else:
+        mean, std = _pooled_stats(train_x)
+    if "num_classes" in arrays:
+        num_classes = int(np.asarray(arrays["num_classes"]).ravel()[0])
+    else:
+        all_labels = np.concatenate([splits["train"][1], splits["test"][1]])
+        num_classes = int(all_labels.max()) + 1 if all_labels.size else 1
+    if splits["train"][0].shape[1:] != splits["test"][0].shape[1:]:
+        raise DataError(
+            f"data.images: x_train is {splits['train'][0].shape[1:]} but x_test is "
+            f"{splits['test'][0].shape[1:]} in {path!r}; allowed: the same [H, W, C]"
+        )
+    x, y = _select(split, splits, splits.__getitem__, source)
+    return _make(source, x, y, num_classes, mean, std, "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS
+
+
+def _tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _base_name(name: str) -> str:
+    return name.split("/")[0].split(":")[0]
+
+
+def _install_hint(name: str) -> str:
+    return (
+        f"pip install tensorflow-cpu and rerun, or prepare it with "
+        f"`tfds build {name} --file_format=array_record` "
+        "(add --data_dir=DIR when you pass data_dir)"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _needs_tf(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ImportError) and "tensorflow" in (
+            (getattr(e, "name", None) or "") + " " + str(e)
+        ).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Dataset:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # pragma: no cover - tfds is a dependency
+        raise DataError(
+            f"data.source: {source!r} needs tensorflow-datasets ({e}); "
+            "pip install tensorflow-datasets"
+        ) from None
+
+    data_dir = None if data_dir is None else os.fspath(data_dir)
+    builder_kwargs = {"file_format": "array_record"}
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(
+            f"data.source: no TFDS data set named {name!r}; "
+            "allowed: a name from tfds.list_builders() "
+            "or a registered tfds.core.GeneratorBasedBuilder"
+        ) from None
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            f"data.source: cannot open TFDS data set {name!r} ({_first_line(e)})"
+        ) from None
+
+    if not builder.is_prepared():
+        stock = type(builder).__module__.startswith("tensorflow_datasets.")
+        if stock and not _tensorflow_available():
+            raise DataError(
+                f"data.source: TFDS data set {name!r} is not prepared in "
+                f"{builder.data_dir!s} and preparing it needs TensorFlow: {_install_hint(name)}"
+            )
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # noqa: BLE001
+            if _needs_tf(e):
+                raise DataError(
+                    f"data.source: preparing TFDS data set {name!r} needs TensorFlow: "
+                    f"{_install_hint(name)}"
+                ) from None
+            raise DataError(
+                f"data.source: cannot prepare TFDS data set {name!r} ({_first_line(e)})"
+            ) from None
+
+    info = builder.info
+    features = info.features
+    for key in ("image", "label"):
+        if key not in features:
+            raise DataError(
+                f"data.source: TFDS data set {name!r} has features {sorted(features.keys())}; "
+                "allowed: data sets with 'image' and 'label' features"
+            )
+
+    def read(spec: str) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            ds = tfds.data_source(
+                name,
+                split=spec,
+                data_dir=data_dir,
+                builder_kwargs=builder_kwargs,
+                download=False,
+            )
+        except Exception as e:  # noqa: BLE001
+            if _needs_tf(e):
+                raise DataError(
+                    f"data.source: reading TFDS data set {name!r} needs TensorFlow: "
+                    f"{_install_hint(name)}"
+                ) from None
+            raise DataError(
+                f"data.source: cannot read TFDS data set {name!r} with random access "
+                f"({_first_line(e)}); "
+                f"rebuild it with `tfds build {name} --file_format=array_record`"
+            ) from None
+        n = len(ds)
+        images, labels = [], []
+        for start in range(0, n, 2048):
+            for ex in ds.__getitems__(list(range(start, min(n, start + 2048)))):
+                images.append(np.asarray(ex["image"]))
+                labels.append(np.asarray(ex["label"]))
+        if not images:
+            return (
+                np.zeros((0,) + tuple(features["image"].shape), np.uint8),
+                np.zeros((0,), np.int32),
+            )
+        return np.stack(images), np.stack(labels)
+
+    # Validate the split spec (one-line DataError) before reading.
+    _resolve_split(split, info.splits, source)
+    x, y = read(split)
+    x = _as_images(x, "data.images")
+    y = _as_labels(y, "data.labels")
+
+    label_feature = features["label"]
+    num_classes = getattr(label_feature, "num_classes", None)
+    if num_classes is None:
+        num_classes = int(y.max()) + 1 if y.size else 1
+
+    base = _base_name(name)
+    if base in KNOWN_TFDS:
+        mean, std, aug = KNOWN_TFDS[base]
+    else:
+        aug = "none"
+        if "train" in info.splits and split.strip() != "train":
+            mean, std = _pooled_stats(_as_images(read("train")[0], "data.images"))
+        else:
+            mean, std = _pooled_stats(x)
+    return _make(source, x, y, num_classes, mean, std, aug)
