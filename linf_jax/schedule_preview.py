@@ -1,0 +1,246 @@
+"""Preview of a config's schedule on the command line: a table of p, ε, lr, λ and the EMA decay
+at chosen epochs, optionally written to JSON and plotted over the whole run. The formulas are
+:class:`linf_jax.schedules.Schedule`'s; the config is checked and turned into a schedule as
+train.py does.
+
+Usage (``python -m linf_jax.schedule_preview`` is the same program)::
+
+    python -m linf_jax.schedules --config configs/cifar10_8_v2.py --epochs 0,100,675,1300 \\
+        --json sched.json --plot sched.png
+
+``--epochs`` takes comma-separated epochs (``349.5`` or ``349+117/118`` for a step inside an
+epoch; each is rounded to the nearest step); without it, the boundaries of the tuple. The JSON
+holds ``epochs``, ``steps``, ``p`` (a number, or the string ``"inf"`` from the ℓ∞ phase on),
+``eps_train`` (pixels), ``eps_train_normalized`` (null when the data set's std is unknown),
+``lr``, ``logit_scale_lr``, ``lam`` (0 for losses without λ), ``phase``, ``ema_decay`` and the
+settings used (``schedule``, ``train_epochs``, ``steps_per_epoch``, ``std``, ``loss``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from linf_jax.schedules import Schedule, preview
+
+# Training-set sizes of the stock TFDS data sets (their 'train' split), so that the preview of a
+# paper preset needs no download.
+TFDS_TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000}
+
+
+def parse_epochs(text: str, total: int) -> list[float]:
+    """``"0,50,349+117/118,400"`` → epochs (floats in [0, T]); ValueError (one line) else."""
+    import re
+
+    out = []
+    for token in text.split(","):
+        tok = token.strip()
+        m = re.fullmatch(r"(\d+)\s*\+\s*(\d+)\s*/\s*(\d+)", tok)
+        try:
+            if m:
+                if int(m.group(3)) == 0:
+                    raise ValueError
+                value = int(m.group(1)) + int(m.group(2)) / int(m.group(3))
+            else:
+                value = float(tok)
+        except ValueError:
+            raise ValueError(f"--epochs={text!r} is not allowed: {tok!r} is not a number; "
+                             "allowed: comma-separated epochs such as 0,50,349+117/118") from None
+        if not (math.isfinite(value) and 0 <= value <= total):
+            raise ValueError(f"--epochs={text!r} is not allowed: {tok!r} is outside the run; "
+                             f"allowed: epochs in [0, {total}] (T of train.epochs)")
+        out.append(value)
+    if not out:
+        raise ValueError(f"--epochs={text!r} is not allowed: allowed: at least one epoch")
+    return out
+
+
+def _train_size_and_std(config) -> tuple[int, float | None]:
+    """Training-set size and std for the preview: the stock TFDS sets from a table, anything
+    else by loading the training split (DataError, one line, when it cannot be loaded)."""
+    from linf_jax import data as data_lib
+
+    d = config.data
+    source = str(d.source)
+    if source.startswith("tfds:") and d.train_split == "train":
+        name = source[len("tfds:"):].split(":")[0].split("/")[0]
+        if name in TFDS_TRAIN_SIZES:
+            return TFDS_TRAIN_SIZES[name], data_lib.KNOWN_TFDS[name][1]
+    try:
+        ds = data_lib.load(source, d.train_split, d.get("data_dir"))
+    except data_lib.DataError as err:
+        raise data_lib.DataError(f"{str(err).splitlines()[0]}; or pass --steps_per_epoch to "
+                                 "preview without the data") from None
+    return len(ds.labels), float(ds.std)
+
+
+def format_table(result: dict, show_scale_lr: bool) -> str:
+    head = ["epoch", "step", "phase", "p", "eps (px)", "eps (n)", "lr"]
+    if show_scale_lr:
+        head.append("scale lr")
+    head += ["lambda", "EMA decay"]
+    rows = [head]
+    normalized = result["eps_train_normalized"]
+    for i, step in enumerate(result["steps"]):
+        p = result["p"][i]
+        row = [f"{result['epochs'][i]:.6g}", str(step), result["phase"][i],
+               "inf" if p == "inf" else f"{p:.6g}", f"{result['eps_train'][i]:.6g}",
+               "?" if normalized is None else f"{normalized[i]:.6g}", f"{result['lr'][i]:.6g}"]
+        if show_scale_lr:
+            row.append(f"{result['logit_scale_lr'][i]:.6g}")
+        row += [f"{result['lam'][i]:.6g}", f"{result['ema_decay'][i]:.4g}"]
+        rows.append(row)
+    widths = [max(len(r[j]) for r in rows) for j in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
+                     for r in rows)
+
+
+def plot_schedule(schedule: Schedule, path: str, marks: dict | None = None,
+                  std: float | None = None, title: str = "") -> str:
+    """p, ε (pixels), lr and λ against epochs over the whole run (every step for short runs,
+    2,000 evenly spaced steps otherwise), with ``marks`` (a :func:`preview`) as points."""
+    from linf_jax.plots import _pyplot
+
+    total = schedule.total_steps
+    steps = np.unique(np.linspace(0, total, min(total + 1, 2001)).round().astype(np.int64))
+    data = preview(schedule, steps, std)
+    plt = _pyplot()
+    fig, axes = plt.subplots(4, 1, figsize=(6.4, 8.5), dpi=110, sharex=True)
+    keys = (("p", "p (∞ drawn at the top)"), ("eps_train", "training ε (pixels)"),
+            ("lr", "learning rate"), ("lam", "λ (v2 loss)"))
+    for ax, (key, label) in zip(axes, keys, strict=True):
+        def values(d, key=key):
+            v = d[key]
+            if key == "p":
+                finite = [x for x in data["p"] if x != "inf"] or [1000.0]
+                cap = 2 * max(finite)
+                return np.array([cap if x == "inf" else x for x in v], np.float64)
+            return np.asarray(v, np.float64)
+
+        ax.plot(data["epochs"], values(data), lw=1.2)
+        if marks is not None:
+            ax.plot(marks["epochs"], values(marks), "o", ms=3.5)
+        if key == "p":
+            ax.set_yscale("log")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(title, fontsize=9)
+    axes[-1].set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _main(argv) -> None:
+    import json
+
+    from absl import flags
+
+    from linf_jax import cli
+
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}: use --flag=value")
+    cli.quiet_logging()
+    fl = flags.FLAGS
+    config = cli.load_config(_FLAG_HOLDERS["config"])
+
+    from linf_jax import config as config_lib
+    from linf_jax import train_lib
+
+    cli.run_guarded(config_lib.validate_config, config)
+    total = int(config.train.epochs[4])
+    spe = fl.steps_per_epoch
+    if spe is not None and spe < 1:
+        cli.fail(f"--steps_per_epoch={spe} is not allowed: a positive integer")
+    if spe is None:
+        n, std = cli.run_guarded(_train_size_and_std, config)
+        spe = train_lib.steps_per_epoch(n, config.train.batch_size,
+                                        bool(config.train.get("drop_last", False)))
+    else:
+        std = None
+    json_path, plot_path = fl.json, fl.plot
+    if json_path:
+        cli.check_writable_file(json_path, "--json")
+    if plot_path:
+        from linf_jax.plots import OUT_EXTENSIONS
+
+        cli.check_writable_file(plot_path, "--plot")
+        if not plot_path.lower().endswith(OUT_EXTENSIONS):
+            cli.fail(f"--plot={plot_path!r} is not allowed: allowed: a file ending in "
+                     f"{', '.join(OUT_EXTENSIONS)}")
+    schedule = train_lib.make_schedule(config, spe, 1.0 if std is None else std)
+    if fl.epochs is None:
+        epochs = schedule.boundaries()
+    else:
+        try:
+            epochs = parse_epochs(fl.epochs, total)
+        except ValueError as err:
+            cli.fail(str(err))
+    steps = [round(e * spe) for e in epochs]
+    result = preview(schedule, steps, std, train_lib.logit_scale_lr(config))
+    t = config.train
+    family = t.get("schedule", "v1")
+    meaning = ("(e0, e1, e2, e3, T): lr constant to e1 then cosine to 0 at T; p ramp e1 -> e3, "
+               "inf from e3; eps ramp of length e2 from e0 (constant when e2 = 0)"
+               if family == "v1" else
+               "(es, ee, ps, pe, T): lr cosine over [0, T]; p ramp ps -> pe, inf from pe "
+               "(if p_end >= 100); eps ramp es -> ee (constant when ee <= es); lambda with p")
+    print(f"schedule {family}, epochs {tuple(int(e) for e in t.epochs)} {meaning}")
+    eps_text = f"{t.eps_train:g} px"
+    if std is not None:
+        eps_text += f" = {t.eps_train / std:.6g} (n), std {std:g}"
+    dropped = ", last partial batch dropped" if t.get("drop_last", False) else ""
+    print(f"{spe} steps per epoch (batch {t.batch_size}{dropped}), eps_train {eps_text}, "
+          f"loss {t.loss}, lr {t.lr:g}")
+    scale_lr = train_lib.logit_scale_lr(config)
+    print(format_table(result, show_scale_lr=scale_lr != t.lr))
+    result.update(schedule=family, train_epochs=[int(e) for e in t.epochs],
+                  steps_per_epoch=spe, std=std, loss=t.loss, base_lr=float(t.lr),
+                  base_logit_scale_lr=float(scale_lr))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        print(f"wrote {json_path}")
+    if plot_path:
+        plot_schedule(schedule, plot_path, marks=result, std=std,
+                      title=f"{fl['config'].config_filename}: schedule {family}, "
+                            f"epochs {tuple(int(e) for e in t.epochs)}")
+        print(f"wrote {plot_path}")
+
+
+_FLAG_HOLDERS: dict = {}
+
+
+def _define_flags() -> None:
+    """The preview's flags (defined only when it runs as a program, never on import)."""
+    import os
+    import sys
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "default.py")
+    try:  # without --config, ml_collections applies the --config.* overrides right here
+        _FLAG_HOLDERS["config"] = config_flags.DEFINE_config_file(
+            "config", default, "Experiment config file (as train.py).", lock_config=True)
+    except Exception as err:  # noqa: BLE001 - an override naming no config field
+        from linf_jax.cli import config_override_message, fail
+
+        fail(config_override_message(err, sys.argv))
+    flags.DEFINE_string("epochs", None, "Comma-separated epochs to show (349+117/118: a step "
+                        "inside an epoch); default: the boundaries of train.epochs.")
+    flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: from the training "
+                         "split's size, the batch size and train.drop_last).")
+    flags.DEFINE_string("json", None, "Write the values to this JSON file.")
+    flags.DEFINE_string("plot", None, "Plot the whole schedule to this image (.png/.pdf/.svg).")
+
+
+if __name__ == "__main__":
+    from linf_jax.cli import main_entry
+
+    _define_flags()
+    main_entry(_main)
