@@ -60,6 +60,7 @@ def initialize_distributed() -> None:
     import jax
 
     from linf_jax.cli import fail
+    from linf_jax.config import first_line
 
     num = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else _env_int(
         "JAX_NUM_PROCESSES")
@@ -73,7 +74,7 @@ def initialize_distributed() -> None:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=num,
                                    process_id=pid)
     except (ValueError, RuntimeError) as err:
-        fail(f"--distributed: jax.distributed.initialize failed ({str(err).splitlines()[0]}); "
+        fail(f"--distributed: jax.distributed.initialize failed ({first_line(err)}); "
              "allowed: a cluster JAX detects (TPU pod, SLURM, Open MPI) or --coordinator_address,"
              " --num_processes and --process_id (see docs/SCALING.md)")
 

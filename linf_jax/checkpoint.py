@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from linf_jax import train_lib
-from linf_jax.config import CheckpointError, ConfigError, TrainingError, flat
+from linf_jax.config import CheckpointError, ConfigError, TrainingError, first_line, flat
 from linf_jax.models import build_model
 from linf_jax.train_lib import TrainState
 
@@ -182,9 +182,7 @@ def _root_cause_line(err: BaseException, limit: int = 240) -> str:
     while id(err) not in seen and (err.__cause__ or err.__context__) is not None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else type(err).__name__
-    return line if len(line) <= limit else line[:limit] + "..."
+    return first_line(err, limit)
 
 
 def write_json(path: str, obj) -> None:
@@ -225,7 +223,7 @@ def read_run_files(workdir: str):
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(
             f"workdir={workdir!r}: unreadable run files ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''})") from None
+            f"{first_line(err)})") from None
     return config, meta
 
 
@@ -273,7 +271,7 @@ def _open_run(workdir: str):
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(
             f"workdir={workdir!r}: config.json/meta.json do not describe a model "
-            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+            f"({first_line(err)})") from None
     return config, meta, model, ckpt_dir
 
 
@@ -327,7 +325,7 @@ def load_run(workdir: str, step: int | None = None):
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(
             f"workdir={workdir!r}: config.json/meta.json do not describe a model "
-            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+            f"({first_line(err)})") from None
     _, state = _restore_step(workdir, ckpt_dir, step,
                              lambda mngr, s: restore_checkpoint(mngr, target, s))
     return config, meta, model, state

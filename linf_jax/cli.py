@@ -19,24 +19,31 @@ def fail(message: str, code: int = 2) -> None:
     print(f"error: {line}", file=sys.stderr, flush=True)
     if sys.stderr is not sys.__stderr__:  # captured (pytest, notebooks): change nothing else
         raise SystemExit(code)
-    # A command line ends here: nothing may follow the one line, neither a log record nor
-    # anything a background thread prints while the interpreter shuts down (Orbax's asyncio
-    # reads of a damaged checkpoint).
+    # A command line ends here: nothing may follow the one line. Log records are switched
+    # off, and the one known kind of shutdown noise is dropped: after a failed restore of a
+    # damaged checkpoint, Orbax's pending asyncio reads are collected once its event loop is
+    # closed and reported as "Exception ignored in <coroutine ...>". Anything else still
+    # reaches stderr through the default hook.
     import logging
 
     logging.disable(logging.CRITICAL)
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stderr.fileno())
-        sys.stderr = open(os.devnull, "w")
-    except (OSError, ValueError, AttributeError):  # no file descriptor behind stderr
-        pass
+    sys.unraisablehook = _drop_closed_loop_noise
     raise SystemExit(code)
 
 
+def _drop_closed_loop_noise(unraisable) -> None:
+    err = unraisable.exc_value
+    closed_loop = isinstance(err, RuntimeError) and "Event loop is closed" in str(err)
+    orphan = "coroutine" in repr(unraisable.object) and isinstance(err, (RuntimeError,
+                                                                       GeneratorExit))
+    if not (closed_loop or orphan):
+        sys.__unraisablehook__(unraisable)
+
+
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].strip() if text else type(err).__name__
+    from linf_jax.config import first_line
+
+    return first_line(err)
 
 
 def parse_flags(argv):

@@ -127,6 +127,14 @@ class CheckpointError(RuntimeError):
     """A workdir without a usable checkpoint (missing, truncated or unreadable)."""
 
 
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name if it has none), cut to
+    ``limit`` characters: how a library's error is quoted inside one of ours."""
+    text = str(err).strip()
+    line = text.splitlines()[0].strip() if text else type(err).__name__
+    return line if limit is None or len(line) <= limit else line[:limit] + "..."
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation, once, at the boundary: train.py, certify.py and train_and_evaluate call these
 # before anything is built; the code behind them assumes valid fields.

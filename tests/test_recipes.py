@@ -44,8 +44,8 @@ def _loss_fn(config, model, meta, x, y, eps_px, lam):
     def loss(variables):
         (logits, margins), _ = model.apply(variables, xn, p=INF, train=True, eps=eps, labels=y,
                                            mutable=["batch_stats"])
-        return train_lib.training_loss(config, logits, margins, y, eps, lam,
-                                       variables["params"]["logit_scale"])
+        return train_lib.make_loss_fn(config)(logits, margins, y, eps, lam,
+                                          variables["params"]["logit_scale"])
 
     return lambda variables: float(loss(variables))
 
