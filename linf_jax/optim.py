@@ -131,32 +131,32 @@ DECAY = {
 }
 
 
-def lp_weight_decay(weight_decay: float, p_fn, labels=param_labels
+def lp_weight_decay(weight_decay: float, p_of_count, labels=param_labels
                     ) -> optax.GradientTransformationExtraArgs:
-    """Adds ``wd · ∇(½‖w‖_p²)`` (row-wise, ``p = p_fn(count)``) to the updates of the leaves
+    """Adds ``wd · ∇(½‖w‖_p²)`` (row-wise, ``p = p_of_count(count)``) to the updates of the leaves
     labelled ``'linf_weight'`` and ``wd · θ`` to those labelled ``'other'``; the logit scale is
     not decayed (``DECAY``, module docstring); ``weight_decay = 0`` leaves the updates as they
     are. ``labels``: the label tree, or a function of the parameters giving it (default
     :func:`param_labels`).
 
-    ``tx.update(..., decay_p=p)`` (an Optax extra argument, passed through ``optax.chain``) may
+    ``tx.update(..., phase_p=p)`` (an Optax extra argument, passed through ``optax.chain``) may
     give that p as a Python number when the caller knows it statically: the train step does in
-    its 'start' and 'inf' phases, where ``p_fn(count)`` is the constant p_start or ∞. It selects
-    the specialised code of :func:`lp_decay_direction` (no exp/log, no ``lax.cond``); it must
-    equal ``p_fn(count)``, which is used when ``decay_p`` is None or traced."""
+    its 'start' and 'inf' phases, where ``p_of_count(count)`` is the constant p_start or ∞. It
+    selects the specialised code of :func:`lp_decay_direction` (no exp/log, no ``lax.cond``); it
+    must equal ``p_of_count(count)``, which is used when ``phase_p`` is None or traced."""
 
     def init_fn(params):
         del params
         return DecayState(count=jnp.zeros((), jnp.int32))
 
-    def update_fn(updates, state, params=None, *, decay_p=None, **extra_args):
+    def update_fn(updates, state, params=None, *, phase_p=None, **extra_args):
         del extra_args
         if params is None:
             raise ValueError("lp_weight_decay needs the parameters: tx.update(g, s, params)")
         new_state = DecayState(count=optax.safe_increment(state.count))
         if weight_decay == 0:
             return updates, new_state
-        p = decay_p if isinstance(decay_p, (int, float)) else p_fn(state.count)
+        p = phase_p if isinstance(phase_p, (int, float)) else p_of_count(state.count)
 
         def one(label, u, w):
             if label not in DECAY:
@@ -196,18 +196,18 @@ def scale_by_learning_rate(schedule: Schedule, logit_scale_lr: float | None = No
 
 
 def make_optimizer(schedule: Schedule, weight_decay: float, adam_eps: float = 1e-10,
-                   p_fn=None, logit_scale_lr: float | None = None
+                   p_of_count=None, logit_scale_lr: float | None = None
                    ) -> optax.GradientTransformation:
     """Adam(β = (0.9, 0.99), eps = 1e-10) with the ℓp-aware decoupled decay and the lr schedule.
 
     With eps = 1e-10 Adam's first steps are nearly ``lr · sign(g)``, so rounding differences in
     tiny gradients (another device count, another summation order) become differences of order
-    lr in the parameters; a larger ``adam_eps`` makes the update smooth in g. ``p_fn(count)``
+    lr in the parameters; a larger ``adam_eps`` makes the update smooth in g. ``p_of_count(count)``
     is the p of the ℓp decay (default ``schedule.p``: the p of the step being taken).
     ``logit_scale_lr``: the base lr of the logit scale (None: ``schedule.lr``)."""
     return optax.chain(
         optax.scale_by_adam(b1=0.9, b2=0.99, eps=adam_eps),
-        lp_weight_decay(weight_decay, schedule.p if p_fn is None else p_fn),
+        lp_weight_decay(weight_decay, schedule.p if p_of_count is None else p_of_count),
         scale_by_learning_rate(schedule, logit_scale_lr),
     )
 

@@ -274,7 +274,7 @@ def member_update(params, opt_state, ema_params, ema_bs, grads, bs, *, tx, p, al
     means, for one model."""
     # In the start and inf phases p is a Python number and the ℓp decay is compiled for it; a
     # traced p (the ramp) is read from the schedule inside the decay (linf_jax.optim).
-    updates, opt_state = tx.update(grads, opt_state, params, decay_p=p)
+    updates, opt_state = tx.update(grads, opt_state, params, phase_p=p)
     params = optax.apply_updates(params, updates)
     return (params, opt_state, optim.ema_update(ema_params, params, alpha),
             optim.ema_update(ema_bs, bs, alpha))

@@ -169,7 +169,7 @@ def test_lp_decay_direction_rejects_p_below_two():
 
 @pytest.mark.parametrize("phase_p", [8.0, math.inf])
 def test_decay_p_hint_gives_the_same_update(phase_p):
-    """``tx.update(..., decay_p=p)`` (the train step's start / inf phases) selects the
+    """``tx.update(..., phase_p=p)`` (the train step's start / inf phases) selects the
     specialised decay code; the update equals the one from the schedule's traced p."""
     rng = np.random.default_rng(5)
     s = make()
@@ -182,7 +182,7 @@ def test_decay_p_hint_gives_the_same_update(phase_p):
     state = jax.tree.map(lambda a: jnp.full_like(a, step_at) if a.dtype == jnp.int32 else a,
                          tx.init(params))
     plain, _ = jax.jit(tx.update)(grads, state, params)
-    hinted, _ = jax.jit(lambda g, st, pr: tx.update(g, st, pr, decay_p=phase_p))(
+    hinted, _ = jax.jit(lambda g, st, pr: tx.update(g, st, pr, phase_p=phase_p))(
         grads, state, params)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(hinted), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9)
@@ -425,12 +425,12 @@ def _np_adam_decay_lr(params, grads, s, steps, wd, logit_scale_lr):
 @pytest.mark.parametrize("wd,logit_scale_lr", [(5e-3, None), (5e-3, 0.006), (0.0, 0.006)])
 def test_optimizer_steps_match_float64_numpy_reference(phase, wd, logit_scale_lr):
     """Four steps of ``make_optimizer`` on ℓ∞-dist weights (dense and conv), a bias, a head
-    kernel and the logit scale, with ``decay_p`` as the train step passes it in each p phase,
+    kernel and the logit scale, with ``phase_p`` as the train step passes it in each p phase,
     against a float64 NumPy Adam + ℓp decay + per-label lr."""
     rng = np.random.default_rng(11)
     s = make()
     start = {"start": 3, "ramp": EPOCHS[1] * SPE + 9, "inf": EPOCHS[3] * SPE + 2}[phase]
-    decay_p = {"start": 8.0, "ramp": None, "inf": math.inf}[phase]
+    phase_p = {"start": 8.0, "ramp": None, "inf": math.inf}[phase]
     steps = list(range(start, start + 4))
     assert all(s.p_phase(t) == phase for t in steps)
     shapes = {"dense/linf_weight": (6, 11), "conv/linf_weight": (4, 3, 3, 2), "dense/bias": (6,),
@@ -453,7 +453,7 @@ def test_optimizer_steps_match_float64_numpy_reference(phase, wd, logit_scale_lr
     params = nest(flat)
     state = jax.tree.map(lambda a: jnp.full_like(a, start) if a.dtype == jnp.int32 else a,
                          tx.init(params))
-    update = jax.jit(lambda g, st, pr: tx.update(g, st, pr, decay_p=decay_p))
+    update = jax.jit(lambda g, st, pr: tx.update(g, st, pr, phase_p=phase_p))
     got = []
     for g in grads:
         u, state = update(nest(g), state, params)
