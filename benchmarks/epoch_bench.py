@@ -111,7 +111,7 @@ def build_step(model, schedule, p, traced_p: bool):
             params, batch_stats, x, y, p)
         # The ℓp decay at the p of this step (as in training, where the optimiser's count
         # gives the schedule's p; at p = ∞ its exp/log branch is skipped).
-        tx = make_optimizer(schedule, weight_decay=5e-3, p_fn=lambda _: p)
+        tx = make_optimizer(schedule, weight_decay=5e-3, p_of_count=lambda _: p)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), bs, opt_state, loss
 

@@ -235,7 +235,7 @@ def evaluate_dataset(
     key = jax.random.PRNGKey(0) if key is None else key
     mean_arr = jnp.asarray(mean, jnp.float32)
     lo, hi = data_lib.pixel_bounds(mean, std)
-    eps_norm = tuple(float(e) / std for e in eps_pixels)
+    eps_norm = tuple(data_lib.eps_to_normalized(float(e), std) for e in eps_pixels)
 
     @jax.jit
     def run(x_raw, y, bkey):

@@ -117,7 +117,8 @@ class Classifier:
                 and np.isfinite(eps) and 0 <= eps <= 1):
             raise InputError(f"eps={eps!r} is not allowed: a number of pixels in [0, 1]")
         x, y = self._check(x, y)
-        return self._certify(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.float32(eps / self.std))
+        eps_norm = jnp.float32(data_lib.eps_to_normalized(eps, self.std))
+        return self._certify(jnp.asarray(x), jnp.asarray(y, jnp.int32), eps_norm)
 
     def _radius_impl(self, x, y):
         xn = self._normalize(x)

@@ -3,7 +3,7 @@ uses which: docs/RECIPES.md, "Losses").
 
 ``r`` is ``[B, C]`` with ``r_j`` the worst case of ``z_j − z_y`` over the training ε-ball and
 ``r_y = 0``; the models produce it (``model.apply(..., eps=eps, labels=y)``), and
-:func:`lipschitz_margins` builds it for a pure ℓ∞-dist net from its logits (with ε = 0: the
+:func:`worst_case_margins` builds it for a pure ℓ∞-dist net from its logits (with ε = 0: the
 clean margins ``z − z_y``). ε is in normalised units throughout. ``r`` is a true upper bound at
 p = ∞ in evaluation mode; during training (p < ∞, batch statistics) it is the surrogate the
 losses push down (docs/METHOD.md §3.3).
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 
-def lipschitz_margins(logits, labels, eps):
+def worst_case_margins(logits, labels, eps):
     """``r_j = z_j − z_y + 2ε`` for j ≠ y, ``r_y = 0`` (the 1-Lipschitz worst case: over an ε-ball
     every logit of a 1-Lipschitz net moves by at most ε, docs/METHOD.md §3.1)."""
     z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)
@@ -50,7 +50,7 @@ def kappa_mix(loss_fn, logits, margins, labels, kappa):
     worst = loss_fn(margins, labels)
     if isinstance(kappa, (int, float)) and kappa == 1:
         return worst
-    clean = lipschitz_margins(logits, labels, 0.0)
+    clean = worst_case_margins(logits, labels, 0.0)
     return kappa * worst + (1.0 - kappa) * loss_fn(clean, labels)
 
 

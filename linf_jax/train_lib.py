@@ -68,7 +68,7 @@ def make_schedule(config, steps_per_epoch: int, std: float) -> Schedule:
         epochs=tuple(int(e) for e in t.epochs),
         steps_per_epoch=steps_per_epoch,
         lr=float(t.lr),
-        eps_train=float(t.eps_train) / std,
+        eps_train=data_lib.eps_to_normalized(float(t.eps_train), std),
         p_start=float(t.p_start),
         p_end=float(t.p_end),
         lam_start=float(t.lam_start) if v2_loss else 0.0,

@@ -115,8 +115,8 @@ def test_losses_against_numpy():
     y = rng.integers(0, 10, 16)
     eps = 0.7
     r = np_margins(z, y, eps)
-    np.testing.assert_allclose(losses.lipschitz_margins(jnp.asarray(z, jnp.float32), jnp.asarray(y),
-                                                        eps), r, rtol=1e-5, atol=1e-5)
+    got = losses.worst_case_margins(jnp.asarray(z, jnp.float32), jnp.asarray(y), eps)
+    np.testing.assert_allclose(got, r, rtol=1e-5, atol=1e-5)
     rj = jnp.asarray(r, jnp.float32)
     hinge = 0.75 * np.maximum(r.max(1), 0).mean() + 0.25 * np.maximum(r, 0).mean()
     assert f(losses.hinge_loss(rj, 0.75)) == pytest.approx(hinge, rel=1e-5)
@@ -285,11 +285,11 @@ def test_v2_loss_is_finite_at_eps_zero_with_its_limit():
     y = jnp.asarray(rng.integers(0, 10, 32))
     z = z.at[0].set(z[0].at[y[0]].set(z[0].max() + 1.0))  # one correct example
     scale = jnp.float32(1.3)
-    r0 = losses.lipschitz_margins(z, y, 0.0)
+    r0 = losses.worst_case_margins(z, y, 0.0)
 
     @jax.jit
     def loss(z, eps):
-        return losses.v2_mixture_loss(z, losses.lipschitz_margins(z, y, eps), y, eps, 0.05,
+        return losses.v2_mixture_loss(z, losses.worst_case_margins(z, y, eps), y, eps, 0.05,
                                       scale)
 
     at0 = loss(z, jnp.float32(0.0))
@@ -308,8 +308,8 @@ def test_hinge_kappa_mixes_worst_case_and_clean_margins():
     rng = np.random.default_rng(8)
     z = jnp.asarray(rng.normal(size=(16, 10)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 16))
-    r = losses.lipschitz_margins(z, y, 0.4)
-    clean = losses.lipschitz_margins(z, y, 0.0)
+    r = losses.worst_case_margins(z, y, 0.4)
+    clean = losses.worst_case_margins(z, y, 0.0)
     hinge = lambda m, _: losses.hinge_loss(m, 0.75)  # noqa: E731
     assert f(losses.kappa_mix(hinge, z, r, y, 1.0)) == f(losses.hinge_loss(r, 0.75))
     want = 0.3 * f(losses.hinge_loss(r, 0.75)) + 0.7 * f(losses.hinge_loss(clean, 0.75))
