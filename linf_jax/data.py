@@ -154,22 +154,22 @@ def load(source: str, split: str, data_dir: str | None = None) -> Dataset:
 
 def _load_source(source: str, split: str, data_dir: str | None) -> Dataset:
     # Imported here: the readers import DataError, Dataset and the constants from this module.
-    from linf_jax.data_sources import _load_digits, _load_idx, _load_npz, _load_tfds
+    from linf_jax.data_sources import load_digits, load_idx, load_npz, load_tfds
 
     if not isinstance(source, str) or not source:
         raise DataError(f"data.source: got {source!r}; allowed: {_SOURCES_HELP}")
     if not isinstance(split, str) or not split.strip():
         raise DataError(f"data.split: got {split!r}; allowed: a TFDS split string like 'train'")
     if source == "digits":
-        return _load_digits(split)
+        return load_digits(split)
     kind, sep, arg = source.partition(":")
     if sep and arg:
         if kind == "tfds":
-            return _load_tfds(source, arg, split, data_dir)
+            return load_tfds(source, arg, split, data_dir)
         if kind == "idx":
-            return _load_idx(source, arg, split)
+            return load_idx(source, arg, split)
         if kind == "npz":
-            return _load_npz(source, arg, split)
+            return load_npz(source, arg, split)
     raise DataError(f"data.source: unknown source {source!r}; allowed: {_SOURCES_HELP}")
 
 

@@ -41,7 +41,7 @@ class _Splits(collections.abc.Mapping):
         return len(self._names)
 
 
-def _resolve_split(split: str, split_infos, source: str) -> list[tuple[str, int, int]]:
+def resolve_split(split: str, split_infos, source: str) -> list[tuple[str, int, int]]:
     """TFDS split spec → ``[(split name, start, stop), ...]`` (absolute, to be concatenated)."""
     from tensorflow_datasets.core import splits as tfds_splits
 
@@ -65,7 +65,7 @@ def _resolve_split(split: str, split_infos, source: str) -> list[tuple[str, int,
     return out
 
 
-def _select(split, names, get: Callable[[str], tuple[np.ndarray, np.ndarray]], source):
+def select_rows(split, names, get: Callable[[str], tuple[np.ndarray, np.ndarray]], source):
     """Resolves ``split`` over in-memory splits ``get(name) -> (images, labels)``."""
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -80,7 +80,7 @@ def _select(split, names, get: Callable[[str], tuple[np.ndarray, np.ndarray]], s
             cache[name] = (x, y)
         return cache[name]
 
-    pieces = _resolve_split(split, _Splits(names, lambda s: len(fetch(s)[1])), source)
+    pieces = resolve_split(split, _Splits(names, lambda s: len(fetch(s)[1])), source)
     xs = [fetch(s)[0][a:b] for s, a, b in pieces]
     ys = [fetch(s)[1][a:b] for s, a, b in pieces]
     return np.concatenate(xs), np.concatenate(ys)
@@ -90,7 +90,7 @@ def _select(split, names, get: Callable[[str], tuple[np.ndarray, np.ndarray]], s
 # Validation and statistics
 
 
-def _as_images(x, field: str) -> np.ndarray:
+def as_images(x, field: str) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[..., None]
@@ -118,7 +118,7 @@ def _as_images(x, field: str) -> np.ndarray:
     raise DataError(f"{field}: dtype {x.dtype}; allowed: uint8 0..255 or float in [0, 1]")
 
 
-def _as_labels(y, field: str) -> np.ndarray:
+def as_labels(y, field: str) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -136,7 +136,7 @@ def _as_labels(y, field: str) -> np.ndarray:
     return y.astype(np.int32)
 
 
-def _pooled_stats(images: np.ndarray) -> tuple[tuple[float, ...], float]:
+def pooled_stats(images: np.ndarray) -> tuple[tuple[float, ...], float]:
     """Per-channel mean and ONE std (sqrt of the mean per-channel variance), pixel units."""
     if images.shape[0] == 0:
         raise DataError(
@@ -162,9 +162,9 @@ def _pooled_stats(images: np.ndarray) -> tuple[tuple[float, ...], float]:
     return tuple(float(m) for m in mean), std
 
 
-def _make(source, images, labels, num_classes, mean, std, aug) -> Dataset:
-    images = _as_images(images, "data.images")
-    labels = _as_labels(labels, "data.labels")
+def make_dataset(source, images, labels, num_classes, mean, std, aug) -> Dataset:
+    images = as_images(images, "data.images")
+    labels = as_labels(labels, "data.labels")
     if images.shape[0] != labels.shape[0]:
         raise DataError(
             f"data.labels: {labels.shape[0]} labels for {images.shape[0]} images in {source!r}; "

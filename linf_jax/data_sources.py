@@ -25,12 +25,12 @@ from linf_jax.data import (
     Dataset,
 )
 from linf_jax.data_arrays import (
-    _as_images,
-    _as_labels,
-    _make,
-    _pooled_stats,
-    _resolve_split,
-    _select,
+    as_images,
+    as_labels,
+    make_dataset,
+    pooled_stats,
+    resolve_split,
+    select_rows,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -48,10 +48,10 @@ def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
 
 
-def _load_digits(split: str) -> Dataset:
+def load_digits(split: str) -> Dataset:
     splits = _digits_splits()
-    x, y = _select(split, splits, splits.__getitem__, "digits")
-    return _make("digits", x, y, 10, (DIGITS_MEAN,), DIGITS_STD, "none")
+    x, y = select_rows(split, splits, splits.__getitem__, "digits")
+    return make_dataset("digits", x, y, 10, (DIGITS_MEAN,), DIGITS_STD, "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def _find(directory: str, stem: str) -> str:
     )
 
 
-def _load_idx(source: str, directory: str, split: str) -> Dataset:
+def load_idx(source: str, directory: str, split: str) -> Dataset:
     if not os.path.isdir(directory):
         raise DataError(
             f"data.source: {source!r}: no directory {directory!r}; "
@@ -124,15 +124,15 @@ def _load_idx(source: str, directory: str, split: str) -> Dataset:
             )
         return x[..., None], y
 
-    x, y = _select(split, list(_IDX_FILES), get, source)
-    return _make(source, x, y, 10, MNIST_MEAN, MNIST_STD, "mnist")
+    x, y = select_rows(split, list(_IDX_FILES), get, source)
+    return make_dataset(source, x, y, 10, MNIST_MEAN, MNIST_STD, "mnist")
 
 
 # ---------------------------------------------------------------------------------------------
 # npz
 
 
-def _load_npz(source: str, path: str, split: str) -> Dataset:
+def load_npz(source: str, path: str, split: str) -> Dataset:
     if not os.path.isfile(path):
         raise DataError(
             f"data.source: {source!r}: no file {path!r}; allowed: npz:FILE with an existing .npz"
@@ -155,12 +155,12 @@ def _load_npz(source: str, path: str, split: str) -> Dataset:
     if all(k in arrays for k in ("x_train", "y_train", "x_test", "y_test")):
         splits = {
             "train": (
-                _as_images(arrays["x_train"], "data.x_train"),
-                _as_labels(arrays["y_train"], "data.y_train"),
+                as_images(arrays["x_train"], "data.x_train"),
+                as_labels(arrays["y_train"], "data.y_train"),
             ),
             "test": (
-                _as_images(arrays["x_test"], "data.x_test"),
-                _as_labels(arrays["y_test"], "data.y_test"),
+                as_images(arrays["x_test"], "data.x_test"),
+                as_labels(arrays["y_test"], "data.y_test"),
             ),
         }
     else:
@@ -170,7 +170,7 @@ def _load_npz(source: str, path: str, split: str) -> Dataset:
                 f"data.source: {path!r} has arrays {sorted(arrays)}; allowed: x/images + y/labels, "
                 "or x_train + y_train + x_test + y_test"
             )
-        whole = (_as_images(x, "data.images"), _as_labels(y, "data.labels"))
+        whole = (as_images(x, "data.images"), as_labels(y, "data.labels"))
         splits = {"train": whole, "test": whole}
 
     train_x = splits["train"][0]
@@ -181,7 +181,7 @@ def _load_npz(source: str, path: str, split: str) -> Dataset:
             )
         mean, std = arrays["mean"], arrays["std"]
     else:
-        mean, std = _pooled_stats(train_x)
+        mean, std = pooled_stats(train_x)
     if "num_classes" in arrays:
         num_classes = int(np.asarray(arrays["num_classes"]).ravel()[0])
     else:
@@ -192,8 +192,8 @@ def _load_npz(source: str, path: str, split: str) -> Dataset:
             f"data.images: x_train is {splits['train'][0].shape[1:]} but x_test is "
             f"{splits['test'][0].shape[1:]} in {path!r}; allowed: the same [H, W, C]"
         )
-    x, y = _select(split, splits, splits.__getitem__, source)
-    return _make(source, x, y, num_classes, mean, std, "none")
+    x, y = select_rows(split, splits, splits.__getitem__, source)
+    return make_dataset(source, x, y, num_classes, mean, std, "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def _needs_tf(e: BaseException) -> bool:
     return False
 
 
-def _load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Dataset:
+def load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Dataset:
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - tfds is a dependency
@@ -319,10 +319,10 @@ def _load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Data
         return np.stack(images), np.stack(labels)
 
     # Validate the split spec (one-line DataError) before reading.
-    _resolve_split(split, info.splits, source)
+    resolve_split(split, info.splits, source)
     x, y = read(split)
-    x = _as_images(x, "data.images")
-    y = _as_labels(y, "data.labels")
+    x = as_images(x, "data.images")
+    y = as_labels(y, "data.labels")
 
     label_feature = features["label"]
     num_classes = getattr(label_feature, "num_classes", None)
@@ -335,7 +335,7 @@ def _load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Data
     else:
         aug = "none"
         if "train" in info.splits and split.strip() != "train":
-            mean, std = _pooled_stats(_as_images(read("train")[0], "data.images"))
+            mean, std = pooled_stats(as_images(read("train")[0], "data.images"))
         else:
-            mean, std = _pooled_stats(x)
-    return _make(source, x, y, num_classes, mean, std, aug)
+            mean, std = pooled_stats(x)
+    return make_dataset(source, x, y, num_classes, mean, std, aug)

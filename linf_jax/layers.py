@@ -38,7 +38,7 @@ class Box(NamedTuple):
 
 
 def _check_infinite_p(p) -> None:
-    ps = ops.xla._static_number(p)
+    ps = ops.xla.static_number(p)
     if ps != float("inf"):
         raise ValueError(f"interval bounds are computed at p = inf only, got p = {p!r}")
 

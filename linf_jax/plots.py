@@ -37,7 +37,7 @@ class PlotInputError(ValueError):
     """Input that cannot be plotted; the message is one line naming the argument and value."""
 
 
-def _figure(**kwargs):
+def figure(**kwargs):
     """A matplotlib Figure outside pyplot: no global backend switch (a notebook's inline backend
     stays as it is), no figure registry to close; ``savefig`` writes through Agg."""
     from matplotlib.figure import Figure
@@ -206,7 +206,7 @@ def plot_certified_accuracy(runs: Mapping[str, Mapping], path: str, eps_max: flo
     evaluated ε."""
     for label, r in runs.items():
         check_result(r, f"runs[{label!r}]")
-    fig = _figure(figsize=(6.4, 4.2), dpi=110)
+    fig = figure(figsize=(6.4, 4.2), dpi=110)
     ax = fig.subplots()
     top = _eps_top(runs, eps_max)
     grid = np.linspace(0, top, 400)
@@ -247,7 +247,7 @@ def plot_training_curves(metrics: str | Sequence[dict], path: str) -> str:
         records = list(metrics)
         _check_records(records, "metrics")
     steps = np.array([r.get("step", np.nan) for r in records], np.float64)
-    fig = _figure(figsize=(6.4, 9), dpi=110)
+    fig = figure(figsize=(6.4, 9), dpi=110)
     axes = fig.subplots(len(TRAINING_KEYS), 1, sharex=True)
     for ax, (key, label, log) in zip(axes, TRAINING_KEYS, strict=True):
         v = np.array([r.get(key, np.nan) for r in records], np.float64)
@@ -278,7 +278,7 @@ def plot_radius_histogram(runs: Mapping[str, Sequence[float] | Mapping], path: s
             marks.update(row["eps"] for row in r.get("results", []) if not eps)
             r = r["radii"]
         series[label] = np.asarray(r, np.float64).ravel()
-    fig = _figure(figsize=(6.4, 4.2), dpi=110)
+    fig = figure(figsize=(6.4, 4.2), dpi=110)
     ax = fig.subplots()
     top = max([r.max() if r.size else 0 for r in series.values()] + [1e-3])
     edges = np.linspace(0, top, bins + 1)

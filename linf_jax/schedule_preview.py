@@ -100,12 +100,12 @@ def plot_schedule(schedule: Schedule, path: str, marks: dict | None = None,
                   std: float | None = None, title: str = "") -> str:
     """p, ε (pixels), lr and λ against epochs over the whole run (every step for short runs,
     2,000 evenly spaced steps otherwise), with ``marks`` (a :func:`preview`) as points."""
-    from linf_jax.plots import _figure
+    from linf_jax.plots import figure
 
     total = schedule.total_steps
     steps = np.unique(np.linspace(0, total, min(total + 1, 2001)).round().astype(np.int64))
     data = preview(schedule, steps, std)
-    fig = _figure(figsize=(6.4, 8.5), dpi=110)
+    fig = figure(figsize=(6.4, 8.5), dpi=110)
     axes = fig.subplots(4, 1, sharex=True)
     keys = (("p", "p (∞ drawn at the top)"), ("eps_train", "training ε (pixels)"),
             ("lr", "learning rate"), ("lam", "λ (v2 loss)"))

@@ -187,7 +187,7 @@ def test_lp_backward_tiled_over_wide_inputs(p, monkeypatch):
     """Wide inputs split the ℓp backward into input tiles (ragged: 300 = 3 tiles of 100); the
     gradients are those of the untiled float64 reference."""
     # tile 112 at B = 6
-    monkeypatch.setattr(ops.xla, "_LP_BWD_ELEMENTS", 6 * ops.xla._OUT_CHUNK * 112)
+    monkeypatch.setattr(ops.xla, "LP_BWD_ELEMENTS", 6 * ops.xla.OUT_CHUNK * 112)
     x, w, g = _inputs((6, 300, 37), seed=7)
     out = jax.jit(lambda x, w, g: _value_and_vjp(ops.lp_dist, x, w, p, g))(x, w, g)
     _check(out, x, w, p, g)

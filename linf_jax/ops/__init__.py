@@ -33,26 +33,26 @@ from linf_jax.ops import dispatch, native_cpu, xla  # noqa: F401 - the backends,
 from linf_jax.ops.dispatch import (
     KERNEL_CHOICES,
     KERNELS_ENV,
-    _pallas,
     kernel_backend,
     kernels_line,
     native_ok,
     on_cpu,
+    pallas_module,
     partitionable,
     use_kernels,
 )
-from linf_jax.ops.native_cpu import _linf_native
+from linf_jax.ops.native_cpu import linf_native
 from linf_jax.ops.xla import (
-    _MAX_INT_P,
-    _bounds_scan,
-    _int_root,
-    _linf_dist,
-    _lp_backward_xla,
-    _max_abs_diff,
-    _members_one_by_one,
-    _pow,
-    _scan_blocks,
-    _static_number,
+    MAX_INT_P,
+    bounds_scan,
+    int_root,
+    linf_dist_xla,
+    lp_backward_xla,
+    max_abs_diff,
+    members_one_by_one,
+    pow_p,
+    scan_blocks,
+    static_number,
 )
 
 Array = jax.Array
@@ -71,21 +71,21 @@ def linf_dist(x: Array, w: Array) -> Array:
     (first arg-max on ties; zero gradient where x equals w).
     """
     if kernel_backend() == "pallas":  # kernel dispatch, see kernel_backend
-        kernels, interpret = _pallas()
+        kernels, interpret = pallas_module()
         return kernels.pallas_linf_dist(x, w, interpret=interpret)
     # NumPy inputs are made JAX arrays first: a NumPy residual (a NumPy constant closed over
     # inside jit) cannot be indexed by the traced arg-max in the backward pass.
     x, w = jnp.asarray(x), jnp.asarray(w)
     if native_ok(x, w, family="linf"):
-        return on_cpu(_linf_native, _linf_dist, x, w)
-    return _linf_dist(x, w)
+        return on_cpu(linf_native, linf_dist_xla, x, w)
+    return linf_dist_xla(x, w)
 
 
 def _row_max(x: Array, w: Array) -> Array:
     """``max_i |x_bi - w_oi|`` (no gradient: the ℓp passes' scale), native where it can."""
     if native_ok(x, w, family="lp"):
-        return on_cpu(native.linf_max, _max_abs_diff, x, w)
-    return _max_abs_diff(x, w)
+        return on_cpu(native.linf_max, max_abs_diff, x, w)
+    return max_abs_diff(x, w)
 
 
 def _lp_forward(x, w, p, k):
@@ -94,16 +94,16 @@ def _lp_forward(x, w, p, k):
 
     def step(carry, xj, wj, _):  # the scale 1/m rides in the carry, tiled with the weight rows
         s, im = carry
-        return s + _pow(jnp.abs(xj - wj) * im, p, k), im
+        return s + pow_p(jnp.abs(xj - wj) * im, p, k), im
 
     def xla_sum(x, w, inv_m):
-        return _scan_blocks(step, (jnp.zeros_like(inv_m), inv_m), x, w)[0]
+        return scan_blocks(step, (jnp.zeros_like(inv_m), inv_m), x, w)[0]
 
     if native_ok(x, w, family="lp"):
         s = on_cpu(lambda x, w, im: native.lp_sum(x, w, im, p, k), xla_sum, x, w, inv_m)
     else:
         s = xla_sum(x, w, inv_m)
-    root = _int_root(s, k) if k is not None else jnp.exp(jnp.log(s) / p)
+    root = int_root(s, k) if k is not None else jnp.exp(jnp.log(s) / p)
     # s ≥ 1 wherever m > 0 (the max term contributes 1); where m == 0 the distance is 0.
     return jnp.where(m > 0, m * root, 0.0)
 
@@ -112,18 +112,18 @@ def _lp_backward(x, w, y, g, p, k):
     """∂x[b,i] = Σ_o g·G, ∂w[o,i] = -Σ_b g·G with G = sign(d)(|d|/y)^(p-1), chunked over o and,
     for wide inputs, tiled over i: every coordinate's G needs only its own d and y, so input
     tiles are independent, and each chunk's ``[B, oc, tile]`` temporaries stay bounded
-    (``ops.xla._LP_BWD_ELEMENTS``) however wide the input is."""
+    (``ops.xla.LP_BWD_ELEMENTS``) however wide the input is."""
     if native_ok(x, w, family="lp"):
         return on_cpu(lambda x, w, y, g: native.lp_bwd(x, w, 1.0 / jnp.where(y > 0, y, 1.0), g,
                                                        p, k),
-                      lambda x, w, y, g: _lp_backward_xla(x, w, y, g, p, k), x, w, y, g)
-    return _lp_backward_xla(x, w, y, g, p, k)
+                      lambda x, w, y, g: lp_backward_xla(x, w, y, g, p, k), x, w, y, g)
+    return lp_backward_xla(x, w, y, g, p, k)
 
 
 def _one_by_one_unless_native(fn, x, w):
     """``fn`` as is for the native kernels (they take vmapped axes as leading dimensions and
-    loop over them inside one call), else :func:`_members_one_by_one`."""
-    return fn if native_ok(x, w, family="lp") else _members_one_by_one(fn)
+    loop over them inside one call), else :func:`members_one_by_one`."""
+    return fn if native_ok(x, w, family="lp") else members_one_by_one(fn)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -139,7 +139,7 @@ def _lp_fwd(x, w, p, k):
 def _lp_bwd(k, res, g):
     x, w, y, p = res
     # under vmap on the CPU, one member after the other: batched, the chunk temporaries grow
-    # K-fold and fall out of cache (see ops.xla._members_one_by_one)
+    # K-fold and fall out of cache (see ops.xla.members_one_by_one)
     gx, gw = _one_by_one_unless_native(functools.partial(_lp_backward, k=k), x, w)(x, w, y, g, p)
     return gx, gw, jnp.zeros_like(p)
 
@@ -155,18 +155,18 @@ def lp_dist(x: Array, w: Array, p) -> Array:
     zero gradient) where a row of x equals a row of w.
     """
     if kernel_backend() == "pallas":  # kernel dispatch, see kernel_backend
-        kernels, interpret = _pallas()
+        kernels, interpret = pallas_module()
         return kernels.pallas_lp_dist(x, w, p, interpret=interpret)
     x, w = jnp.asarray(x), jnp.asarray(w)  # see linf_dist
     dtype = jnp.result_type(x, w)
-    ps = _static_number(p)
+    ps = static_number(p)
     if ps is not None:
-        k = int(ps) if ps.is_integer() and 1 <= ps <= _MAX_INT_P else None
+        k = int(ps) if ps.is_integer() and 1 <= ps <= MAX_INT_P else None
         return _lp_dist(x, w, jnp.asarray(ps, dtype), k)
     p = jnp.asarray(p, dtype)
     return lax.cond(
-        p == _MAX_INT_P,
-        lambda x, w, p: _lp_dist(x, w, p, _MAX_INT_P),
+        p == MAX_INT_P,
+        lambda x, w, p: _lp_dist(x, w, p, MAX_INT_P),
         lambda x, w, p: _lp_dist(x, w, p, None),
         x, w, p,
     )
@@ -177,7 +177,7 @@ def dist(x: Array, w: Array, p) -> Array:
 
     A traced p (a schedule inside a jitted train step) switches between the two at run time.
     """
-    ps = _static_number(p)
+    ps = static_number(p)
     if ps is not None:
         return linf_dist(x, w) if ps == float("inf") else lp_dist(x, w, ps)
     p = jnp.asarray(p, jnp.result_type(x, w))
@@ -199,8 +199,8 @@ def linf_dist_bounds(lower: Array, upper: Array, w: Array) -> tuple[Array, Array
 
 def _bounds_value(lower, upper, w):
     if native_ok(lower, upper, w, family="bounds"):
-        return on_cpu(native.linf_bounds, _bounds_scan, lower, upper, w)
-    return _members_one_by_one(_bounds_scan)(lower, upper, w)
+        return on_cpu(native.linf_bounds, bounds_scan, lower, upper, w)
+    return members_one_by_one(bounds_scan)(lower, upper, w)
 
 
 @jax.custom_vjp
@@ -213,7 +213,7 @@ def _bounds_fwd(lower, upper, w):
 
 
 def _bounds_bwd(res, g):
-    return jax.vjp(_bounds_scan, *res)[1](g)
+    return jax.vjp(bounds_scan, *res)[1](g)
 
 _bounds.defvjp(_bounds_fwd, _bounds_bwd)
 

@@ -150,7 +150,7 @@ def on_cpu(cpu_fn, other_fn, *args):
     return lax.platform_dependent(*args, cpu=cpu_fn, default=other_fn)
 
 
-def _pallas():
+def pallas_module():
     """The Pallas kernels module and the interpret flag for this backend (lazy import)."""
     from linf_jax.ops import pallas
 

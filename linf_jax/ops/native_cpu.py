@@ -18,7 +18,7 @@ Array = jax.Array
 
 
 @jax.custom_vjp
-def _linf_native(x: Array, w: Array) -> Array:
+def linf_native(x: Array, w: Array) -> Array:
     return native.linf_max(x, w)
 
 
@@ -31,4 +31,4 @@ def _linf_native_bwd(res, g):
     x, w, idx, sign = res
     return native.linf_bwd(idx, sign, g, x.shape, w.shape)
 
-_linf_native.defvjp(_linf_native_fwd, _linf_native_bwd)
+linf_native.defvjp(_linf_native_fwd, _linf_native_bwd)

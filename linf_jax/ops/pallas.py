@@ -26,7 +26,7 @@ Padding (done here, in XLA, before the call): the input dimension is zero-padded
 padded coordinate has ``|d| = 0``, which never raises a max, adds 0 to a p-sum and has
 ``sign(d) = 0`` in the backward pass); B and out are padded to the block sizes and the padded rows
 are sliced off. In the ℓp backward padded rows carry ``g = 0`` and ``y = ∞`` (``t = TINY``), so
-they add exactly 0 (see linf_jax.ops.xla._lp_backward_xla).
+they add exactly 0 (see linf_jax.ops.xla.lp_backward_xla).
 
 Where the kernels run:
 
@@ -126,7 +126,7 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, interpret, blocks):
 def _pow(t, p, k):
     """``t**p`` for t ≥ 0: static integer k (repeated multiplication), else ``exp(p·log t)``."""
     if k is not None:
-        return xla._int_pow(t, k)
+        return xla.int_pow(t, k)
     return jnp.exp(p * jnp.log(t))
 
 
@@ -223,7 +223,7 @@ def _forward_call(kernel, x, w, outs, interpret, blocks, p=None):
 
 def _g_tile(d, iy, g, p, km1):
     """``sign(d) · max(|d|·(1/y), TINY)^(p-1) · g`` — the summand of both gradients."""
-    t = jnp.maximum(jnp.abs(d) * iy, xla._TINY)
+    t = jnp.maximum(jnp.abs(d) * iy, xla.TINY)
     return jnp.sign(d) * _pow(t, None if km1 is not None else p - 1.0, km1) * g
 
 
@@ -325,7 +325,7 @@ def _linf_fwd(x, w, interpret, blocks):
 
 
 def _linf_bwd(interpret, blocks, res, g):
-    return xla._linf_bwd(res, g)  # a B × out scatter in XLA, sign recomputed from x and w
+    return xla.linf_bwd(res, g)  # a B × out scatter in XLA, sign recomputed from x and w
 
 
 _linf.defvjp(_linf_fwd, _linf_bwd)
@@ -335,7 +335,7 @@ def _lp_forward(x, w, p, k, interpret, blocks):
     dt = jnp.result_type(x, w)
     m, s = _forward_call(functools.partial(_lp_kernel, k=k), x, w, [dt, dt], interpret, blocks,
                          p=None if k is not None else p)
-    root = xla._int_root(s, k) if k is not None else jnp.exp(jnp.log(s) / p)
+    root = xla.int_root(s, k) if k is not None else jnp.exp(jnp.log(s) / p)
     return jnp.where(m > 0, m * root, 0.0)  # as linf_jax.ops._lp_forward
 
 
@@ -378,14 +378,14 @@ def pallas_lp_dist(x: Array, w: Array, p, *, interpret: bool = False,
     x, w = jnp.asarray(x), jnp.asarray(w)
     dtype = jnp.result_type(x, w)
     interpret = bool(interpret)
-    ps = xla._static_number(p)
+    ps = xla.static_number(p)
     if ps is not None:
-        k = int(ps) if ps.is_integer() and 1 <= ps <= xla._MAX_INT_P else None
+        k = int(ps) if ps.is_integer() and 1 <= ps <= xla.MAX_INT_P else None
         return _lp(x, w, jnp.asarray(ps, dtype), k, interpret, blocks)
     p = jnp.asarray(p, dtype)
     return lax.cond(
-        p == xla._MAX_INT_P,
-        lambda x, w, p: _lp(x, w, p, xla._MAX_INT_P, interpret, blocks),
+        p == xla.MAX_INT_P,
+        lambda x, w, p: _lp(x, w, p, xla.MAX_INT_P, interpret, blocks),
         lambda x, w, p: _lp(x, w, p, None, interpret, blocks),
         x, w, p,
     )
@@ -394,7 +394,7 @@ def pallas_lp_dist(x: Array, w: Array, p, *, interpret: bool = False,
 def pallas_dist(x: Array, w: Array, p, *, interpret: bool = False,
                 blocks: Blocks = DEFAULT_BLOCKS) -> Array:
     """Pallas :func:`linf_jax.ops.dist`: ℓ∞ for ``p = inf``, else :func:`pallas_lp_dist`."""
-    ps = xla._static_number(p)
+    ps = xla.static_number(p)
     kw = dict(interpret=interpret, blocks=blocks)
     if ps is not None:
         if ps == float("inf"):

@@ -31,10 +31,10 @@ Array = jax.Array
 # blocks are markedly slower); the input dimension is zero-padded to a multiple of it.
 _BLOCK = 16
 _OUT_TILE = 128  # weight rows per tile: keeps the (B, tile) carry (and arg-max) in cache
-_OUT_CHUNK = 16  # outputs per chunk in the ℓp backward pass
-_LP_BWD_ELEMENTS = 1 << 21  # B·chunk·tile elements per ℓp backward step (see _lp_backward)
-_MAX_INT_P = 8  # integer p up to this use repeated multiplication
-_TINY = 1e-30
+OUT_CHUNK = 16  # outputs per chunk in the ℓp backward pass
+LP_BWD_ELEMENTS = 1 << 21  # B·chunk·tile elements per ℓp backward step (see _lp_backward)
+MAX_INT_P = 8  # integer p up to this use repeated multiplication
+TINY = 1e-30
 
 
 def _blocks(a: Array, block: int = _BLOCK) -> Array:
@@ -46,7 +46,7 @@ def _blocks(a: Array, block: int = _BLOCK) -> Array:
     return a.T.reshape(-1, block, r)
 
 
-def _scan_blocks(step, init, x: Array, w: Array, with_index: bool = False):
+def scan_blocks(step, init, x: Array, w: Array, with_index: bool = False):
     """Runs ``carry = step(carry, xj[:, None], wj[None, :], j)`` over every input coordinate j.
 
     ``init`` is a pytree of ``[B, out]`` arrays, the initial carry. The coordinates are processed
@@ -86,7 +86,7 @@ def _zeros(x: Array, w: Array, dtype=None) -> Array:
     return jnp.zeros((x.shape[0], w.shape[0]), dtype or jnp.result_type(x, w))
 
 
-def _members_one_by_one(fn):
+def members_one_by_one(fn):
     """``fn``, except that under ``vmap`` on the CPU (ensemble members, groups) its batch runs
     one member after the other inside the program (``jax.custom_batching.sequential_vmap``).
     Batched, the kernels' running carries and chunk temporaries grow K-fold and fall out of
@@ -99,9 +99,9 @@ def _members_one_by_one(fn):
     return jax.custom_batching.sequential_vmap(fn)
 
 
-def _max_abs_diff(x: Array, w: Array) -> Array:
+def max_abs_diff(x: Array, w: Array) -> Array:
     """``max_i |x_bi - w_oi|`` → ``[B, out]``."""
-    return _scan_blocks(lambda m, xj, wj, _: jnp.maximum(m, jnp.abs(xj - wj)), _zeros(x, w), x, w)
+    return scan_blocks(lambda m, xj, wj, _: jnp.maximum(m, jnp.abs(xj - wj)), _zeros(x, w), x, w)
 
 
 def _max_abs_diff_argmax(x: Array, w: Array) -> tuple[Array, Array]:
@@ -114,21 +114,21 @@ def _max_abs_diff_argmax(x: Array, w: Array) -> tuple[Array, Array]:
         return jnp.where(upd, a, m), jnp.where(upd, j, idx)
 
     init = (_zeros(x, w), _zeros(x, w, jnp.int32))
-    return _scan_blocks(step, init, x, w, with_index=True)
+    return scan_blocks(step, init, x, w, with_index=True)
 
 
 @jax.custom_vjp
-def _linf_dist(x: Array, w: Array) -> Array:
-    return _members_one_by_one(_max_abs_diff)(x, w)
+def linf_dist_xla(x: Array, w: Array) -> Array:
+    return members_one_by_one(max_abs_diff)(x, w)
 
 
 def _linf_fwd(x, w):
-    m, idx = _members_one_by_one(_max_abs_diff_argmax)(x, w)
+    m, idx = members_one_by_one(_max_abs_diff_argmax)(x, w)
     return m, (x, w, idx)
 
 
-def _linf_bwd(res, g):
-    return _members_one_by_one(_linf_scatter)(*res, g)
+def linf_bwd(res, g):
+    return members_one_by_one(_linf_scatter)(*res, g)
 
 
 def _linf_scatter(x, w, idx, g):
@@ -141,10 +141,10 @@ def _linf_scatter(x, w, idx, g):
     gw = jnp.zeros_like(w).at[cols, idx].add(-gs)
     return gx, gw
 
-_linf_dist.defvjp(_linf_fwd, _linf_bwd)
+linf_dist_xla.defvjp(_linf_fwd, linf_bwd)
 
 
-def _int_pow(t: Array, k: int) -> Array:
+def int_pow(t: Array, k: int) -> Array:
     """``t**k`` for a static non-negative integer k by repeated squaring."""
     result = None
     base = t
@@ -157,20 +157,20 @@ def _int_pow(t: Array, k: int) -> Array:
     return jnp.ones_like(t) if result is None else result
 
 
-def _pow(t: Array, p, k: int | None) -> Array:
+def pow_p(t: Array, p, k: int | None) -> Array:
     """``t**p`` for ``t ≥ 0``: static integer k, else ``exp(p·log t)`` (0 at t = 0)."""
     if k is not None:
-        return _int_pow(t, k)
+        return int_pow(t, k)
     return jnp.exp(p * jnp.log(t))
 
 
-def _int_root(s, k):
+def int_root(s, k):
     return s if k == 1 else (jnp.sqrt(s) if k == 2 else s ** (1.0 / k))
 
 
-def _lp_backward_xla(x, w, y, g, p, k):
+def lp_backward_xla(x, w, y, g, p, k):
     b, n = x.shape
-    tile = max(_LP_BWD_ELEMENTS // (b * _OUT_CHUNK), _BLOCK)
+    tile = max(LP_BWD_ELEMENTS // (b * OUT_CHUNK), _BLOCK)
     if n <= tile:
         return _lp_backward_tile(x, w, y, g, p, k)
     n_tiles = -(-n // tile)
@@ -187,24 +187,24 @@ def _lp_backward_xla(x, w, y, g, p, k):
 
 def _lp_backward_tile(x, w, y, g, p, k):
     out = w.shape[0]
-    pad = (-out) % _OUT_CHUNK
+    pad = (-out) % OUT_CHUNK
     wp = jnp.pad(w, ((0, pad), (0, 0)))
-    # Padded outputs get g = 0 and y = ∞ (so t = _TINY): they add exactly 0 to ∂x. (Not y = 1:
+    # Padded outputs get g = 0 and y = ∞ (so t = TINY): they add exactly 0 to ∂x. (Not y = 1:
     # t = |x| could overflow t^(p-1) to ∞ for large p, and ∞ · 0 would make ∂x NaN.)
     gp = jnp.pad(g, ((0, 0), (0, pad)))
     yp = jnp.pad(y, ((0, 0), (0, pad)), constant_values=jnp.inf)
     inv_y = 1.0 / jnp.where(yp > 0, yp, 1.0)
-    n_chunks = wp.shape[0] // _OUT_CHUNK
-    w_c = wp.reshape(n_chunks, _OUT_CHUNK, -1)
-    g_c = gp.reshape(x.shape[0], n_chunks, _OUT_CHUNK).transpose(1, 0, 2)
-    iy_c = inv_y.reshape(x.shape[0], n_chunks, _OUT_CHUNK).transpose(1, 0, 2)
+    n_chunks = wp.shape[0] // OUT_CHUNK
+    w_c = wp.reshape(n_chunks, OUT_CHUNK, -1)
+    g_c = gp.reshape(x.shape[0], n_chunks, OUT_CHUNK).transpose(1, 0, 2)
+    iy_c = inv_y.reshape(x.shape[0], n_chunks, OUT_CHUNK).transpose(1, 0, 2)
     km1 = None if k is None else k - 1
 
     def chunk(gx, blk):
         wc, gc, iyc = blk  # [oc, n], [B, oc], [B, oc]
         d = x[:, None, :] - wc[None, :, :]  # [B, oc, n]
-        t = jnp.maximum(jnp.abs(d) * iyc[:, :, None], _TINY)
-        big_g = jnp.sign(d) * _pow(t, p - 1.0, km1) * gc[:, :, None]
+        t = jnp.maximum(jnp.abs(d) * iyc[:, :, None], TINY)
+        big_g = jnp.sign(d) * pow_p(t, p - 1.0, km1) * gc[:, :, None]
         if k is None:  # exp/log is costly: compute once, then reduce twice
             big_g = lax.optimization_barrier(big_g)
         return gx + big_g.sum(axis=1), -big_g.sum(axis=0)
@@ -213,14 +213,14 @@ def _lp_backward_tile(x, w, y, g, p, k):
     return gx, gw.reshape(-1, w.shape[1])[:out]
 
 
-def _static_number(p: Any) -> float | None:
+def static_number(p: Any) -> float | None:
     try:
         return float(p)
     except (TypeError, jax.errors.ConcretizationTypeError):
         return None
 
 
-def _bounds_scan(lower: Array, upper: Array, w: Array) -> tuple[Array, Array]:
+def bounds_scan(lower: Array, upper: Array, w: Array) -> tuple[Array, Array]:
     lu = jnp.concatenate([lower, upper], axis=0)  # one blocked layout for both corners
     b = lower.shape[0]
 
@@ -232,4 +232,4 @@ def _bounds_scan(lower: Array, upper: Array, w: Array) -> tuple[Array, Array]:
         return lo, hi
 
     zeros = _zeros(lower, w)
-    return _scan_blocks(step, (zeros, zeros), lu, w)
+    return scan_blocks(step, (zeros, zeros), lu, w)
