@@ -260,6 +260,14 @@ def check_resume(config, workdir: str) -> None:
                 "value or train into a new --workdir")
 
 
+def _on_this_device(abstract):
+    """Shapes and dtypes of ``abstract`` placed on this process's first device: how a run saved
+    by any number of processes or devices is read back into one process."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        abstract)
+
+
 def _open_run(workdir: str):
     """``(config, meta, model, checkpoint folder)`` of a run, or one-line CheckpointError."""
     config, meta = read_run_files(workdir)
@@ -320,8 +328,8 @@ def load_run(workdir: str, step: int | None = None):
     config, meta, model, ckpt_dir = _open_run(workdir)
     try:
         tx = train_lib.make_run_optimizer(config, train_lib.make_schedule(config, 1, meta["std"]))
-        target = jax.eval_shape(lambda: train_lib.create_train_state(
-            config, model, tuple(meta["input_shape"]), tx))
+        target = _on_this_device(jax.eval_shape(lambda: train_lib.create_train_state(
+            config, model, tuple(meta["input_shape"]), tx)))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(
             f"workdir={workdir!r}: config.json/meta.json do not describe a model "
@@ -343,7 +351,7 @@ def load_variables(workdir: str, weights: str = "ema", step: int | None = None):
     params, batch_stats = jax.eval_shape(lambda: train_lib.init_variables(
         config, model, tuple(meta["input_shape"]), jax.random.PRNGKey(0)))
     keys = ("ema_params", "ema_batch_stats") if weights == "ema" else ("params", "batch_stats")
-    abstract = {keys[0]: params, keys[1]: batch_stats}
+    abstract = _on_this_device({keys[0]: params, keys[1]: batch_stats})
 
     def restore(mngr, s):
         try:

@@ -52,8 +52,11 @@ def test_two_processes_train_like_one(tmp_path):
         assert p.returncode == 0, err[-3000:]
         assert "clean accuracy" in out
     files = sorted(os.listdir(workdir))
-    assert files == [".lock", "checkpoints", "config.json", "meta.json", "metrics.jsonl",
-                     "results.json"]  # .lock: process 0's one-writer lock (released)
+    events = [f for f in files if f.startswith("events.out.tfevents.")]
+    assert len(events) == 1  # TensorBoard: process 0 writes the run's files
+    assert [f for f in files if f not in events] == [
+        ".lock", "checkpoints", "config.json", "meta.json", "metrics.jsonl",
+        "results.json"]  # .lock: process 0's one-writer lock (released)
 
     _, _, _, state = ckpt.load_run(workdir)
     one = trainer.train_and_evaluate(tiny_config(**OVERRIDES), str(tmp_path / "one"),
