@@ -32,6 +32,10 @@ _LIMIT = flags.DEFINE_integer("limit", None, "Certify only the first N examples.
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 _STEP = flags.DEFINE_integer("step", None, "Certify this checkpoint step of the run (default: "
                              "the latest; one --workdir only).")
+_ALL = flags.DEFINE_bool(
+    "all_checkpoints", False, "Certify every checkpoint the run keeps (see "
+    "config.train.keep_every_epochs), EMA and raw weights: one JSON row per (step, weights); "
+    "--plot then draws certified and clean accuracy against epoch. One --workdir only.")
 
 
 def parse_eps(text: str) -> list[float]:
@@ -64,8 +68,12 @@ def check_flags() -> tuple[list[float], str]:
         cli.fail(f"--batch_size={_BATCH.value} is not allowed: a positive integer")
     if _LIMIT.value is not None and _LIMIT.value < 1:
         cli.fail(f"--limit={_LIMIT.value} is not allowed: a positive integer")
+    if _ALL.value and (len(_WORKDIR.value) > 1 or _STEP.value is not None):
+        cli.fail("--all_checkpoints is not allowed with several --workdir or with --step: it "
+                 "certifies every kept step of one run")
     eps = parse_eps(_EPS.value)
-    output = _OUTPUT.value or os.path.join(_WORKDIR.value[0], "certify.json")
+    default_name = "certify_checkpoints.json" if _ALL.value else "certify.json"
+    output = _OUTPUT.value or os.path.join(_WORKDIR.value[0], default_name)
     if os.path.isdir(_WORKDIR.value[0]) or _OUTPUT.value:
         cli.check_writable_file(output, "--output")
     if _PLOT.value:
@@ -102,12 +110,14 @@ def run() -> dict:
     split = _SPLIT.value or config.data.test_split
     ds = data_lib.load(source, split, _DATA_DIR.value or config.data.get("data_dir"))
     check_data(meta, ds, source)
-    clf = load_classifier(_WORKDIR.value, weights=_WEIGHTS.value, step=_STEP.value)
-    print_kernels()
     images, labels = ds.images, ds.labels
     if _LIMIT.value is not None:
         images, labels = images[:_LIMIT.value], labels[:_LIMIT.value]
     x = data_lib.as_pixels(images)
+    if _ALL.value:
+        return run_all_checkpoints(x, labels, eps, output, source, split)
+    clf = load_classifier(_WORKDIR.value, weights=_WEIGHTS.value, step=_STEP.value)
+    print_kernels()
     result = clf.evaluate(x, labels, eps=eps, pgd_steps=_PGD_STEPS.value,
                           pgd_restarts=_PGD_RESTARTS.value, batch_size=_BATCH.value,
                           progress=_PROGRESS.value)
@@ -125,6 +135,33 @@ def run() -> dict:
               f"PGD {100 * row['pgd_accuracy']:6.2f}%")
     print(f"wrote {output}" + (f" and {_PLOT.value}" if _PLOT.value else ""))
     return result
+
+
+def run_all_checkpoints(x, labels, eps, output, source, split) -> dict:
+    from linf_jax import checkpoint as ckpt
+    from linf_jax import plots
+    from linf_jax.classifier import certify_checkpoints
+    from linf_jax.cli import print_kernels
+
+    print_kernels()
+    report = certify_checkpoints(_WORKDIR.value[0], x, labels, eps=eps,
+                                 pgd_steps=_PGD_STEPS.value, pgd_restarts=_PGD_RESTARTS.value,
+                                 batch_size=_BATCH.value, progress=_PROGRESS.value)
+    report.update(data=source, split=split)
+    ckpt.write_json(output, report)
+    if _PLOT.value:
+        plots.plot_over_training({os.path.basename(os.path.normpath(_WORKDIR.value[0])): report},
+                                 _PLOT.value)
+    print(f"{len(labels)} examples of {source}:{split}, {len(report['steps'])} checkpoints "
+          f"(steps {report['steps'][0]}..{report['steps'][-1]}), EMA and raw weights")
+    for row in report["rows"]:
+        epoch = "" if row["epoch"] is None else f"epoch {row['epoch']:7.2f} "
+        figures = "  ".join(f"eps={r['eps']:g} {100 * r['certified_accuracy']:6.2f}%"
+                            for r in row["results"])
+        print(f"  step {row['step']:>7} {epoch}{row['weights']:>3}: clean "
+              f"{100 * row['clean_accuracy']:6.2f}%  certified {figures}")
+    print(f"wrote {output}" + (f" and {_PLOT.value}" if _PLOT.value else ""))
+    return report
 
 
 def _percent(fraction) -> str:

@@ -318,6 +318,20 @@ def checkpoint_steps(workdir: str) -> list[int]:
         mngr.close()
 
 
+def steps_per_epoch_from_metrics(workdir: str) -> int | None:
+    """Steps per epoch of a run whose meta.json predates that field, from the step and epoch of
+    a logged line of its metrics.jsonl (None if none tells)."""
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("step") and rec.get("epoch"):
+                    return round(rec["step"] / rec["epoch"])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def load_run(workdir: str, step: int | None = None):
     """``(config, meta, model, state)``: the whole train state of a finished or interrupted run
     (optimiser included) from its latest complete checkpoint, or ``step``. Raises

@@ -206,3 +206,40 @@ def load_classifier(workdir: str | os.PathLike | Sequence[str | os.PathLike],
         return Classifier(model, variables[0], meta, weights)
     stacked = ensemble_lib.stack(variables)
     return Classifier(model, stacked, meta, weights, members=len(variables))
+
+
+def certify_checkpoints(workdir: str | os.PathLike, x, y, eps=(0.1,), weights=("ema", "raw"),
+                        pgd_steps: int = 0, pgd_restarts: int = 1, batch_size: int = 500,
+                        progress: bool = False) -> dict:
+    """Certifies every checkpoint a run keeps, with each of ``weights`` (EMA and raw): one row
+    per (step, weights) with the epoch, the p the step trained at, and the figures of
+    :meth:`Classifier.evaluate` on pixels ``x`` / labels ``y``. The report also gives the epochs
+    where p starts to ramp and where it becomes ∞ (``p_phases``), for plots of a run's course
+    (:func:`linf_jax.plots.plot_over_training`)."""
+    from linf_jax import train_lib
+
+    workdir = os.fspath(workdir)
+    config, meta = ckpt.read_run_files(workdir)
+    steps = ckpt.checkpoint_steps(workdir)
+    spe = int(meta.get("steps_per_epoch") or ckpt.steps_per_epoch_from_metrics(workdir) or 0)
+    schedule = train_lib.make_schedule(config, spe, meta["std"]) if spe else None
+    rows = []
+    for step in steps:
+        for w in weights:
+            clf = load_classifier(workdir, weights=w, step=step)
+            r = clf.evaluate(x, y, eps=eps, pgd_steps=pgd_steps, pgd_restarts=pgd_restarts,
+                             batch_size=batch_size, progress=progress)
+            p = float(schedule.p(max(step - 1, 0))) if schedule is not None else None
+            rows.append({"step": step, "epoch": step / spe if spe else None, "weights": w,
+                         "p": p, "clean_accuracy": r["clean_accuracy"],
+                         "results": r["results"], "num_examples": r["num_examples"]})
+    phases = None
+    if schedule is not None:
+        kinds = [schedule.p_phase(s) for s in range(schedule.total_steps)]
+        first = {k: next((s for s, v in enumerate(kinds) if v == k), None)
+                 for k in ("ramp", "inf")}
+        phases = {f"{k}_epoch": (None if s is None else s / spe) for k, s in first.items()}
+    return {"workdir": workdir, "steps": steps, "steps_per_epoch": spe or None,
+            "epochs": schedule.total_steps / spe if schedule is not None else None,
+            "p_phases": phases, "weights": list(weights), "eps": [float(e) for e in eps],
+            "pgd_steps": pgd_steps, "rows": rows}

@@ -297,6 +297,61 @@ def plot_radius_histogram(runs: Mapping[str, Sequence[float] | Mapping], path: s
     return path
 
 
+def plot_over_training(reports: Mapping[str, Sequence[Mapping]], path: str,
+                       eps: float | None = None) -> str:
+    """Certified and clean accuracy against epoch for every kept checkpoint, EMA and raw weights
+    side by side (reports of :func:`linf_jax.classifier.certify_checkpoints`, ``certify.py
+    --all_checkpoints``). ``reports`` maps a label to one report or several (seeds): several
+    are drawn as their mean with a band from their minimum to their maximum. The epochs where p
+    starts to ramp and where it becomes ∞ are shaded. ``eps``: the radius to show (default: the
+    largest certified)."""
+    groups = {label: list(rs) if isinstance(rs, (list, tuple)) else [rs]
+              for label, rs in reports.items()}
+    first = next(iter(groups.values()))[0]
+    eps = max(first["eps"]) if eps is None else float(eps)
+    fig = figure(figsize=(7.2, 6.4), dpi=110)
+    ax_cert, ax_clean = fig.subplots(2, 1, sharex=True)
+    styles = {"ema": "-", "raw": "--"}
+    colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"])
+    for label, runs in groups.items():
+        color = next(colors)
+        for weights in runs[0]["weights"]:
+            curves = []
+            for run in runs:
+                rows = sorted((r for r in run["rows"] if r["weights"] == weights),
+                              key=lambda r: r["step"])
+                epochs = np.array([r["epoch"] for r in rows], np.float64)
+                cert = np.array([next(x["certified_accuracy"] for x in r["results"]
+                                      if abs(x["eps"] - eps) < 1e-12) for r in rows])
+                clean = np.array([r["clean_accuracy"] for r in rows])
+                curves.append((epochs, cert, clean))
+            epochs = curves[0][0]
+            for ax, k in ((ax_cert, 1), (ax_clean, 2)):
+                values = 100 * np.stack([c[k] for c in curves])
+                ax.plot(epochs, values.mean(0), styles.get(weights, ":"), color=color, lw=1.4,
+                        label=f"{label}, {weights}" + (f" (mean of {len(runs)})"
+                                                       if len(runs) > 1 else ""))
+                if len(runs) > 1:
+                    ax.fill_between(epochs, values.min(0), values.max(0), color=color,
+                                    alpha=0.12 if weights == "ema" else 0.06, lw=0)
+    phases = first.get("p_phases") or {}
+    end = first.get("epochs")
+    for ax in (ax_cert, ax_clean):
+        ramp, inf = phases.get("ramp_epoch"), phases.get("inf_epoch")
+        if ramp is not None:
+            ax.axvspan(ramp, inf if inf is not None else end, color="#f3e6bd", alpha=0.5, lw=0)
+        if inf is not None:
+            ax.axvspan(inf, end, color="#bcd0ea", alpha=0.5, lw=0)
+        ax.grid(alpha=0.3)
+    ax_cert.set_ylabel(f"certified accuracy at ε={eps:g} (%)")
+    ax_clean.set_ylabel("clean accuracy (%)")
+    ax_clean.set_xlabel("epoch (yellow: p ramps from p_start; blue: p = ∞)")
+    ax_cert.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m linf_jax.plots``: parses ``argv`` (default: the command line), writes the plot
     and prints its path; bad input ends with one ``error: ...`` line and exit code 2. The argument

@@ -204,6 +204,7 @@ def _build(config, workdir: str) -> tuple[_Run, TrainState]:
         raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not allowed: "
                           f"at most the {n} training examples of {d.source}:{d.train_split} "
                           "with train.drop_last=True")
+    meta["steps_per_epoch"] = len(batches)
     schedule = train_lib.make_schedule(config, len(batches), meta["std"])
     tx = train_lib.make_run_optimizer(config, schedule)
     state = train_lib.create_train_state(config, model, train_ds.input_shape, tx, mesh)

@@ -272,3 +272,38 @@ def test_donated_train_step_reuses_the_state_buffers_and_computes_the_same():
         assert jax.tree.leaves(before.params)[0].is_deleted(), step
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_all_checkpoints_certifies_every_kept_step_as_certifying_it_alone(tmp_path):
+    """A tiny run keeps every epoch's checkpoint (train.keep_every_epochs=1); ``certify.py
+    --all_checkpoints`` writes one row per (kept step, weights), each with the figures of
+    certifying that step alone, and the plot of the run's course."""
+    workdir = str(tmp_path / "run")
+    cfg = tiny_config(**{"train.checkpoint_every_epochs": 1, "train.keep_every_epochs": 1,
+                         "train.keep_checkpoints": 1})
+    trainer.train_and_evaluate(cfg, workdir, progress=False, evaluate_at_end=False)
+    steps = ckpt.checkpoint_steps(workdir)
+    assert steps == [10 * e for e in range(1, 7)]  # 640 examples / 64: 10 steps an epoch
+    out, png = tmp_path / "all.json", tmp_path / "all.png"
+    cmd = [sys.executable, os.path.join(REPO, "certify.py"), f"--workdir={workdir}",
+           "--all_checkpoints", "--eps=0.02,0.1", "--pgd_steps=0", "--limit=120",
+           f"--output={out}", f"--plot={png}", "--progress=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [(r["step"], r["weights"]) for r in report["rows"]] == [
+        (s, w) for s in steps for w in ("ema", "raw")]
+    assert report["p_phases"] == {"ramp_epoch": 2.0, "inf_epoch": 4.0}
+    ds = data_lib.load("digits", "test")
+    x, y = data_lib.as_pixels(ds.images[:120]), ds.labels[:120]
+    for row in report["rows"][::3]:  # every third row, EMA and raw, early and late
+        alone = load_classifier(workdir, weights=row["weights"], step=row["step"]).evaluate(
+            x, y, eps=(0.02, 0.1), pgd_steps=0)
+        assert row["epoch"] == row["step"] / 10
+        assert row["clean_accuracy"] == alone["clean_accuracy"]
+        assert [r["certified_accuracy"] for r in row["results"]] == [
+            r["certified_accuracy"] for r in alone["results"]]
+    ema, raw = ([r["clean_accuracy"] for r in report["rows"] if r["weights"] == w]
+                for w in ("ema", "raw"))
+    assert ema != raw  # two sets of weights, not one read twice
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
