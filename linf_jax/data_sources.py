@@ -216,6 +216,18 @@ def _install_hint(name: str) -> str:
     )
 
 
+def _tfds_error(e: BaseException, verb: str, name: str, how: str = "", hint: str = ""
+                ) -> DataError:
+    """One line for a TFDS failure to ``verb`` ('prepare', 'read') data set ``name``: the
+    TensorFlow it needs, or the library's own first line."""
+    if _needs_tf(e):
+        return DataError(f"data.source: {verb[:-1] if verb.endswith('e') else verb}ing TFDS "
+                         f"data set {name!r} needs TensorFlow: {_install_hint(name)}")
+    how = f" {how}" if how else ""
+    return DataError(f"data.source: cannot {verb} TFDS data set {name!r}{how} "
+                     f"({_first_line(e)}){hint}")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
@@ -267,14 +279,7 @@ def load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Datas
         try:
             builder.download_and_prepare()
         except Exception as e:  # noqa: BLE001
-            if _needs_tf(e):
-                raise DataError(
-                    f"data.source: preparing TFDS data set {name!r} needs TensorFlow: "
-                    f"{_install_hint(name)}"
-                ) from None
-            raise DataError(
-                f"data.source: cannot prepare TFDS data set {name!r} ({_first_line(e)})"
-            ) from None
+            raise _tfds_error(e, "prepare", name) from None
 
     info = builder.info
     features = info.features
@@ -295,16 +300,9 @@ def load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Datas
                 download=False,
             )
         except Exception as e:  # noqa: BLE001
-            if _needs_tf(e):
-                raise DataError(
-                    f"data.source: reading TFDS data set {name!r} needs TensorFlow: "
-                    f"{_install_hint(name)}"
-                ) from None
-            raise DataError(
-                f"data.source: cannot read TFDS data set {name!r} with random access "
-                f"({_first_line(e)}); "
-                f"rebuild it with `tfds build {name} --file_format=array_record`"
-            ) from None
+            raise _tfds_error(e, "read", name, "with random access",
+                              f"; rebuild it with `tfds build {name} --file_format=array_record`"
+                              ) from None
         n = len(ds)
         images, labels = [], []
         for start in range(0, n, 2048):

@@ -227,14 +227,17 @@ def _g_tile(d, iy, g, p, km1):
     return jnp.sign(d) * _pow(t, None if km1 is not None else p - 1.0, km1) * g
 
 
+def _traced_p(refs, km1):
+    """``(p, other refs)``: a traced p comes first among a kernel's refs (a one-element array)
+    when the integer exponent ``km1`` is None; with an integer exponent there is no p ref."""
+    if km1 is None:
+        return refs[0][0], refs[1:]
+    return None, refs
+
+
 def _lp_dx_kernel(*refs, rows, unroll, km1):
     """dx tile ``(block_b, block_n)`` = Σ_o G, looping over every (padded) output row o."""
-    if km1 is None:
-        p_ref, x_ref, w_ref, gt_ref, iyt_ref, dx_ref = refs
-        p = p_ref[0]
-    else:
-        x_ref, w_ref, gt_ref, iyt_ref, dx_ref = refs
-        p = None
+    p, (x_ref, w_ref, gt_ref, iyt_ref, dx_ref) = _traced_p(refs, km1)
     x = x_ref[...]
 
     def body(o, acc):
@@ -246,12 +249,7 @@ def _lp_dx_kernel(*refs, rows, unroll, km1):
 
 def _lp_dw_kernel(*refs, rows, unroll, km1):
     """dw tile ``(block_out, block_n)`` = -Σ_b G, looping over every (padded) batch row b."""
-    if km1 is None:
-        p_ref, x_ref, w_ref, g_ref, iy_ref, dw_ref = refs
-        p = p_ref[0]
-    else:
-        x_ref, w_ref, g_ref, iy_ref, dw_ref = refs
-        p = None
+    p, (x_ref, w_ref, g_ref, iy_ref, dw_ref) = _traced_p(refs, km1)
     w = w_ref[...]
 
     def body(b, acc):
