@@ -1,8 +1,12 @@
-"""The configuration schema: every field a run reads, with the library's defaults.
+"""The configuration: its schema, its validation, and the errors a user can meet.
 
 ``configs/*.py`` start from :func:`base_config` and change what their experiment needs, so
 every experiment has the same fields and any of them can be overridden on the command line
-(``--config.model.width=1024``).
+(``--config.model.width=1024``). :func:`validate_config` checks every field once, at the
+boundary (train.py, certify.py, ``trainer.train_and_evaluate``), and raises
+:class:`ConfigError` with one line naming the field, the bad value and what is allowed; the code
+behind it assumes valid fields. The model section is checked by building the model
+(:func:`linf_jax.models.build_model`: an unknown field is an error).
 """
 
 from __future__ import annotations
