@@ -1,156 +1,17 @@
-"""Train an ℓ∞-dist net (or an ensemble) from a config file.
+"""Train an ℓ∞-dist net (or an ensemble) from a config file or a preset name.
 
     python train.py                                   # configs/default.py on the digits
     python train.py --config configs/mnist_03.py --workdir runs/mnist
+    python train.py --config mnist_03 --print_config  # a preset by name; the resolved config
     python train.py --config.model.width=1024 --config.ensemble.size=5
 
-Every config field can be overridden on the command line. Rerunning with the same workdir
-resumes from its latest checkpoint; SIGTERM/SIGINT save a checkpoint and exit.
+The same program as ``linf-train`` and ``python -m linf_jax.train`` (linf_jax/train.py). Every
+config field can be overridden on the command line (the fields: linf_jax/config.py and the
+README's "Configs"). Rerunning with the same workdir resumes from its latest checkpoint;
+SIGTERM/SIGINT save a checkpoint and exit.
 """
 
-from __future__ import annotations
-
-import os
-import sys
-
-from absl import flags
-from ml_collections import config_flags
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-try:  # without --config, ml_collections applies the --config.* overrides right here
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", os.path.join(HERE, "configs", "default.py"), "Experiment config file.",
-        lock_config=True)
-except Exception as _err:  # noqa: BLE001 - an override naming no config field
-    from linf_jax.cli import config_override_message, fail
-
-    fail(config_override_message(_err, sys.argv))
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config name>).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-_PRINT_CONFIG = flags.DEFINE_bool(
-    "print_config", False, "Print the resolved config (the file with every --config.FIELD "
-    "override applied, validated) and exit without training. Every field can be overridden: "
-    "--config.train.lr=0.01; the fields are those of linf_jax/config.py (README, 'Configs').")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Multi-host: call jax.distributed.initialize() first (docs/SCALING.md).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "With --distributed: host:port of process 0 (default: the "
-    "cluster's own, or $JAX_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "With --distributed: the number of processes ($JAX_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "With --distributed: this process's index ($JAX_PROCESS_ID).")
-
-
-def _env_int(name: str) -> int | None:
-    from linf_jax.cli import fail
-
-    text = os.environ.get(name)
-    if text is None or text == "":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        fail(f"${name}={text!r} is not allowed: an integer")
-
-
-def initialize_distributed() -> None:
-    """``jax.distributed.initialize`` from the flags, then the environment; on TPU pods, SLURM
-    and Open MPI everything left unset is detected by JAX itself."""
-    import jax
-
-    from linf_jax.cli import fail
-    from linf_jax.config import first_line
-
-    num = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else _env_int(
-        "JAX_NUM_PROCESSES")
-    pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else _env_int("JAX_PROCESS_ID")
-    if num is not None and num < 1:
-        fail(f"--num_processes={num} is not allowed: a positive integer")
-    if pid is not None and (pid < 0 or (num is not None and pid >= num)):
-        top = "num_processes-1" if num is None else num - 1
-        fail(f"--process_id={pid} is not allowed: 0..{top}")
-    try:
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=num,
-                                   process_id=pid)
-    except (ValueError, RuntimeError) as err:
-        fail(f"--distributed: jax.distributed.initialize failed ({first_line(err)}); "
-             "allowed: a cluster JAX detects (TPU pod, SLURM, Open MPI) or --coordinator_address,"
-             " --num_processes and --process_id (see docs/SCALING.md)")
-
-
-def _remove_empty_tree(path: str) -> None:
-    """Removes ``path`` if it holds nothing but empty folders (a run that never started)."""
-    for root, _, files in os.walk(path, topdown=False):
-        if files:
-            return
-        try:
-            os.rmdir(root)
-        except OSError:
-            return
-
-
-def _percent(fraction) -> str:
-    """``' 97.50%'``, or ``'n/a: not 1-Lipschitz'`` where the figure is null (the Lipschitz rule
-    does not apply to a model with an MLP head)."""
-    return "n/a: not 1-Lipschitz" if fraction is None else f"{100 * fraction:6.2f}%"
-
-
-def main(argv) -> None:
-    from linf_jax import cli
-
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}: use --flag=value")
-    cli.quiet_logging()  # Orbax logs every save at INFO
-    if _DISTRIBUTED.value:  # before anything touches the devices
-        initialize_distributed()
-    elif any(f.present for f in (flags.FLAGS["coordinator_address"], flags.FLAGS["num_processes"],
-                                 flags.FLAGS["process_id"])):
-        cli.fail("--coordinator_address, --num_processes and --process_id are only allowed "
-                 "with --distributed")
-    config = cli.load_config(_CONFIG)
-    from linf_jax import checkpoint as ckpt
-    from linf_jax import config as config_lib
-    from linf_jax import trainer
-
-    if _PRINT_CONFIG.value:
-        cli.run_guarded(config_lib.validate_config, config)
-        print(config.to_json_best_effort(indent=2, sort_keys=True))
-        return
-
-    config_lib.request_determinism(config)  # before JAX starts its backend
-    name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-    workdir = _WORKDIR.value or os.path.join("runs", name)
-    cli.check_writable_dir(workdir, "--workdir")
-
-    # Every check that needs no training data runs before anything is written.
-    cli.run_guarded(config_lib.validate_config, config)
-    cli.run_guarded(ckpt.check_resume, config, workdir)
-    cli.print_kernels(config_lib.kernels_choice(config))
-    created = not os.path.exists(workdir)
-    try:
-        result = cli.run_guarded(trainer.train_and_evaluate, config, workdir,
-                                 progress=_PROGRESS.value)
-    except SystemExit:
-        if created:  # e.g. the data could not be loaded: leave no empty run folder behind
-            _remove_empty_tree(workdir)
-        raise
-    if result.preempted:
-        print(f"interrupted at step {int(result.state.step)}; checkpoint saved in {workdir}. "
-              "Rerun the same command to resume.")
-        sys.exit(0)
-    r = result.results
-    print(f"workdir: {workdir}")
-    print(f"EMA weights, {r['num_examples']} test examples of {config.data.source}:"
-          f"{config.data.test_split}")
-    print(f"  clean accuracy      {100 * r['clean_accuracy']:6.2f}%")
-    for row in r["results"]:
-        print(f"  eps={row['eps']:<6g} PGD-{r['pgd_steps']} {100 * row['pgd_accuracy']:6.2f}%   "
-              f"certified {100 * row['certified_accuracy']:6.2f}%   "
-              f"(Lipschitz rule {_percent(row['lipschitz_certified_accuracy'])})")
-
+from linf_jax.train import command
 
 if __name__ == "__main__":
-    from linf_jax.cli import main_entry
-
-    main_entry(main)
+    command()

@@ -281,3 +281,9 @@ def evaluate_dataset(
     if per_example:
         summary["per_example"] = {k: np.asarray(v) for k, v in cat.items() if k != "radius"}
     return summary
+
+
+if __name__ == "__main__":  # python -m linf_jax.certify: the certify command line
+    from linf_jax.certify_cli import command
+
+    command()

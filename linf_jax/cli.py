@@ -46,12 +46,55 @@ def _first_line(err: BaseException) -> str:
     return first_line(err)
 
 
+def presets_dir() -> str | None:
+    """The presets' folder: ``linf_jax/configs`` of an installed package, or ``configs/`` beside
+    the package in a checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for d in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
+        if os.path.isfile(os.path.join(d, "default.py")):
+            return d
+    return None
+
+
+def preset_names() -> list[str]:
+    d = presets_dir()
+    return sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py") and f != "__init__.py") \
+        if d else []
+
+
+def preset_path(name: str) -> str:
+    """The file of preset ``name`` (``'default'``, ``'mnist_03'``; ``.py`` optional)."""
+    d = presets_dir() or ""
+    return os.path.join(d, name if name.endswith(".py") else name + ".py")
+
+
+def resolve_presets(argv, flag: str = "config") -> list[str]:
+    """``argv`` with ``--config NAME`` / ``--config=NAME`` of a preset replaced by its file
+    (a path that exists is left alone)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith(f"--{flag}="):
+            head, value = arg.split("=", 1)
+        elif arg == f"--{flag}" and i + 1 < len(out):
+            head, value = None, out[i + 1]
+        else:
+            continue
+        name = value[:-3] if value.endswith(".py") else value
+        if not os.path.exists(value) and os.sep not in value and name in preset_names():
+            if head is None:
+                out[i + 1] = preset_path(name)
+            else:
+                out[i] = f"{head}={preset_path(name)}"
+    return out
+
+
 def parse_flags(argv):
     """``app.run(main, flags_parser=parse_flags)``: absl's flag parsing, but a bad flag, a bad
     ``--config.*`` override or a config file that cannot be loaded is one line and exit code 2
     (absl's own parser prints two lines and exits 1; ml_collections raises with a traceback)."""
     from absl import flags
 
+    argv = resolve_presets(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
@@ -86,8 +129,8 @@ def load_config(holder, flag_name: str = "config"):
 
     filename = getattr(flags.FLAGS[flag_name], "config_filename", None)
     if filename is not None and not os.path.isfile(filename):
-        fail(f"--{flag_name}={filename!r}: no such file; allowed: a Python config file with "
-             "get_config(), e.g. configs/default.py")
+        fail(f"--{flag_name}={filename!r}: no such file or preset; allowed: a Python config "
+             f"file with get_config() or a preset name ({', '.join(preset_names())})")
     try:
         config = holder.value
         config.keys()  # a config that failed to load raises on first use
@@ -170,8 +213,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from linf_jax.config import CheckpointError, ConfigError, TrainingError
     from linf_jax.data import DataError
     from linf_jax.ensemble import EnsembleError
+    from linf_jax.export import ExportError
 
     return (ConfigError, DataError, EnsembleError, CheckpointError, InputError, TrainingError,
+            ExportError,
             PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             FileExistsError)
 

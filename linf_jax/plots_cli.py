@@ -132,3 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(str(err))
     print(f"wrote {path}")
     return 0
+
+
+def command() -> None:
+    """The ``linf-plot`` console command (also ``python -m linf_jax.plots``)."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

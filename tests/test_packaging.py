@@ -1,0 +1,95 @@
+"""The package as a user installs it: a wheel in a fresh virtual environment outside the
+repository gives the console commands, the presets by name, and a run that trains and
+certifies."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None and not os.path.isdir(REPO),
+                                reason="needs the repository")
+
+
+def _copy_source(dest):
+    """The repository's files without the virtual environment, runs and caches (the wheel is
+    built from this copy, so the checkout gains no build/ folder)."""
+    ignore = shutil.ignore_patterns(".venv", "runs", "build", "dist", "*.egg-info", ".git",
+                                    "__pycache__", ".pytest_cache", ".ruff_cache", "out")
+    shutil.copytree(REPO, dest, ignore=ignore)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """``(bin folder, work folder)`` of a fresh venv with the built wheel installed; the
+    dependencies come from this interpreter's site-packages through a .pth file (installing
+    them again would only download what is already here)."""
+    root = tmp_path_factory.mktemp("pkg")
+    src, wheels, venv = root / "src", root / "wheels", root / "venv"
+    _copy_source(src)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
+                    str(src)], check=True, capture_output=True, timeout=600)
+    wheel = next(wheels.glob("linf_jax-*.whl"))
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    site = subprocess.run([str(bin_dir / "python"), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(site, "deps.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    work = root / "work"
+    work.mkdir()
+    return bin_dir, work
+
+
+def _run(cmd, cwd, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+def test_wheel_installs_commands_that_train_and_certify_a_preset(installed):
+    bin_dir, work = installed
+    where = _run([bin_dir / "python", "-c", "import linf_jax; print(linf_jax.__file__)"], work)
+    assert where.returncode == 0 and str(REPO) not in where.stdout, where  # not the checkout
+    train = _run([bin_dir / "linf-train", "--config", "default", "--workdir", work / "r",
+                  "--config.model.width=32", "--config.train.epochs=(0,1,1,2,2)",
+                  "--config.eval.pgd_steps=2", "--progress=false"], work)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert "certified" in train.stdout
+    out = work / "r.json"
+    cert = _run([bin_dir / "linf-certify", "--workdir", work / "r", "--eps", "0.1",
+                 "--output", out, "--pgd_steps=2", "--progress=false"], work)
+    assert cert.returncode == 0, cert.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["num_examples"] == 360 and result["results"][0]["eps"] == 0.1
+    exported = _run([bin_dir / "linf-certify", "--workdir", work / "r", "--export",
+                     work / "r.jax"], work)
+    assert exported.returncode == 0 and "exported" in exported.stdout, exported.stderr[-2000:]
+    import jax
+    import numpy as np
+
+    model = jax.export.deserialize(bytearray((work / "r.jax").read_bytes()))
+    logits, radii = model.call(np.full((3, 8, 8, 1), 0.5, np.float32))
+    assert logits.shape == (3, 10) and radii.shape == (3,)
+    plot = _run([bin_dir / "linf-plot", "curve", work / "c.png", out], work)
+    assert plot.returncode == 0 and (work / "c.png").read_bytes()[:4] == b"\x89PNG", plot.stderr
+
+
+def test_presets_by_name_and_module_entry_points(installed):
+    bin_dir, work = installed
+    shown = _run([bin_dir / "python", "-m", "linf_jax.train", "--config", "mnist_03",
+                  "--print_config"], work)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert json.loads(shown.stdout)["data"]["source"] == "tfds:mnist"
+    bad = _run([bin_dir / "linf-train", "--config", "mnist_3"], work)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "mnist_03" in bad.stderr
+    certify = _run([bin_dir / "python", "-m", "linf_jax.certify"], work)  # the command line
+    assert certify.returncode == 2 and "--workdir is required" in certify.stderr, certify
