@@ -216,6 +216,16 @@ def _install_hint(name: str) -> str:
     )
 
 
+def _mock_serves(tfds, name, split, data_dir, builder_kwargs) -> bool:
+    """Whether ``tfds.data_source`` serves the unprepared ``name`` (tfds.testing.mock_data)."""
+    try:
+        tfds.data_source(name, split=split, data_dir=data_dir, builder_kwargs=builder_kwargs,
+                         download=False)
+        return True
+    except Exception:  # noqa: BLE001 - not prepared, not mocked
+        return False
+
+
 def _tfds_error(e: BaseException, verb: str, name: str, how: str = "", hint: str = ""
                 ) -> DataError:
     """One line for a TFDS failure to ``verb`` ('prepare', 'read') data set ``name``: the
@@ -269,7 +279,17 @@ def load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Datas
             f"data.source: cannot open TFDS data set {name!r} ({_first_line(e)})"
         ) from None
 
-    if not builder.is_prepared():
+    # Under tfds.testing.mock_data (how TFDS users test their pipelines) nothing is prepared,
+    # yet tfds.data_source serves generated examples: read them, as a prepared set.
+    mocked = not builder.is_prepared() and _mock_serves(tfds, name, split, data_dir,
+                                                         builder_kwargs)
+    fmt = str(getattr(builder.info, "file_format", "") or "").lower()
+    if builder.is_prepared() and "tfrecord" in fmt and not _tensorflow_available():
+        raise DataError(
+            f"data.source: TFDS data set {name!r} is prepared in {builder.data_dir!s} as "
+            f"TFRecord files, which need TensorFlow to read; allowed: array_record data "
+            f"(`tfds build {name} --file_format=array_record`) or pip install tensorflow-cpu")
+    if not builder.is_prepared() and not mocked:
         stock = type(builder).__module__.startswith("tensorflow_datasets.")
         if stock and not _tensorflow_available():
             raise DataError(
@@ -306,7 +326,12 @@ def load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Datas
         n = len(ds)
         images, labels = [], []
         for start in range(0, n, 2048):
-            for ex in ds.__getitems__(list(range(start, min(n, start + 2048)))):
+            keys = list(range(start, min(n, start + 2048)))
+            try:
+                batch = ds.__getitems__(keys)
+            except TypeError:  # mock_data's source reads one record at a time
+                batch = [ds[i] for i in keys]
+            for ex in batch:
                 images.append(np.asarray(ex["image"]))
                 labels.append(np.asarray(ex["label"]))
         if not images:
@@ -317,7 +342,8 @@ def load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Datas
         return np.stack(images), np.stack(labels)
 
     # Validate the split spec (one-line DataError) before reading.
-    resolve_split(split, info.splits, source)
+    if info.splits:  # mock_data has none: tfds.data_source checks the split itself
+        resolve_split(split, info.splits, source)
     x, y = read(split)
     x = as_images(x, "data.images")
     y = as_labels(y, "data.labels")

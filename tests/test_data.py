@@ -607,3 +607,20 @@ def test_augment_bad_kind():
     with pytest.raises(DataError) as e:
         data.augment(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), "flip")
     _one_line_error(e, "data.augment")
+
+
+def test_tfds_mock_data_trains_one_tiny_epoch_from_tfds_mnist(tmp_path):
+    """Under ``tfds.testing.mock_data`` (how TFDS users test pipelines) ``tfds:mnist`` is read
+    from the generated examples and a run trains an epoch and certifies."""
+    import tensorflow_datasets as tfds
+    from conftest import tiny_config
+
+    from linf_jax import trainer
+
+    cfg = tiny_config(**{"data.source": "tfds:mnist", "data.train_split": "train",
+                         "data.test_split": "test", "train.epochs": (0, 0, 0, 0, 1),
+                         "model.width": 16, "eval.pgd_steps": 1, "eval.batch_size": 32})
+    with tfds.testing.mock_data(num_examples=64, data_dir=str(tmp_path / "tfds")):
+        result = trainer.train_and_evaluate(cfg, str(tmp_path / "run"), progress=False)
+    assert int(result.state.step) == 1 and result.meta["input_shape"] == [28, 28, 1]
+    assert result.meta["std"] == pytest.approx(0.3081) and result.results["num_examples"] == 64
