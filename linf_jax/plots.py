@@ -309,12 +309,14 @@ def plot_over_training(reports: Mapping[str, Sequence[Mapping]], path: str,
               for label, rs in reports.items()}
     first = next(iter(groups.values()))[0]
     eps = max(first["eps"]) if eps is None else float(eps)
-    fig = figure(figsize=(7.2, 6.4), dpi=110)
-    ax_cert, ax_clean = fig.subplots(2, 1, sharex=True)
+    fig = figure(figsize=(7.2, 8.4), dpi=110)
+    ax_cert, ax_diff, ax_clean = fig.subplots(3, 1, sharex=True,
+                                              gridspec_kw={"height_ratios": [3, 2, 3]})
     styles = {"ema": "-", "raw": "--"}
     colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"])
     for label, runs in groups.items():
         color = next(colors)
+        per_weights = {}
         for weights in runs[0]["weights"]:
             curves = []
             for run in runs:
@@ -326,6 +328,7 @@ def plot_over_training(reports: Mapping[str, Sequence[Mapping]], path: str,
                 clean = np.array([r["clean_accuracy"] for r in rows])
                 curves.append((epochs, cert, clean))
             epochs = curves[0][0]
+            per_weights[weights] = (epochs, 100 * np.stack([c[1] for c in curves]))
             for ax, k in ((ax_cert, 1), (ax_clean, 2)):
                 values = 100 * np.stack([c[k] for c in curves])
                 ax.plot(epochs, values.mean(0), styles.get(weights, ":"), color=color, lw=1.4,
@@ -334,9 +337,18 @@ def plot_over_training(reports: Mapping[str, Sequence[Mapping]], path: str,
                 if len(runs) > 1:
                     ax.fill_between(epochs, values.min(0), values.max(0), color=color,
                                     alpha=0.12 if weights == "ema" else 0.06, lw=0)
+        if {"ema", "raw"} <= set(per_weights):
+            (epochs, ema), (_, raw) = per_weights["ema"], per_weights["raw"]
+            diff = ema - raw
+            ax_diff.plot(epochs, diff.mean(0), "-o", ms=2.5, color=color, lw=1.2, label=label)
+            if len(diff) > 1:
+                ax_diff.fill_between(epochs, diff.min(0), diff.max(0), color=color, alpha=0.15,
+                                     lw=0)
+    ax_diff.axhline(0.0, color="0.3", lw=0.8)
+    ax_diff.set_ylabel("EMA − raw (points)")
     phases = first.get("p_phases") or {}
     end = first.get("epochs")
-    for ax in (ax_cert, ax_clean):
+    for ax in (ax_cert, ax_diff, ax_clean):
         ramp, inf = phases.get("ramp_epoch"), phases.get("inf_epoch")
         if ramp is not None:
             ax.axvspan(ramp, inf if inf is not None else end, color="#f3e6bd", alpha=0.5, lw=0)
