@@ -119,3 +119,35 @@ def read_tensorboard_scalars(workdir) -> dict:
             for value in event.summary.value:
                 out.setdefault(value.tag, {})[int(event.step)] = float(value.simple_value)
     return out
+
+
+def hand_pgd_agrees_with_project_pgd(clf, x, y, eps: float, steps: int = 20, seed: int = 3):
+    """A user's own PGD on pixels, written with ``jax.grad`` through the classifier (the same
+    rule as :func:`linf_jax.certify.pgd_attack`: one random start, sign steps of ε/4, projection
+    on the ε-ball and [0, 1]), against the project's PGD in network units with the same key.
+    Returns ``(hand_fooled, project_fooled)``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from linf_jax import certify as certify_lib
+
+    key = jax.random.PRNGKey(seed)
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+
+    def loss(z):
+        return optax.softmax_cross_entropy_with_integer_labels(clf(z), y).sum()
+
+    grad = jax.jit(jax.grad(loss))
+    lo, hi = jnp.maximum(x - eps, 0.0), jnp.minimum(x + eps, 1.0)
+    rkey = jax.random.split(key, 1)[0]
+    noise = jnp.clip(eps / 4 * jax.random.normal(rkey, x.shape, x.dtype), -eps / 2, eps / 2)
+    z = jnp.clip(x + noise, lo, hi)
+    for _ in range(steps):
+        z = jnp.clip(z + eps / 4 * jnp.sign(grad(z)), lo, hi)
+    hand = np.asarray((clf(z).argmax(-1) != y) | (clf(x).argmax(-1) != y))
+    eps_n = eps / clf.std
+    _, project = certify_lib.pgd_attack(clf._logits_fn, key, clf._normalize(x), y, eps_n,
+                                        clf._lo, clf._hi, steps=steps, restarts=1)
+    return hand, np.asarray(project)

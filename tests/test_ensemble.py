@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, StepSetup, tiny_config
+from conftest import REPO, StepSetup, hand_pgd_agrees_with_project_pgd, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -98,6 +98,18 @@ def ensemble_run(request, tmp_path_factory):
     result = trainer.train_and_evaluate(fixed_p_config(request.param, workdir), workdir,
                                           progress=False)
     return request.param, workdir, result
+
+
+def test_hand_written_pgd_through_the_loaded_ensemble_finds_what_the_project_pgd_finds(
+        ensemble_run):
+    """A user's attack differentiates through ``load_classifier`` of a stacked ensemble
+    (``jax.grad`` of the averaged logits) and fools the same examples as the project's PGD."""
+    _, workdir, _ = ensemble_run
+    clf = load_classifier(workdir)
+    ds = data_lib.load("digits", "test[:120]")
+    hand, project = hand_pgd_agrees_with_project_pgd(clf, data_lib.as_pixels(ds.images),
+                                                     ds.labels, 0.1)
+    assert hand.sum() >= 5 and (hand != project).sum() <= 1, (hand.sum(), project.sum())
 
 
 def test_ensemble_training_lowers_its_loss_in_one_program(ensemble_run):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, read_tensorboard_scalars, tiny_config
+from conftest import REPO, hand_pgd_agrees_with_project_pgd, read_tensorboard_scalars, tiny_config
 
 from linf_jax import checkpoint as ckpt
 from linf_jax import config as config_lib
@@ -234,6 +234,8 @@ def test_classifier_is_a_jax_function(full_run):
     fooled = np.asarray(clf(z).argmax(-1) != y)
     assert not np.any(cert & fooled)
     assert np.any(fooled & ~cert)
+    hand, project = hand_pgd_agrees_with_project_pgd(clf, x, y, eps)
+    assert hand.sum() >= 5 and (hand != project).sum() <= 1, (hand.sum(), project.sum())
 
 
 def test_print_config_prints_the_resolved_config_and_exits(tmp_path):
