@@ -151,3 +151,41 @@ def hand_pgd_agrees_with_project_pgd(clf, x, y, eps: float, steps: int = 20, see
     _, project = certify_lib.pgd_attack(clf._logits_fn, key, clf._normalize(x), y, eps_n,
                                         clf._lo, clf._hi, steps=steps, restarts=1)
     return hand, np.asarray(project)
+
+
+def _copy_source(dest):
+    """The repository's files without the virtual environment, runs and caches (a wheel is
+    built from this copy, so the checkout gains no build/ folder)."""
+    import shutil
+
+    ignore = shutil.ignore_patterns(".venv", "runs", "build", "dist", "*.egg-info", ".git",
+                                    "__pycache__", ".pytest_cache", ".ruff_cache", "out")
+    shutil.copytree(REPO, dest, ignore=ignore)
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """``(bin folder, work folder, wheel)``: a wheel of this checkout installed in a fresh venv
+    outside the repository. The dependencies come from this interpreter's site-packages through
+    a .pth file (installing them again would only download what is already here)."""
+    import subprocess
+    import sysconfig
+
+    root = tmp_path_factory.mktemp("pkg")
+    src, wheels, venv = root / "src", root / "wheels", root / "venv"
+    _copy_source(src)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
+                    str(src)], check=True, capture_output=True, timeout=600)
+    wheel = next(wheels.glob("linf_jax-*.whl"))
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    site = subprocess.run([str(bin_dir / "python"), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(site, "deps.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    work = root / "work"
+    work.mkdir()
+    return bin_dir, work, wheel

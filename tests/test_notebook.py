@@ -45,8 +45,18 @@ def test_committed_notebook_is_clean_and_parametrised():
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(tmp_path_factory, installed_wheel):
+    """The notebook run headless as a user runs it from a wheel: its kernel is the Python of a
+    fresh venv outside the repository (no checkout on the path), and its set-up cell installs
+    linf-jax from the local wheel (LINF_JAX_SOURCE) before anything imports it."""
+    bin_dir, work, wheel = installed_wheel
     out = tmp_path_factory.mktemp("notebook")
+    kernels = tmp_path_factory.mktemp("jupyter")
+    spec = kernels / "kernels" / "linf-wheel"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [str(bin_dir / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "linf-jax wheel", "language": "python"}))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # Papermill's convention: parameters injected in a cell right after the "parameters" cell.
     # A 3-member ensemble runs the same code as the notebook's 5 in 3/5 of the time.
@@ -55,11 +65,16 @@ def executed(tmp_path_factory):
     injected.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(params + 1, injected)
     env = {"LINF_JAX_NOTEBOOK_QUICK": "1", "LINF_JAX_NOTEBOOK_OUT": str(out),
-           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "LINF_JAX_NOTEBOOK_INSTALL": "1", "LINF_JAX_SOURCE": str(wheel),
+           "JUPYTER_PATH": str(kernels), "PYTHONPATH": None}
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
-                                     resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
+    for k, v in env.items():  # the kernel inherits this process's environment
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="linf-wheel",
+                                     resources={"metadata": {"path": str(work)}})
     t0 = time.time()
     try:
         client.execute()
@@ -79,13 +94,15 @@ def _text(nb, cell_index) -> str:
                    if o.output_type == "stream" and o.name == "stdout")
 
 
-def test_notebook_runs_in_this_interpreter(executed):
+def test_notebook_runs_from_a_wheel_install(executed):
     nb, _, seconds = executed
     import sys
 
-    setup = next(i for i, c in enumerate(nb.cells) if "REPO_URL" in c.source)
+    setup = next(i for i, c in enumerate(nb.cells) if "LINF_JAX_SOURCE" in c.source)
     text = _text(nb, setup)
-    assert f"python: {sys.executable}" in text, text
+    assert "installing: " in text and ".whl" in text, text  # the set-up cell's install
+    assert f"python: {sys.executable}" not in text and "linf-jax 0.1.0 from" in text, text
+    assert f"from {REPO}" not in text, text  # the installed package, not the checkout
     assert "backend: CPU" in text or "backend: GPU" in text or "backend: TPU" in text
     displayed = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
                  if o.output_type == "display_data" and "image/png" in o.get("data", {})]

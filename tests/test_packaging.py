@@ -4,48 +4,15 @@ certifies."""
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-import sysconfig
 
 import pytest
 from conftest import REPO
 
-pytestmark = pytest.mark.skipif(shutil.which("git") is None and not os.path.isdir(REPO),
-                                reason="needs the repository")
-
-
-def _copy_source(dest):
-    """The repository's files without the virtual environment, runs and caches (the wheel is
-    built from this copy, so the checkout gains no build/ folder)."""
-    ignore = shutil.ignore_patterns(".venv", "runs", "build", "dist", "*.egg-info", ".git",
-                                    "__pycache__", ".pytest_cache", ".ruff_cache", "out")
-    shutil.copytree(REPO, dest, ignore=ignore)
-
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """``(bin folder, work folder)`` of a fresh venv with the built wheel installed; the
-    dependencies come from this interpreter's site-packages through a .pth file (installing
-    them again would only download what is already here)."""
-    root = tmp_path_factory.mktemp("pkg")
-    src, wheels, venv = root / "src", root / "wheels", root / "venv"
-    _copy_source(src)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
-                    str(src)], check=True, capture_output=True, timeout=600)
-    wheel = next(wheels.glob("linf_jax-*.whl"))
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
-    site = subprocess.run([str(bin_dir / "python"), "-c",
-                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    with open(os.path.join(site, "deps.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-deps",
-                    str(wheel)], check=True, capture_output=True, timeout=300)
-    work = root / "work"
-    work.mkdir()
+def installed(installed_wheel):
+    bin_dir, work, _ = installed_wheel
     return bin_dir, work
 
 
