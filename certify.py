@@ -10,7 +10,13 @@ The same program as ``linf-certify`` and ``python -m linf_jax.certify``
 (linf_jax/certify_cli.py). ε is in pixel units.
 """
 
+import sys
+
+from absl import flags
+
 from linf_jax.certify_cli import command
+
+flags.adopt_module_key_flags(sys.modules["linf_jax.certify_cli"])  # --helpshort lists its flags
 
 if __name__ == "__main__":
     command()

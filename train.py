@@ -11,7 +11,13 @@ README's "Configs"). Rerunning with the same workdir resumes from its latest che
 SIGTERM/SIGINT save a checkpoint and exit.
 """
 
+import sys
+
+from absl import flags
+
 from linf_jax.train import command
+
+flags.adopt_module_key_flags(sys.modules["linf_jax.train"])  # --helpshort lists its flags
 
 if __name__ == "__main__":
     command()
