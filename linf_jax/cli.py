@@ -34,9 +34,8 @@ def fail(message: str, code: int = 2) -> None:
 def _drop_closed_loop_noise(unraisable) -> None:
     err = unraisable.exc_value
     closed_loop = isinstance(err, RuntimeError) and "Event loop is closed" in str(err)
-    orphan = "coroutine" in repr(unraisable.object) and isinstance(err, (RuntimeError,
-                                                                       GeneratorExit))
-    if not (closed_loop or orphan):
+    orphan_read = "coroutine" in repr(unraisable.object)  # an async read left behind
+    if not (closed_loop or orphan_read):
         sys.__unraisablehook__(unraisable)
 
 
