@@ -1,5 +1,10 @@
 """The real-data protocol runnable offline: train on the first 5,000 images of the MNIST test
-split in ../shared/data/mnist, certify on the last 5,000 (RESULTS.md).
+split, certify on the last 5,000 (RESULTS.md).
+
+The MNIST test split as IDX files (``t10k-images-idx3-ubyte[.gz]``,
+``t10k-labels-idx1-ubyte[.gz]``; README, "Data", gives their source and checksums) is read from
+the folder in ``$LINF_JAX_MNIST_DIR`` (default: ``data/mnist`` under the working folder), or
+from any folder with ``--config.data.source=idx:/path/to/mnist``.
 
 linf-jax's own scaled-down version of the v1 pure-net recipe for ε = 0.3
 (``zbh2047/L_inf-dist-net``, ``command/ell_inf_dist_net_mnist.sh``; docs/RECIPES.md), not a
@@ -14,13 +19,12 @@ import os
 
 from linf_jax.config import base_config
 
-MNIST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                         "mnist")
+MNIST_DIR_ENV = "LINF_JAX_MNIST_DIR"
 
 
 def get_config():
     c = base_config()
-    c.data.source = "idx:" + os.path.normpath(MNIST_DIR)
+    c.data.source = "idx:" + os.path.normpath(os.environ.get(MNIST_DIR_ENV, "data/mnist"))
     c.data.train_split = "test[:5000]"
     c.data.test_split = "test[5000:]"
     c.model.update(name="linf_dist_net", depth=4, width=256, head="none")

@@ -11,6 +11,8 @@
 #   bash experiments/ema_over_training.sh [runs-folder] [seeds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+: "${LINF_JAX_MNIST_DIR:?set LINF_JAX_MNIST_DIR to the folder of the MNIST test-set IDX files (README, Data)}"
+export LINF_JAX_MNIST_DIR
 OUT=${1:-runs/ema_over_training}
 SEEDS=${2:-"0 1 2"}
 PY=${PYTHON:-.venv/bin/python}

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The offline MNIST protocol of RESULTS.md: train on the first 5,000 images of
-# ../shared/data/mnist (the MNIST test split), certify the last 5,000 at ε = 0.1 and 0.3.
+# the MNIST test split ($LINF_JAX_MNIST_DIR), certify the last 5,000 at ε = 0.1 and 0.3.
 # A single model, then joint and independent ensembles of K = 3 and 5 on the same data and
 # epochs; EMA and raw weights of every run are certified side by side.
 #   bash experiments/mnist_local.sh [runs-folder]        (2-core CPU: about 40 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+: "${LINF_JAX_MNIST_DIR:?set LINF_JAX_MNIST_DIR to the folder of the MNIST test-set IDX files (README, Data)}"
+export LINF_JAX_MNIST_DIR
 OUT=${1:-runs/mnist_local}
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=.

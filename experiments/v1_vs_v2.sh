@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # v1 against v2, the two official recipe families, at the same budget on the offline MNIST
-# protocol of RESULTS.md (train on the first 5,000 images of ../shared/data/mnist, certify the
+# protocol of RESULTS.md (train on the first 5,000 images of the MNIST test split in $LINF_JAX_MNIST_DIR, certify the
 # last 5,000 at ε = 0.1 and 0.3): the 4 × 256 ℓ∞-dist Net of configs/mnist_local.py, batch 250,
 # 50 epochs, ε_train 0.45 pixels (both official MNIST ε = 0.3 scripts use 0.45), PGD-20.
 #   v1: zbh2047/L_inf-dist-net command/ell_inf_dist_net_mnist.sh, epochs 0,50,0,350,400 scaled
@@ -14,6 +14,8 @@
 #   bash experiments/v1_vs_v2.sh [runs-folder] [seeds]       (2-core CPU: ~5 minutes a run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+: "${LINF_JAX_MNIST_DIR:?set LINF_JAX_MNIST_DIR to the folder of the MNIST test-set IDX files (README, Data)}"
+export LINF_JAX_MNIST_DIR
 OUT=${1:-runs/v1_vs_v2}
 SEEDS=${2:-0}
 PY=${PYTHON:-.venv/bin/python}
