@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 from absl import flags
 
@@ -200,10 +199,7 @@ def command() -> None:
     """The ``linf-certify`` console command."""
     from linf_jax.cli import main_entry
 
-    main_module = sys.modules["__main__"]
-    if main_module is not sys.modules[__name__]:  # a console script: --helpshort lists our flags
-        flags.adopt_module_key_flags(sys.modules[__name__])
-    main_entry(main)
+    main_entry(main, flags_module=__name__)
 
 
 if __name__ == "__main__":

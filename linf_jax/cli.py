@@ -243,7 +243,7 @@ def print_kernels(choice: str | None = None) -> None:
         fail(_first_line(err))
 
 
-def main_entry(main) -> None:
+def main_entry(main, flags_module: str | None = None) -> None:
     """``if __name__ == "__main__": main_entry(main)``: absl's ``app.run`` with the one-line flag
     errors of :func:`parse_flags`; Ctrl-C outside training exits 130 without a traceback."""
     from absl import app
@@ -251,6 +251,11 @@ def main_entry(main) -> None:
     from linf_jax import host
 
     host.tune_allocator()  # XLA's CPU buffers off mmap (linf_jax/host.py)
+    module = sys.modules.get(flags_module) if flags_module else None
+    if module is not None and module is not sys.modules["__main__"]:
+        from absl import flags  # a console script: --helpshort lists the command's flags
+
+        flags.adopt_module_key_flags(module)
     try:
         app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:

@@ -158,10 +158,7 @@ def command() -> None:
     """The ``linf-train`` console command."""
     from linf_jax.cli import main_entry
 
-    main_module = sys.modules["__main__"]
-    if main_module is not sys.modules[__name__]:  # a console script: --helpshort lists our flags
-        flags.adopt_module_key_flags(sys.modules[__name__])
-    main_entry(main)
+    main_entry(main, flags_module=__name__)
 
 
 if __name__ == "__main__":
