@@ -171,11 +171,20 @@ def installed_wheel(tmp_path_factory):
     import subprocess
     import sysconfig
 
+    from filelock import FileLock
+
     root = tmp_path_factory.mktemp("pkg")
-    src, wheels, venv = root / "src", root / "wheels", root / "venv"
-    _copy_source(src)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
-                    str(src)], check=True, capture_output=True, timeout=600)
+    venv = root / "venv"
+    # One wheel for the whole session: the xdist workers share the folder above their own.
+    shared = tmp_path_factory.getbasetemp().parent / "linf_jax_wheel"
+    shared.mkdir(exist_ok=True)
+    with FileLock(str(shared / "lock")):
+        wheels = shared / "wheels"
+        if not any(wheels.glob("linf_jax-*.whl")):
+            _copy_source(shared / "src")
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                            str(wheels), str(shared / "src")], check=True, capture_output=True,
+                           timeout=600)
     wheel = next(wheels.glob("linf_jax-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")

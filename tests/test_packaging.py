@@ -27,13 +27,13 @@ def test_wheel_installs_commands_that_train_and_certify_a_preset(installed):
     where = _run([bin_dir / "python", "-c", "import linf_jax; print(linf_jax.__file__)"], work)
     assert where.returncode == 0 and str(REPO) not in where.stdout, where  # not the checkout
     train = _run([bin_dir / "linf-train", "--config", "default", "--workdir", work / "r",
-                  "--config.model.width=32", "--config.train.epochs=(0,1,1,2,2)",
-                  "--config.eval.pgd_steps=2", "--progress=false"], work)
+                  "--config.model.width=16", "--config.train.epochs=(0,1,1,2,2)",
+                  "--config.eval.pgd_steps=0", "--progress=false"], work)
     assert train.returncode == 0, train.stderr[-2000:]
     assert "certified" in train.stdout
     out = work / "r.json"
     cert = _run([bin_dir / "linf-certify", "--workdir", work / "r", "--eps", "0.1",
-                 "--output", out, "--pgd_steps=2", "--progress=false"], work)
+                 "--output", out, "--pgd_steps=0", "--progress=false"], work)
     assert cert.returncode == 0, cert.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["num_examples"] == 360 and result["results"][0]["eps"] == 0.1
