@@ -23,9 +23,9 @@ from linf_jax import certify, data, trainer
 from linf_jax import checkpoint as ckpt
 from linf_jax.classifier import load_classifier
 
-RESTARTS = int(os.environ.get("LINF_SOUNDNESS_RESTARTS", "8"))
+RESTARTS = int(os.environ.get("LINF_SOUNDNESS_RESTARTS", "4"))
 STEPS = 50
-RANDOM_DRAWS = 64  # random corners and random interior points, each
+RANDOM_DRAWS = 24  # random corners and random interior points, each
 
 
 # The models whose certificates are attacked: the pure net (EMA and raw weights), a net with an
@@ -42,7 +42,7 @@ CASES = [("pure", "ema"), ("pure", "raw"), ("mlp", "ema"), ("mlp-ensemble", "ema
          ("lenet", "ema"), ("lenet-ensemble", "ema")]
 # The pure net is attacked on 1000 test examples (all 360 of the digits) with RESTARTS restarts;
 # the other four on 240 examples with half the restarts, to keep the suite's time.
-EXAMPLES = {"pure": 1000}
+EXAMPLES = {"pure": 500}
 
 
 @pytest.fixture(scope="module")
