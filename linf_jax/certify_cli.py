@@ -62,12 +62,18 @@ def parse_eps(text: str) -> list[float]:
     return values
 
 
-def check_flags() -> tuple[list[float], str]:
-    """Validates every flag before anything is loaded: ``(eps, output path)``."""
+def _require_workdir() -> None:
     from linf_jax import cli
 
     if not _WORKDIR.value:
         cli.fail("--workdir is required (a run folder; repeat the flag to stack an ensemble)")
+
+
+def check_flags() -> tuple[list[float], str]:
+    """Validates every flag before anything is loaded: ``(eps, output path)``."""
+    from linf_jax import cli
+
+    _require_workdir()
     for name, flag in (("pgd_steps", _PGD_STEPS), ("pgd_restarts", _PGD_RESTARTS)):
         if flag.value < 0:
             cli.fail(f"--{name}={flag.value} is not allowed: an integer >= 0")
@@ -107,8 +113,7 @@ def run() -> dict:
         from linf_jax import cli
         from linf_jax.export import export_main
 
-        if not _WORKDIR.value:
-            cli.fail("--workdir is required (a run folder; repeat the flag to stack an ensemble)")
+        _require_workdir()
         cli.check_writable_file(_EXPORT.value, "--export")
         export_main(_WORKDIR.value, _WEIGHTS.value, _EXPORT.value)
         return {}

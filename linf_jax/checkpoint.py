@@ -74,10 +74,14 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, target: TrainState,
         restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         return flax.serialization.from_state_dict(target, restored)
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore: truncated, missing, other shapes
-        raise CheckpointError(
-            f"checkpoint step {step} in {mngr.directory} cannot be restored "
-            f"({_root_cause_line(err)}); allowed: a complete checkpoint of this model and config"
-        ) from None
+        raise _unrestorable(mngr, step, err) from None
+
+
+def _unrestorable(mngr: ocp.CheckpointManager, step: int, err: BaseException) -> CheckpointError:
+    """The one line for a checkpoint step that Orbax/TensorStore cannot read back."""
+    return CheckpointError(
+        f"checkpoint step {step} in {mngr.directory} cannot be restored "
+        f"({_root_cause_line(err)}); allowed: a complete checkpoint of this model and config")
 
 
 class WorkdirLock:
@@ -373,10 +377,7 @@ def load_variables(workdir: str, weights: str = "ema", step: int | None = None):
                 item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
                 partial_restore=True))
         except Exception as err:  # noqa: BLE001 - orbax/tensorstore: truncated, missing, shapes
-            raise CheckpointError(
-                f"checkpoint step {s} in {mngr.directory} cannot be restored "
-                f"({_root_cause_line(err)}); allowed: a complete checkpoint of this model and "
-                "config") from None
+            raise _unrestorable(mngr, s, err) from None
 
     chosen, restored = _restore_step(workdir, ckpt_dir, step, restore)
     params, bs = restored[keys[0]], restored[keys[1]]

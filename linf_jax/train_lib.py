@@ -362,29 +362,37 @@ def train_step(state: TrainState, images, labels, batch_idx, p_phase: str, *, mo
     return new_state, metrics
 
 
-def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict,
-                    mesh=None, state_sharding=None, donate: bool = False) -> Callable:
-    """:func:`train_step` bound to a run's config and jitted:
-    ``step_fn(state, images, labels, batch_idx, p_phase)``. With ``donate`` the input state's
-    buffers are reused for the output state (the training loop never reads a state it has passed
-    on), so a step holds one copy of parameters, Adam moments and EMA instead of two; callers
-    that step the same state twice keep it off. With a ``mesh`` the batch is constrained to its
-    ``data`` axis and the state keeps ``state_sharding``; the program is the global-batch
-    program either way."""
+def bind_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict,
+                    constrain: Callable | None = None) -> Callable:
+    """:func:`train_step` with everything a run's config fixes bound (``functools.partial``),
+    not jitted: ``step_fn(state, images, labels, batch_idx, p_phase)``, for the caller to jit
+    with ``static_argnames=("p_phase",)``."""
     execution = ensemble_lib.resolve_execution(config.ensemble.get("execution", "auto"),
                                                sharded=bool(config.ensemble.shard),
                                                training=True)
+    return functools.partial(
+        train_step, model=model, tx=tx, schedule=schedule, loss_fn=make_loss_fn(config),
+        prepare=make_prepare_fn(config, meta), pixel_std=float(meta["std"]),
+        ensemble=members(config), mode=config.ensemble.mode, execution=execution,
+        constrain=constrain)
+
+
+def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict,
+                    mesh=None, state_sharding=None, donate: bool = False) -> Callable:
+    """:func:`bind_train_step` jitted: ``step_fn(state, images, labels, batch_idx, p_phase)``.
+    With ``donate`` the input state's buffers are reused for the output state (the training
+    loop never reads a state it has passed on), so a step holds one copy of parameters, Adam
+    moments and EMA instead of two; callers that step the same state twice keep it off. With a
+    ``mesh`` the batch is constrained to its ``data`` axis and the state keeps
+    ``state_sharding``; the program is the global-batch program either way."""
 
     def constrain(x, y, member_axis: bool):
         sharding = parallel.batch_sharding(mesh, member_axis)
         return (jax.lax.with_sharding_constraint(x, sharding),
                 jax.lax.with_sharding_constraint(y, sharding))
 
-    step_fn = functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule, loss_fn=make_loss_fn(config),
-        prepare=make_prepare_fn(config, meta), pixel_std=float(meta["std"]),
-        ensemble=members(config), mode=config.ensemble.mode, execution=execution,
-        constrain=None if mesh is None else constrain)
+    step_fn = bind_train_step(config, model, tx, schedule, meta,
+                              constrain=None if mesh is None else constrain)
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(step_fn, static_argnames=("p_phase",), donate_argnums=donate_argnums)

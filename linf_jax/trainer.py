@@ -48,16 +48,16 @@ class TrainResult:
 
 
 class PeriodicAction:
-    """Calls ``action(step)`` on every ``every``-th step (steps counted from 0) and whenever
-    asked with ``force=True`` (the last step). CLU's ``periodic_actions`` are the model; CLU
-    itself imports TensorFlow, which linf-jax does not need."""
+    """Calls ``action(step, *args)`` on every ``every``-th step (steps counted from 0) and
+    whenever asked with ``force=True`` (the last step). CLU's ``periodic_actions`` are the
+    model; CLU itself imports TensorFlow, which linf-jax does not need."""
 
-    def __init__(self, every: int, action: Callable[[int], None]):
+    def __init__(self, every: int, action: Callable[..., None]):
         self.every, self.action = int(every), action
 
-    def __call__(self, step: int, force: bool = False) -> bool:
+    def __call__(self, step: int, *args, force: bool = False) -> bool:
         if force or step % self.every == 0:
-            self.action(step)
+            self.action(step, *args)
             return True
         return False
 
@@ -279,10 +279,7 @@ def _loop(run: _Run, state: TrainState, mngr, writer: MetricWriter, progress: bo
                     f"checkpoint (step {mngr.latest_step()}) is kept")
         return values
 
-    latest: dict = {}
-
-    def log(step: int) -> None:
-        values = latest["values"]
+    def log(step: int, values: dict) -> None:
         writer.write_scalars(step, {"epoch": step / steps_per_epoch,
                                     "time": round(time.time() - t0, 3), **values})
         bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}",
@@ -297,8 +294,7 @@ def _loop(run: _Run, state: TrainState, mngr, writer: MetricWriter, progress: bo
 
     def emit(step_metrics, last: bool = False):
         step, metrics = step_metrics
-        latest["values"] = checked(step, metrics)
-        log_action(step, force=last or step == total - 1)
+        log_action(step, checked(step, metrics), force=last or step == total - 1)
 
     try:
         with stop.installed():

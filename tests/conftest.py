@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny, fast training configuration on the embedded digits."""
 
-import functools
 import os
 import sys
 import tempfile
@@ -74,9 +73,7 @@ class StepSetup:
     def __init__(self, cfg, split=None, steps_per_epoch=10, adam_eps=1e-10):
         import jax
 
-        from linf_jax import config as config_lib
         from linf_jax import data as data_lib
-        from linf_jax import ensemble as ensemble_lib
         from linf_jax import train_lib, trainer
         from linf_jax.models import build_model
 
@@ -87,15 +84,11 @@ class StepSetup:
         self.model = build_model(cfg.model, self.meta["num_classes"])
         self.state = train_lib.create_train_state(cfg, self.model,
                                                   tuple(self.meta["input_shape"]), self.tx)
-        # The module-level train_step, bound and jitted here as the training loop's
-        # make_train_step does (tests call the real step, not a stand-in).
-        execution = ensemble_lib.resolve_execution(cfg.ensemble.get("execution", "auto"),
-                                                   training=True)
-        self.step = jax.jit(functools.partial(
-            train_lib.train_step, model=self.model, tx=self.tx, schedule=self.schedule,
-            loss_fn=train_lib.make_loss_fn(cfg), prepare=train_lib.make_prepare_fn(cfg, self.meta),
-            pixel_std=self.meta["std"], ensemble=config_lib.members(cfg),
-            mode=cfg.ensemble.mode, execution=execution), static_argnames=("p_phase",))
+        # The module-level train_step, bound to the config as the training loop binds it and
+        # jitted here (tests call the real step, not a stand-in).
+        bound = train_lib.bind_train_step(cfg, self.model, self.tx, self.schedule, self.meta)
+        assert bound.func is train_lib.train_step
+        self.step = jax.jit(bound, static_argnames=("p_phase",))
 
 
 def read_tensorboard_scalars(workdir) -> dict:
