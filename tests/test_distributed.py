@@ -9,7 +9,7 @@ import sys
 
 import jax
 import numpy as np
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, xla_flags
 
 from linf_jax import checkpoint as ckpt
 from linf_jax import trainer
@@ -34,7 +34,7 @@ def test_two_processes_train_like_one(tmp_path):
     workdir = str(tmp_path / "dist")
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()
     procs = []
     for pid in range(2):
         args = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", *FLAGS,
@@ -98,7 +98,7 @@ def test_sigterm_on_two_hosts_stops_both_at_one_step_and_resume_is_bit_identical
         procs = []
         port = _free_port()
         env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-        env.pop("XLA_FLAGS", None)
+        env["XLA_FLAGS"] = xla_flags()
         for pid in range(2):
             args = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}",
                     *flags, *longer, "--distributed", f"--coordinator_address=localhost:{port}",

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, StepSetup, hand_pgd_agrees_with_project_pgd, tiny_config
+from conftest import REPO, StepSetup, hand_pgd_agrees_with_project_pgd, tiny_config, xla_flags
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -158,7 +158,7 @@ SHARD_SCRIPT = os.path.join(os.path.dirname(__file__), "sharded_check.py")
 def test_sharding_over_four_host_devices_matches_one_device(tmp_path):
     """Data parallelism and member-axis sharding over 4 forced CPU devices give the parameters
     of one device; a checkpoint saved on 4 devices resumes on 2 (script: sharded_check.py)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
                PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, SHARD_SCRIPT, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=REPO)
