@@ -137,7 +137,15 @@ def how_decided() -> str:
 
 
 def _calibrated() -> tuple[dict[str, bool], str]:
+    """The cached decisions, else measured and cached. Processes on one machine take turns (a
+    lock file beside the calibration): one measures while the others wait and read its result,
+    so no timing runs against another's load and none is repeated."""
     path = _path()
+    with native.file_lock(path.with_suffix(".lock")):
+        return _read_or_measure(path)
+
+
+def _read_or_measure(path) -> tuple[dict[str, bool], str]:
     try:
         with open(path) as f:
             cached = json.load(f)

@@ -235,7 +235,58 @@ def test_cache_is_keyed_and_rebuilt_atomically(tmp_path, monkeypatch, capsys):
     mtime = first.stat().st_mtime_ns
     assert native._build(cxx) == first and first.stat().st_mtime_ns == mtime
     assert capsys.readouterr().out == ""  # cached: no build, no line
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+    # no temporary files left; the lock file that serialises builders across processes stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [first.name, first.with_suffix(".lock").name])
+
+
+def test_concurrent_builders_compile_once(tmp_path, monkeypatch):
+    """Builders that start together (the processes of a local multi-host run, the workers of a
+    test session) take turns through the lock file: one compiles, the others wait and load
+    its library. Threads stand in for processes (each opens the lock file, so the lock binds
+    them as it binds processes); the compiler is replaced by a slow fake."""
+    import threading
+    import time
+
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    calls, inside, overlap = [], [0], []
+
+    def fake_compile(cxx, target):
+        inside[0] += 1
+        overlap.append(inside[0] > 1)
+        calls.append(target)
+        time.sleep(0.3)
+        target.write_bytes(b"library")
+        inside[0] -= 1
+
+    monkeypatch.setattr(native, "_compile", fake_compile)
+    cxx = native._compiler()
+    results = [None] * 4
+
+    def build(i):
+        results[i] = native._build(cxx)
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and not any(overlap), (calls, overlap)
+    assert len(set(results)) == 1 and results[0].read_bytes() == b"library"
+
+    # Unlocked (file_lock a no-op, as where fcntl is missing) the same race compiles more than
+    # once: the test can fail.
+    import contextlib
+
+    monkeypatch.setattr(native, "file_lock", lambda path: contextlib.nullcontext())
+    results[0].unlink()
+    calls.clear()
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) > 1
 
 
 def test_partitionable_keeps_custom_calls_out_unless_asked(monkeypatch):

@@ -29,13 +29,17 @@ a variant compares with the XLA code depends on the machine (BENCHMARKS.md). So 
 (:mod:`linf_jax.calibration`); :func:`preferred` is the fixed rule used instead with
 ``LINF_JAX_CALIBRATION=off``: native only where the variant is ``avx512``.
 
-Writes are atomic (temporary file, then rename). If no compiler is found or the build fails,
+Writes are atomic (temporary file, then rename), and concurrent processes on one machine (the
+hosts of a local multi-process run, a test session's workers) take turns through a lock file
+beside the library: one builds, the others wait and load its result instead of each compiling
+the same library again (:func:`file_lock`). If no compiler is found or the build fails,
 :func:`available` is False, :func:`unavailable_reason` says why, a warning is issued once, and
 :mod:`linf_jax.ops` uses its XLA kernels, which give the same results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -157,6 +161,25 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock across processes on ``path`` (created if missing) for the ``with``
+    block; where the lock cannot be taken (no ``fcntl``, as on Windows, or a read-only folder)
+    the block runs unlocked, which costs only duplicate work: every write is atomic."""
+    try:
+        import fcntl
+        handle = open(path, "a")  # noqa: SIM115 - closed below
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build(cxx: str) -> Path:
     """Compiles linf_cpu.cc (once per source, compiler, flags, jaxlib and CPU) and returns the
     path of the shared library."""
@@ -181,6 +204,14 @@ def _build(cxx: str) -> Path:
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.with_suffix(".lock")):
+        if target.exists():  # built by another process while this one waited
+            return target
+        _compile(cxx, target)
+    return target
+
+
+def _compile(cxx: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     # One line before the compiler's silence (standard output: the command lines keep standard
@@ -197,7 +228,6 @@ def _build(cxx: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
 
 
 def _load() -> bool:
