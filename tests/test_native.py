@@ -618,6 +618,41 @@ def test_first_calibration_inside_a_trace_times_concrete_arrays(monkeypatch, tmp
     assert set(calibration.decisions()) == set(calibration.FAMILIES)
 
 
+def test_processes_that_start_together_calibrate_once(monkeypatch, tmp_path):
+    """Calibrations that start together take turns through a lock file beside the cache: one
+    measures (so no timing runs against another's load), the others read its decisions.
+    Threads stand in for processes (each opens the lock file itself)."""
+    import threading
+    import time
+
+    monkeypatch.setattr(calibration, "_path", lambda: tmp_path / "lib.calibration.json")
+    calls, inside, overlap = [], [0], []
+
+    def measure(rounds=calibration.ROUNDS):
+        inside[0] += 1
+        overlap.append(inside[0] > 1)
+        calls.append(rounds)
+        time.sleep(0.3)
+        inside[0] -= 1
+        return {f: {"native_ms": 1.0, "xla_ms": 2.0 if f == "linf" else 0.5}
+                for f in calibration.FAMILIES}
+
+    monkeypatch.setattr(calibration, "measure", measure)
+    got = [None] * 4
+
+    def run(i):
+        got[i] = calibration._calibrated()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and not any(overlap), (calls, overlap)
+    assert sorted(how for _, how in got) == ["cached"] * 3 + ["measured"]
+    assert all(d == {"linf": True, "lp": False, "bounds": False, "decay": False} for d, _ in got)
+
+
 def test_calibration_decides_per_family_caches_and_dispatches(monkeypatch, tmp_path, capsys):
     """Measured faster native for ℓ∞ and the bounds, slower for ℓp and the decay: auto takes the
     native kernels for the first two only; the decision is written once, read back, announced
