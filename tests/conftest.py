@@ -31,6 +31,13 @@ os.environ.setdefault(
     "LINF_JAX_CACHE", os.path.join(tempfile.gettempdir(),
                                    f"linf_jax_test_native-{getattr(os, 'getuid', lambda: 0)()}"))
 
+# Which kernels "auto" runs follows the fixed instruction-set rule in the test session (native on
+# AVX-512 CPUs, the XLA code elsewhere; README, LINF_JAX_CALIBRATION) instead of a timing taken
+# while the suite loads both cores: the kernels under test are then the same on every run of
+# one machine, and the session spends no time calibrating. The calibration itself is tested on
+# its own (tests/test_native.py clears this variable there).
+os.environ.setdefault("LINF_JAX_CALIBRATION", "off")
+
 # XLA spends most of the suite's time compiling small programs that then run for milliseconds.
 # This flag has LLVM generate their machine code at -O0: the same functions (XLA's HLO passes
 # still run, no fast-math), at most rounding-level different from the default code (whether a
