@@ -18,7 +18,13 @@ machine slows both alike. The decision is cached next to the native library
 (``*.calibration.json``: the times, the decisions, the CPU), printed once in one line, and
 overridable: ``LINF_JAX_KERNELS=native`` or ``xla`` forces one for every pass, and
 ``LINF_JAX_CALIBRATION=off`` skips the timing and uses the instruction-set rule of
-:func:`linf_jax.native.preferred` (native on AVX-512 CPUs only).
+:func:`linf_jax.native.preferred` (native on AVX-512 CPUs only); ``LINF_JAX_CALIBRATION=native``
+skips it and takes the native kernels for every pass wherever they build. Unlike
+``LINF_JAX_KERNELS=native``, ``native`` here still falls back to the XLA code where the kernels
+cannot be built and still leaves multi-device programs to the XLA code
+(:func:`linf_jax.ops.partitionable`): a fixed choice for continuous integration and test suites,
+whose many small programs compile several times faster with the native custom calls than with
+the XLA code's unrolled scans, on every CPU kind.
 """
 
 from __future__ import annotations
@@ -111,15 +117,32 @@ def _write_atomic(path, payload: dict) -> None:
             os.unlink(tmp)
 
 
+CALIBRATION_MODES = ("on", "off", "native")
+
+
+def calibration_mode() -> str:
+    """``LINF_JAX_CALIBRATION``: ``'on'`` (unset: measure), ``'off'`` (the instruction-set rule)
+    or ``'native'`` (no timing: every pass native wherever the kernels build; the XLA code
+    where they do not). A value outside these is a one-line ``ValueError``."""
+    mode = os.environ.get(CALIBRATION_ENV, "").strip().lower() or "on"
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(f"{CALIBRATION_ENV}={mode!r} is not one of "
+                         f"{', '.join(map(repr, CALIBRATION_MODES))} (or unset)")
+    return mode
+
+
 def decisions() -> dict[str, bool]:
     """``{family: True if auto runs it native}`` on this machine and build (cached in memory,
     and on disk beside the library); all False where the native kernels are unavailable."""
     with _lock:
         if "decisions" in _state:
             return _state["decisions"]
-        if os.environ.get(CALIBRATION_ENV, "").strip().lower() == "off":
-            use = native.preferred()[0]  # decided before any build
-            how = "unavailable" if use and not native.available() else "instruction-set rule"
+        mode = calibration_mode()
+        if mode in ("off", "native"):
+            # decided before any build
+            use = native.preferred()[0] if mode == "off" else True
+            rule = "instruction-set rule" if mode == "off" else f"{CALIBRATION_ENV}=native"
+            how = "unavailable" if use and not native.available() else rule
             result = dict.fromkeys(FAMILIES, use and how != "unavailable")
         elif not native.available():
             result, how = dict.fromkeys(FAMILIES, False), "unavailable"
@@ -130,8 +153,8 @@ def decisions() -> dict[str, bool]:
 
 
 def how_decided() -> str:
-    """``'measured'``, ``'cached'`` (measured earlier), ``'instruction-set rule'`` or
-    ``'unavailable'``."""
+    """``'measured'``, ``'cached'`` (measured earlier), ``'instruction-set rule'``,
+    ``'LINF_JAX_CALIBRATION=native'`` or ``'unavailable'``."""
     decisions()
     return _state["how"]
 

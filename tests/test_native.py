@@ -504,6 +504,44 @@ def test_instruction_set_rule_without_calibration(monkeypatch, machine, flags, w
     assert ops.kernels_line() == "kernels: XLA (cpu)"
 
 
+@pytest.mark.parametrize("builds", [True, False])
+def test_calibration_native_takes_every_pass_native_where_the_kernels_build(monkeypatch, builds):
+    """``LINF_JAX_CALIBRATION=native`` (the test suite's setting): no timing and no
+    instruction-set rule — every pass native on an AVX2-only CPU too, as the kernels line says;
+    where the kernels cannot be built, the XLA code and the reason. Sharded programs still get
+    the XLA code (the partitioner cannot split a custom call), and an unknown value is a
+    one-line error naming the allowed ones."""
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    monkeypatch.delenv(native.ISA_ENV, raising=False)
+    monkeypatch.setenv(calibration.CALIBRATION_ENV, "Native")
+    monkeypatch.setattr(calibration, "_state", {})
+    monkeypatch.setattr(native, "_cpu_flags", lambda: AVX2_FLAGS)
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native, "available", lambda: builds)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found")
+    timed = []
+    monkeypatch.setattr(calibration, "measure", lambda *a, **k: timed.append(1) or {})
+    assert native.preferred()[0] is False  # the rule alone would take the XLA code here
+    if builds:
+        assert calibration.decisions() == dict.fromkeys(calibration.FAMILIES, True)
+        assert ops.kernel_backend() == "native"
+        assert ops.kernels_line() == ("kernels: native kernels for linf, lp, bounds, decay "
+                                      "(native CPU build avx2; LINF_JAX_CALIBRATION=native)")
+        with ops.use_kernels(None):
+            assert ops.partitionable(ops.kernel_backend)() == "xla"
+    else:
+        assert calibration.decisions() == dict.fromkeys(calibration.FAMILIES, False)
+        assert ops.kernel_backend() == "xla"
+        assert ops.kernels_line() == ("kernels: XLA (cpu; the native kernels are unavailable: "
+                                      "no C++ compiler found)")
+    assert not timed
+    monkeypatch.setattr(calibration, "_state", {})
+    monkeypatch.setenv(calibration.CALIBRATION_ENV, "fast")
+    with pytest.raises(ValueError, match="LINF_JAX_CALIBRATION='fast' is not one of 'on', "
+                                         "'off', 'native' \\(or unset\\)"):
+        calibration.decisions()
+
+
 def test_isa_choice_is_checked(monkeypatch):
     monkeypatch.setattr(native, "_cpu_flags", lambda: AVX2_FLAGS)
     monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
