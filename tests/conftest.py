@@ -104,8 +104,10 @@ def init_with_running_means(cfg, shape, seed=0, num_classes=10):
 
     model = build_model(cfg, num_classes)
     x = jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-    v = model.init(jax.random.key(seed), x, p=8.0, train=True)
-    _, upd = model.apply(v, x, p=8.0, train=True, mutable=["batch_stats"])
+    # jitted: one compilation each instead of one per operation of an eager pass
+    v = jax.jit(lambda key, x: model.init(key, x, p=8.0, train=True))(jax.random.key(seed), x)
+    _, upd = jax.jit(lambda v, x: model.apply(v, x, p=8.0, train=True,
+                                              mutable=["batch_stats"]))(v, x)
     return model, {**v, **upd}
 
 

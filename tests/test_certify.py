@@ -35,8 +35,10 @@ def test_no_attack_breaks_a_certified_example(kind):
     model, v = _model(CASES[kind], shape, seed=0)
     x, y = _data(shape, 1, model, v)
     logits_fn = jax.jit(lambda z: model.apply(v, z))  # one compile for the 40 probes below
-    margins_fn = lambda lo, hi, yy: model.apply(v, lo, hi, yy, method="certify_margins")
+    margins_fn = jax.jit(lambda lo, hi, yy: model.apply(v, lo, hi, yy, method="certify_margins"))
     lo, hi = -1.0, 1.0
+    attack = jax.jit(lambda key, eps: certify.pgd_attack(logits_fn, key, x, y, eps, lo, hi,
+                                                         steps=40, restarts=4))
     # radii chosen around the data's margins so that some, not all, examples certify
     radius = np.asarray(certify.certified_radius(logits_fn(x), y))
     eps_list = tuple(float(e) for e in np.quantile(radius[radius > 0], [0.3, 0.7]))
@@ -47,8 +49,7 @@ def test_no_attack_breaks_a_certified_example(kind):
     for i, eps in enumerate(eps_list):
         cert = np.asarray(out["certified"][i])
         # PGD with several restarts never fools a certified example
-        _, fooled = certify.pgd_attack(logits_fn, jax.random.key(10 + i), x, y, eps, lo, hi,
-                                       steps=40, restarts=4)
+        _, fooled = attack(jax.random.key(10 + i), eps)
         assert not np.any(cert & np.asarray(fooled))
         # nor do random corners of the (clipped) box or random points inside it
         b_lo, b_hi = certify.input_box(x, eps, lo, hi)

@@ -56,8 +56,9 @@ def test_interval_bounds_contain_every_sampled_point_and_corner(kind):
     y = jnp.asarray(rng.integers(0, 10, size=shape[0]))
     eps = 0.2
     lo, hi = x - eps, x + eps
-    box = model.apply(v, lo, hi, method="logit_bounds")
-    margins = model.apply(v, lo, hi, y, method="certify_margins")
+    box = jax.jit(lambda lo, hi: model.apply(v, lo, hi, method="logit_bounds"))(lo, hi)
+    margins = jax.jit(lambda lo, hi, y: model.apply(v, lo, hi, y, method="certify_margins"))(
+        lo, hi, y)
     f = jax.jit(lambda z: model.apply(v, z))
     samples = [rng.uniform(-eps, eps, size=shape) for _ in range(30)]
     samples += [eps * rng.choice([-1.0, 1.0], size=shape) for _ in range(30)]  # random corners
@@ -186,8 +187,9 @@ def test_mlp_head_trunk_is_the_official_feature_trunk(kind):
     assert sorted(k for k in stats if k.startswith("norms_")) == [
         d.replace("dists", "norms") for d in dists]
     x = jnp.asarray(np.random.default_rng(4).normal(size=(256, *shape[1:])), jnp.float32)
-    h = model.apply(v, x, p=8.0, train=True, mutable=["batch_stats"],
-                    method=lambda m, x, p, train: m.fc1(_flat(m.trunk(x, p, train))))[0]
+    h = jax.jit(lambda v, x: model.apply(
+        v, x, p=8.0, train=True, mutable=["batch_stats"],
+        method=lambda m, x, p, train: m.fc1(_flat(m.trunk(x, p, train))))[0])(v, x)
     saturated = float((np.abs(np.tanh(np.asarray(h))) > 0.99).mean())
     assert saturated < 0.2, saturated
     pure, vp = init_with_running_means(MODELS["pure"][0], MODELS["pure"][1], seed=3)
