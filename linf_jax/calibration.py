@@ -23,8 +23,8 @@ skips it and takes the native kernels for every pass wherever they build. Unlike
 ``LINF_JAX_KERNELS=native``, ``native`` here still falls back to the XLA code where the kernels
 cannot be built and still leaves multi-device programs to the XLA code
 (:func:`linf_jax.ops.partitionable`): a fixed choice for continuous integration and test suites,
-whose many small programs compile several times faster with the native custom calls than with
-the XLA code's unrolled scans, on every CPU kind.
+whose many small programs compile faster with the native custom calls than with the XLA code's
+unrolled scans, on every CPU kind (BENCHMARKS.md, "Test suite time").
 """
 
 from __future__ import annotations
@@ -139,9 +139,9 @@ def decisions() -> dict[str, bool]:
             return _state["decisions"]
         mode = calibration_mode()
         if mode in ("off", "native"):
-            # decided before any build
-            use = native.preferred()[0] if mode == "off" else True
-            rule = "instruction-set rule" if mode == "off" else f"{CALIBRATION_ENV}=native"
+            # no timing; the rule is decided from the instruction set, before any build
+            use, rule = ((native.preferred()[0], "instruction-set rule") if mode == "off"
+                         else (True, f"{CALIBRATION_ENV}=native"))
             how = "unavailable" if use and not native.available() else rule
             result = dict.fromkeys(FAMILIES, use and how != "unavailable")
         elif not native.available():

@@ -35,7 +35,7 @@ os.environ.setdefault(
 # wherever they build (LINF_JAX_CALIBRATION=native; linf_jax/calibration.py), on every CPU kind,
 # instead of a timing taken while the suite loads both cores. The suite is dominated by
 # compiling many small programs that then run for milliseconds, and a program with the native
-# custom calls compiles several times faster than one with the XLA code's unrolled scans: on a
+# custom calls compiles faster than one with the XLA code's unrolled scans: on a
 # 2-core Xeon with the AVX-512 path disabled (AVX2 simulation), a tiny train.py run took 22.5 s
 # of CPU native and 36.8 s with the XLA code, and the whole suite 30 min with the XLA code. The
 # XLA code is still tested wherever it runs for users: against float64 and the native kernels

@@ -287,8 +287,8 @@ def test_joint_and_independent_steps_take_different_gradients(mode):
 
     # jitted: one compilation each instead of one per operation of an eager pass
     joint, summed = jax.jit(joint), jax.jit(summed)
-    norm = jax.jit(lambda g: jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree.leaves(g))))
-    norm = (lambda f: lambda g: float(f(g)))(norm)
+    global_norm = jax.jit(lambda g: jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree.leaves(g))))
+    norm = lambda g: float(global_norm(g))
     grad_joint = jax.jit(jax.grad(joint))(state.params)
     grad_members = jax.jit(jax.grad(summed))(state.params)
     g_joint, g_members = norm(grad_joint), norm(grad_members)
