@@ -207,15 +207,21 @@ def check_writable_file(path: str, field: str) -> None:
              "writable folder")
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from linf_jax.classifier import InputError
-    from linf_jax.config import CheckpointError, ConfigError, TrainingError
-    from linf_jax.data import DataError
-    from linf_jax.ensemble import EnsembleError
-    from linf_jax.export import ExportError
+# The user-error types of modules that import JAX, by module: (module, class name).
+_HEAVY_USER_ERRORS = (("linf_jax.data", "DataError"), ("linf_jax.ensemble", "EnsembleError"),
+                      ("linf_jax.classifier", "InputError"), ("linf_jax.export", "ExportError"))
 
-    return (ConfigError, DataError, EnsembleError, CheckpointError, InputError, TrainingError,
-            ExportError,
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that are a user's mistake (one line, no traceback). The types of
+    modules not imported yet are left out rather than imported (which would import JAX while a
+    config error is being reported): an error of a module never imported cannot have been
+    raised."""
+    from linf_jax.config import CheckpointError, ConfigError, TrainingError
+
+    heavy = tuple(getattr(sys.modules[m], name) for m, name in _HEAVY_USER_ERRORS
+                  if m in sys.modules)
+    return (ConfigError, CheckpointError, TrainingError, *heavy,
             PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             FileExistsError)
 

@@ -14,14 +14,22 @@ from __future__ import annotations
 import math
 import os
 
-import jax
 import ml_collections
 
-from linf_jax import data as data_lib
-from linf_jax import ensemble as ensemble_lib
-from linf_jax import ops
-from linf_jax.models import build_model
-from linf_jax.schedules import FAMILIES
+# This module imports neither JAX nor Flax at the top: train.py validates a config before
+# anything heavy is imported, so a mistake in a field is reported in a fraction of a second
+# (only the model section is checked by building the model, with Flax, after every other field).
+# The allowed values of the fields that the modules behind them also check live here, with the
+# schema, and those modules import them from here.
+
+#: config.kernels (linf_jax.ops.use_kernels).
+KERNEL_CHOICES = ("native", "xla", "pallas", "auto")
+#: config.train.schedule: how train.epochs is read (linf_jax.schedules).
+FAMILIES = ("v1", "v2")
+#: config.train.crop_mode (linf_jax.data.crop_flip).
+CROP_MODES = ("zeros", "edge")
+#: config.ensemble.execution (linf_jax.ensemble.resolve_execution).
+EXECUTIONS = ("auto", "batched", "sequential")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -186,8 +194,8 @@ def validate_config(config) -> None:
     t = config.train
     _require(isinstance(config.seed, int) and not isinstance(config.seed, bool), "seed",
              config.seed, "an integer")
-    _require(config.get("kernels", "auto") in ops.KERNEL_CHOICES, "kernels",
-             config.get("kernels"), f"one of {', '.join(ops.KERNEL_CHOICES)}")
+    _require(config.get("kernels", "auto") in KERNEL_CHOICES, "kernels",
+             config.get("kernels"), f"one of {', '.join(KERNEL_CHOICES)}")
     _require(isinstance(t.get("deterministic", False), bool), "train.deterministic",
              t.get("deterministic"), "True or False")
     for f in ("source", "train_split", "test_split"):
@@ -244,8 +252,8 @@ def validate_config(config) -> None:
                  f"> 0 with train.lam_start={t.lam_start} (λ moves geometrically, lam_start · "
                  "(lam_end/lam_start)^r, which is undefined when only one of them is 0), or "
                  "both 0 (no cross-entropy term)")
-    _require(t.get("crop_mode", "zeros") in data_lib.CROP_MODES, "train.crop_mode",
-             t.get("crop_mode"), f"one of {data_lib.CROP_MODES}")
+    _require(t.get("crop_mode", "zeros") in CROP_MODES, "train.crop_mode",
+             t.get("crop_mode"), f"one of {CROP_MODES}")
     pad = t.get("crop_padding")
     _require(pad is None or (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0),
              "train.crop_padding", pad, "None (the data set's) or an integer >= 0")
@@ -265,9 +273,11 @@ def validate_config(config) -> None:
     _require(isinstance(e.size, int) and e.size >= 1, "ensemble.size", e.size,
              "a positive integer")
     _require(e.mode in ENSEMBLE_MODES, "ensemble.mode", e.mode, f"one of {ENSEMBLE_MODES}")
-    _require(e.get("execution", "auto") in ensemble_lib.EXECUTIONS, "ensemble.execution",
-             e.get("execution"), f"one of {ensemble_lib.EXECUTIONS}")
+    _require(e.get("execution", "auto") in EXECUTIONS, "ensemble.execution",
+             e.get("execution"), f"one of {EXECUTIONS}")
     validate_eval_config(config.eval)
+    from linf_jax.models import build_model  # Flax: only once every other field is valid
+
     try:
         build_model(config.model, 2)
     except ValueError as err:
@@ -309,6 +319,8 @@ def request_determinism(config) -> None:
 
 
 def check_determinism(config) -> None:
+    import jax
+
     if (config.train.get("deterministic", False) and jax.default_backend() == "gpu"
             and DETERMINISTIC_FLAG not in os.environ.get("XLA_FLAGS", "")):
         raise ConfigError(

@@ -78,6 +78,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from linf_jax.config import CROP_MODES
+
 __all__ = [
     "AUGMENTATIONS",
     "DataError",
@@ -94,7 +96,6 @@ __all__ = [
 AUGMENTATIONS = ("none", "mnist", "cifar")
 # The crop padding of each data set kind (the v1 code's: MNIST-like 1, CIFAR-like 4).
 DEFAULT_PADDING = {"none": 0, "mnist": 1, "cifar": 4}
-CROP_MODES = ("zeros", "edge")
 
 # Computed once from all 1,797 scikit-learn digits, pixel units (value / 16).
 DIGITS_MEAN = 0.30526029

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from linf_jax.config import EXECUTIONS
+
 
 class EnsembleError(ValueError):
     """Members that cannot be stacked (different architectures or shapes)."""
@@ -62,8 +64,6 @@ def unstack(stacked: Any) -> list[Any]:
     """Inverse of :func:`stack`."""
     return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(size(stacked))]
 
-
-EXECUTIONS = ("auto", "batched", "sequential")
 
 
 def resolve_execution(execution: str = "auto", sharded: bool = False,

@@ -53,8 +53,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from linf_jax.config import FAMILIES
+
 INF = float("inf")
-FAMILIES = ("v1", "v2")
 V2_INF_MIN_P_END = 100.0  # v2 switches to p = ∞ at pe only when p_end >= 100 (main.py)
 
 

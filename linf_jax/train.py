@@ -113,9 +113,7 @@ def main(argv) -> None:
         cli.fail("--coordinator_address, --num_processes and --process_id are only allowed "
                  "with --distributed")
     config = cli.load_config(_CONFIG)
-    from linf_jax import checkpoint as ckpt
-    from linf_jax import config as config_lib
-    from linf_jax import trainer
+    from linf_jax import config as config_lib  # no JAX yet: a bad field fails fast
 
     if _PRINT_CONFIG.value:
         cli.run_guarded(config_lib.validate_config, config)
@@ -127,8 +125,12 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or os.path.join("runs", name)
     cli.check_writable_dir(workdir, "--workdir")
 
-    # Every check that needs no training data runs before anything is written.
+    # Every check that needs no training data runs before anything is written; the config's
+    # before JAX, Flax and Orbax are imported.
     cli.run_guarded(config_lib.validate_config, config)
+    from linf_jax import checkpoint as ckpt
+    from linf_jax import trainer
+
     cli.run_guarded(ckpt.check_resume, config, workdir)
     cli.print_kernels(config_lib.kernels_choice(config))
     created = not os.path.exists(workdir)

@@ -21,10 +21,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from linf_jax import calibration, native
+from linf_jax.config import KERNEL_CHOICES
 
 KERNELS_ENV = "LINF_JAX_KERNELS"
-
-KERNEL_CHOICES = ("native", "xla", "pallas", "auto")
 
 _override = threading.local()
 
