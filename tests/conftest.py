@@ -13,15 +13,21 @@ if REPO not in sys.path:
 # One persistent XLA compilation cache for the test session, shared by the pytest-xdist workers
 # and by the train.py / certify.py subprocesses the tests start (they inherit the environment;
 # JAX reads these variables when it is imported, which is after this file). The suite compiles
-# the same tiny programs many times over (every tiny run, every command-line case); a cache hit
+# the same programs many times over (every tiny run, every command-line case); a cache hit
 # loads the executable XLA compiled for the identical program, flags and devices, so no result
 # changes, only the time. The size limit turns on JAX's file lock, which makes the workers'
-# reads and writes of an entry atomic. LINF_JAX_TEST_XLA_CACHE=0 turns it off.
+# reads and writes of an entry atomic; it also has every write list and stat the whole cache
+# folder (JAX's LRU eviction), ~60 us per entry, so the cost of the writes grows with the square
+# of the entries. Only programs that took at least 0.2 s to compile are written: in a tiny
+# train.py run 7 of the 18 programs, 6.6 of its 7.3 s of compilation. Caching every program
+# left 2,226 entries after one cold run of the suite (2,052 of them under 1 s); a write then
+# took 0.135 s to list the folder, an estimated ~150 s of CPU over the run.
+# LINF_JAX_TEST_XLA_CACHE=0 turns the cache off.
 if os.environ.get("LINF_JAX_TEST_XLA_CACHE", "1") != "0":
     _user = os.getuid() if hasattr(os, "getuid") else "user"
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                           os.path.join(tempfile.gettempdir(), f"linf_jax_test_xla_cache-{_user}"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
@@ -59,6 +65,13 @@ TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
 if os.environ.get("LINF_JAX_TEST_FAST_COMPILE", "1") != "0":
     if TEST_XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAG).strip()
+
+# The test processes get the allocator settings train.py and certify.py start with
+# (linf_jax/host.py: XLA's buffers kept off mmap). Back to back, test_schedules_losses_optim.py
+# and test_models.py took 68.4 and 68.2 s of CPU with them, 71.5 and 73.6 s without.
+from linf_jax import host  # noqa: E402 - after the environment above
+
+host.tune_allocator()
 
 
 def xla_flags(*extra):
