@@ -296,6 +296,29 @@ def test_good_command_still_works(env, tmp_path):
     assert out.exists()
 
 
+def test_config_mistakes_are_reported_before_jax_is_imported(tmp_path):
+    """A bad config field ends train.py before JAX or Flax is imported (a fraction of a second,
+    not the ~2 s of those imports), and ``import linf_jax`` imports neither until a name of the
+    package is used."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['train.py', '--workdir={tmp_path}/run', '--config.train.eps_train=-1']\n"
+        "try:\n"
+        f"    runpy.run_path({os.path.join(REPO, 'train.py')!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code, 'jax' in sys.modules, 'flax' in sys.modules)\n"
+        "import linf_jax\n"
+        "print('package', 'jax' in sys.modules)\n"
+        "from linf_jax import dist, load_classifier\n"
+        "print('names', callable(dist), callable(load_classifier), 'flax' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=240, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.stdout.splitlines() == ["exit 2 False False", "package False",
+                                        "names True True True"], proc.stdout + proc.stderr
+    assert proc.stderr.strip().startswith("error: config.train.eps_train=-1"), proc.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
 # ---------------------------------------------------------------------------------------------
 # The Python API: one-line errors of the library's own types
 
