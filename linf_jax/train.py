@@ -125,8 +125,8 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or os.path.join("runs", name)
     cli.check_writable_dir(workdir, "--workdir")
 
-    # Every check that needs no training data runs before anything is written; the config's
-    # before JAX, Flax and Orbax are imported.
+    # Every check that needs no training data runs before anything is written; the config is
+    # checked before JAX, Flax and Orbax are imported.
     cli.run_guarded(config_lib.validate_config, config)
     from linf_jax import checkpoint as ckpt
     from linf_jax import trainer

@@ -74,11 +74,12 @@ from linf_jax import host  # noqa: E402 - after the environment above
 host.tune_allocator()
 
 
-def xla_flags(*extra):
+def xla_flags(*extra, drop=()):
     """XLA_FLAGS for a subprocess: the session's flags without a forced host device count (a
-    subprocess picks its own), plus ``extra``."""
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
-            if not f.startswith("--xla_force_host_platform_device_count")]
+    subprocess picks its own) and without the flags starting with a prefix in ``drop``, plus
+    ``extra``."""
+    prefixes = ("--xla_force_host_platform_device_count", *drop)
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(prefixes)]
     return " ".join([*kept, *extra])
 
 

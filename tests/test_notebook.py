@@ -16,7 +16,7 @@ import time
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import REPO, TEST_XLA_FLAG
+from conftest import REPO, TEST_XLA_FLAG, xla_flags
 
 from linf_jax import plots
 
@@ -72,7 +72,7 @@ def executed(tmp_path_factory, installed_wheel):
     # (depth 4, width 128, 18 epochs, then two members) runs long enough for optimised code to
     # pay. Measured on a 2-core Xeon (AVX2 simulation), back to back: 112 s with -O0, 99 s
     # without (173 and 139 s of CPU).
-    xla = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f != TEST_XLA_FLAG)
+    xla = xla_flags(drop=(TEST_XLA_FLAG,))
     env = {"LINF_JAX_NOTEBOOK_QUICK": "1", "LINF_JAX_NOTEBOOK_OUT": str(out),
            "LINF_JAX_NOTEBOOK_INSTALL": "1", "LINF_JAX_SOURCE": str(wheel),
            "JUPYTER_PATH": str(kernels), "PYTHONPATH": None, "XLA_FLAGS": xla or None}
