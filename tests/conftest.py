@@ -227,8 +227,11 @@ def installed_wheel(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pkg")
     venv = root / "venv"
-    # One wheel for the whole session: the xdist workers share the folder above their own.
-    shared = tmp_path_factory.getbasetemp().parent / "linf_jax_wheel"
+    # One wheel for the whole session: the xdist workers share the folder above their own
+    # (pytest-N/popen-gwK); a run without xdist uses its own pytest-N, never a folder that an
+    # earlier session (an older checkout) left a wheel in.
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "linf_jax_wheel"
     shared.mkdir(exist_ok=True)
     with FileLock(str(shared / "lock")):
         wheels = shared / "wheels"
