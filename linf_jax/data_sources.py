@@ -37,12 +37,40 @@ from linf_jax.data_arrays import (
 # digits
 
 
-def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from sklearn.datasets import load_digits
+def _digits_file() -> str | None:
+    """The digits file scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``), found
+    without importing scikit-learn; None where it is not there."""
+    spec = importlib.util.find_spec("sklearn")  # a top-level package: found, not imported
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            return path
+    return None
 
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[..., None]
-    y = d.target.astype(np.int32)
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """``(images [1797, 8, 8] float64 in 0..16, labels [1797])``: scikit-learn's digits.
+
+    Parsed from the file scikit-learn ships as its ``load_digits`` parses it (comma-separated,
+    64 pixels then the label per row), because importing scikit-learn (and the SciPy modules it
+    imports) takes ~1 s of CPU, in every train.py and certify.py process on the digits; the
+    values are scikit-learn's own (tests/test_data.py compares them). Where the file is not
+    found (another layout of scikit-learn), ``sklearn.datasets.load_digits``."""
+    path = _digits_file()
+    if path is None:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+
+
+def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    images, target = digits_arrays()
+    x = (images.astype(np.float32) / 16.0)[..., None]
+    y = target.astype(np.int32)
     perm = np.random.default_rng(0).permutation(len(y))
     tr, te = perm[:DIGITS_NUM_TRAIN], perm[DIGITS_NUM_TRAIN:]
     return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}

@@ -5,12 +5,15 @@ import gzip
 import importlib.util
 import os
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import REPO
 
 from linf_jax import data
 from linf_jax.data import DataError
@@ -90,6 +93,29 @@ def test_digits_disjoint_and_whole_set(digits):
     perm = np.random.default_rng(0).permutation(1797)
     np.testing.assert_array_equal(train.labels, raw.target[perm[:1437]])
     np.testing.assert_array_equal(test.images[..., 0], raw.images[perm[1437:]] / 16.0)
+
+
+def test_digits_are_scikit_learns_without_importing_it(monkeypatch):
+    """The digits file is parsed to exactly what ``sklearn.datasets.load_digits`` returns, in a
+    process that never imports scikit-learn (or SciPy); without the file, scikit-learn's loader
+    gives the same arrays."""
+    from sklearn.datasets import load_digits
+
+    from linf_jax import data_sources
+
+    raw = load_digits()
+    for path in (data_sources._digits_file(), None):
+        assert path is None or path.endswith("digits.csv.gz")
+        monkeypatch.setattr(data_sources, "_digits_file", lambda p=path: p)
+        images, target = data_sources.digits_arrays()
+        np.testing.assert_array_equal(images, raw.images)
+        np.testing.assert_array_equal(target, raw.target)
+        assert images.dtype == raw.images.dtype and images.shape == (1797, 8, 8)
+    code = ("import sys; from linf_jax import data; d = data.load('digits', 'train[:10]'); "
+            "print(len(d), [m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["10", "[]"], out.stderr[-2000:]
 
 
 def test_digits_split_is_fixed(digits):
