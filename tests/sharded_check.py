@@ -1,8 +1,8 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=4 (tests/test_ensemble.py).
 
 Trains tiny configs on 1 device and on 4 devices (data parallel; an independent ensemble with
-its member axis sharded), and resumes a 4-device checkpoint on 2 devices; prints one JSON line
-with the largest parameter difference of each case against the 1-device run.
+its member axis sharded), and resumes a 4-device checkpoint on 2 devices (first phase); prints one
+JSON line with the largest parameter difference of each case against the 1-device run.
 """
 
 import json
@@ -46,7 +46,10 @@ def main(root):
         one = run(cfg(epochs, **{"parallel.num_devices": 1}), f"{root}/{name}1", max_steps=6)
         four = run(cfg(epochs, **{"parallel.num_devices": 4}), f"{root}/{name}4", max_steps=6)
         out["max_abs_diff"][f"data_parallel_4_{name}"] = diff(one, four)
-        # a checkpoint written from 4 devices resumes on 2
+        if name != "p8":
+            continue
+        # a checkpoint written from 4 devices resumes on 2 (restoring and resharding do not
+        # depend on the p phase: checked in the first one only)
         run(cfg(epochs, **{"parallel.num_devices": 4}), f"{root}/{name}m", max_steps=3)
         moved = run(cfg(epochs, **{"parallel.num_devices": 2}), f"{root}/{name}m", max_steps=3)
         assert int(moved.state.step) == 6
