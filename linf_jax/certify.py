@@ -23,11 +23,13 @@ safety margin ``tol`` beyond the exact condition (``margin > 2ε + tol`` for the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.tree_util import Partial
 
 Array = jax.Array
 DEFAULT_TOL = 1e-4
@@ -195,6 +197,25 @@ def evaluate_batch(
     return out
 
 
+def as_partial(fn: Callable) -> Partial:
+    """``fn`` as a :class:`jax.tree_util.Partial` (unchanged if it is one), which a jitted
+    function can take as an argument: its bound arrays are traced inputs, the function itself is
+    static."""
+    return fn if isinstance(fn, Partial) else Partial(fn)
+
+
+@functools.partial(jax.jit, static_argnames=("std", "eps_norm", "pgd_steps", "pgd_restarts",
+                                             "tol", "lipschitz"))
+def _evaluate_program(logits_fn, margins_fn, mean, lo, hi, x_raw, y, key, *, std, eps_norm,
+                      pgd_steps, pgd_restarts, tol, lipschitz):
+    """One batch of :func:`evaluate_dataset`, pixels in."""
+    from linf_jax import data as data_lib
+
+    x = data_lib.normalize(data_lib.as_pixels(x_raw), mean, std)
+    return evaluate_batch(logits_fn, margins_fn, key, x, y, eps_norm, lo, hi, pgd_steps,
+                          pgd_restarts, tol, lipschitz)
+
+
 def evaluate_dataset(
     logits_fn: Callable[[Array], Array],
     margins_fn: Callable[[Array, Array, Array], Array] | None,
@@ -237,11 +258,15 @@ def evaluate_dataset(
     lo, hi = data_lib.pixel_bounds(mean, std)
     eps_norm = tuple(data_lib.eps_to_normalized(float(e), std) for e in eps_pixels)
 
-    @jax.jit
+    # The functions are arguments of one module-level program (their bound weights inputs,
+    # not constants; see linf_jax.evaluation.make_eval_fns): traced and compiled once per
+    # architecture and settings, not once per call.
+    fns = (as_partial(logits_fn), None if margins_fn is None else as_partial(margins_fn))
+    static = dict(std=float(std), eps_norm=eps_norm, pgd_steps=int(pgd_steps),
+                  pgd_restarts=int(pgd_restarts), tol=float(tol), lipschitz=bool(lipschitz))
+
     def run(x_raw, y, bkey):
-        x = data_lib.normalize(data_lib.as_pixels(x_raw), mean_arr, std)
-        return evaluate_batch(logits_fn, margins_fn, bkey, x, y, eps_norm, lo, hi,
-                              pgd_steps, pgd_restarts, tol, lipschitz)
+        return _evaluate_program(*fns, mean_arr, lo, hi, x_raw, y, bkey, **static)
 
     images = np.asarray(images)
     labels = np.asarray(labels)

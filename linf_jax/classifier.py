@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from functools import cached_property
@@ -51,9 +52,13 @@ class Classifier:
         self._lo, self._hi = data_lib.pixel_bounds(meta["mean"], self.std)
         self._logits_fn, self._margins_fn = evaluation.make_eval_fns(model, variables, members)
         self.lipschitz = is_1_lipschitz(model)  # pure nets and ensembles of them
-        self._logits = jax.jit(lambda x: self._logits_fn(self._normalize(x)))
-        self._certify = jax.jit(self._certify_impl)
-        self._radius = jax.jit(self._radius_impl)
+        # The programs are module-level and take the weights as arguments (inside the Partials
+        # of make_eval_fns): classifiers of one architecture share their compilations.
+        self._fns = (self._logits_fn, self._margins_fn, self._mean, self._lo, self._hi)
+        self._logits = functools.partial(_logits_program, *self._fns[:3], std=self.std)
+        self._certify = functools.partial(_certify_program, *self._fns, std=self.std)
+        self._radius = functools.partial(_radius_program, *self._fns, std=self.std,
+                                         lipschitz=self.lipschitz)
 
     def _normalize(self, x):
         return data_lib.normalize(x, self._mean, self.std)
@@ -104,12 +109,6 @@ class Classifier:
         x, _ = self._check(x)
         return self._logits(jnp.asarray(x))
 
-    def _certify_impl(self, x, y, eps_norm):
-        xn = self._normalize(x)
-        lo, hi = certify_lib.input_box(xn, eps_norm, self._lo, self._hi)
-        correct = self._logits_fn(xn).argmax(-1) == y
-        return certify_lib.interval_certified(self._margins_fn(lo, hi, y), y) & correct
-
     def certify(self, x, y, eps: float) -> jax.Array:
         """Boolean mask of the examples certified at pixel radius ``eps`` (interval certificate,
         with the rounding margin of :data:`linf_jax.certify.DEFAULT_TOL`)."""
@@ -119,15 +118,6 @@ class Classifier:
         x, y = self._check(x, y)
         eps_norm = jnp.float32(data_lib.eps_to_normalized(eps, self.std))
         return self._certify(jnp.asarray(x), jnp.asarray(y, jnp.int32), eps_norm)
-
-    def _radius_impl(self, x, y):
-        xn = self._normalize(x)
-        logits = self._logits_fn(xn)
-        if self.lipschitz:
-            return certify_lib.certified_radius(logits, y)
-        correct = logits.argmax(-1) == y
-        radius = certify_lib.interval_radius(self._margins_fn, xn, y, self._lo, self._hi)
-        return jnp.where(correct, radius, 0.0)
 
     def certified_radius(self, x, y) -> jax.Array:
         """Per-example ℓ∞ radius in pixels that a sound certificate proves: the Lipschitz
@@ -163,6 +153,30 @@ class Classifier:
         kind = "single model" if self.num_members is None else f"ensemble of {self.num_members}"
         return (f"Classifier({type(self.model).__name__}, {kind}, weights={self.weights!r}, "
                 f"input_shape={self.input_shape}, num_classes={self.num_classes})")
+
+
+@functools.partial(jax.jit, static_argnames=("std",))
+def _logits_program(logits_fn, margins_fn, mean, x, *, std):
+    return logits_fn(data_lib.normalize(x, mean, std))
+
+
+@functools.partial(jax.jit, static_argnames=("std",))
+def _certify_program(logits_fn, margins_fn, mean, lo, hi, x, y, eps_norm, *, std):
+    xn = data_lib.normalize(x, mean, std)
+    box_lo, box_hi = certify_lib.input_box(xn, eps_norm, lo, hi)
+    correct = logits_fn(xn).argmax(-1) == y
+    return certify_lib.interval_certified(margins_fn(box_lo, box_hi, y), y) & correct
+
+
+@functools.partial(jax.jit, static_argnames=("std", "lipschitz"))
+def _radius_program(logits_fn, margins_fn, mean, lo, hi, x, y, *, std, lipschitz):
+    xn = data_lib.normalize(x, mean, std)
+    logits = logits_fn(xn)
+    if lipschitz:
+        return certify_lib.certified_radius(logits, y)
+    correct = logits.argmax(-1) == y
+    radius = certify_lib.interval_radius(margins_fn, xn, y, lo, hi)
+    return jnp.where(correct, radius, 0.0)
 
 
 def load_classifier(workdir: str | os.PathLike | Sequence[str | os.PathLike],

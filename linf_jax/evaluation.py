@@ -3,8 +3,11 @@ clean / PGD / certified accuracy over a data set (:mod:`linf_jax.certify` does t
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
+from jax.tree_util import Partial
 
 from linf_jax import certify as certify_lib
 from linf_jax import data as data_lib
@@ -12,17 +15,39 @@ from linf_jax import ensemble as ensemble_lib
 from linf_jax.models import is_1_lipschitz
 
 
+@dataclasses.dataclass(frozen=True)
+class ApplyFn:
+    """``model.apply(variables, *args, method=method)``, averaged over the members for an
+    ensemble (``members`` K, :func:`linf_jax.ensemble.apply`). Hashable and equal for equal
+    models (Flax modules compare by their fields), so that a jitted program taking it is traced
+    once per architecture."""
+
+    model: nn.Module
+    method: str | None = None
+    members: int | None = None
+    execution: str = "auto"
+
+    def __call__(self, variables, *args):
+        kwargs = {} if self.method is None else {"method": self.method}
+        if self.members is None:
+            return self.model.apply(variables, *args, **kwargs)
+        return ensemble_lib.apply(self.model, variables, *args, execution=self.execution,
+                                  **kwargs)
+
+
 def make_eval_fns(model: nn.Module, variables, members: int | None, execution: str = "auto"):
-    """``(logits_fn, margins_fn)`` in normalised units; for an ensemble both average over the
-    members in one call (:func:`linf_jax.ensemble.members_map`, ``execution``)."""
-    if members is None:
-        logits_fn = lambda x: model.apply(variables, x)
-        margins_fn = lambda lo, hi, y: model.apply(variables, lo, hi, y, method="certify_margins")
-    else:
-        logits_fn = lambda x: ensemble_lib.apply(model, variables, x, execution=execution)
-        margins_fn = lambda lo, hi, y: ensemble_lib.apply(
-            model, variables, lo, hi, y, method="certify_margins", execution=execution)
-    return logits_fn, margins_fn
+    """``(logits_fn, margins_fn)`` in normalised units: ``logits_fn(x)`` and
+    ``margins_fn(lo, hi, y)``; for an ensemble both average over the members in one call
+    (:func:`linf_jax.ensemble.members_map`, ``execution``).
+
+    Both are :class:`jax.tree_util.Partial` objects whose pytree leaves are the weights: the
+    programs of :func:`linf_jax.certify.evaluate_dataset` and :class:`linf_jax.Classifier` take
+    them as arguments, so the weights are inputs of the compiled program, not constants baked
+    into it (a closure over the weights would be). One compilation then serves every checkpoint
+    and both the raw and the EMA weights of an architecture, and XLA's persistent cache serves
+    other processes."""
+    return (Partial(ApplyFn(model, None, members, execution), variables),
+            Partial(ApplyFn(model, "certify_margins", members, execution), variables))
 
 
 def evaluate(model: nn.Module, variables, ds: data_lib.Dataset, meta: dict, eval_config,

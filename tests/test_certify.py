@@ -244,3 +244,38 @@ def test_certification_products_run_at_highest_precision(kind):
             # any format (jax.lax.conv_general_dilated_patches leaves it DEFAULT) and XLA
             # computes at the highest precision of the two operands
             assert eqn.params["precision"][0] == highest, eqn.params
+
+
+def test_weights_are_inputs_of_the_evaluation_programs_not_constants():
+    """Classifiers of one architecture with different weights (two seeds: as raw and EMA weights,
+    or two checkpoints) share one compiled program each for logits, certification, radii and
+    evaluate_dataset, and still give each model's own values (against model.apply)."""
+    import ml_collections
+
+    from linf_jax import classifier, evaluation
+
+    cfg = ml_collections.ConfigDict(CASES["mlp"])
+    models = [_model(cfg, (8, 6, 6, 1), seed) for seed in (0, 1)]
+    meta = {"input_shape": (6, 6, 1), "num_classes": 4, "mean": (0.3,), "std": 0.25}
+    x = np.random.default_rng(5).uniform(0, 1, size=(24, 6, 6, 1)).astype(np.float32)
+    y = np.arange(24) % 4
+    programs = (classifier._logits_program, classifier._certify_program,
+                classifier._radius_program, certify._evaluate_program)
+    for program in programs:
+        program.clear_cache()
+    outs = []
+    for model, variables in models:
+        clf = classifier.Classifier(model, variables, meta, weights="raw")
+        logits = np.asarray(clf(x))
+        expected = model.apply(variables, (jnp.asarray(x) - 0.3) / 0.25)
+        np.testing.assert_allclose(logits, np.asarray(expected), rtol=1e-5, atol=1e-5)
+        report = clf.evaluate(x, y, eps=(0.01, 0.05), pgd_steps=3, batch_size=12)
+        outs.append((logits, np.asarray(clf.certify(x, y, 0.01)),
+                     np.asarray(clf.certified_radius(x, y)), report["radii"]))
+    assert [p._cache_size() for p in programs] == [1, 1, 1, 1]
+    assert not np.allclose(outs[0][0], outs[1][0])  # two models, two results
+    logits_fn, margins_fn = evaluation.make_eval_fns(*models[0], None)
+    leaves = jax.tree.leaves(logits_fn)  # the weights are the functions' pytree leaves
+    assert len(leaves) == len(jax.tree.leaves(models[0][1])) and len(leaves) > 2
+    assert jax.tree.structure(logits_fn) == jax.tree.structure(
+        evaluation.make_eval_fns(*models[1], None)[0])  # equal: one trace serves both
