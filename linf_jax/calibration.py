@@ -49,18 +49,19 @@ _lock = threading.RLock()
 _state: dict = {}
 
 
-def _cases():
-    """``{family: (fn, args)}``: jitted-to-be functions of each pass family and their inputs."""
+def _cases(batch: int = 256, features: int = 512):
+    """``{family: (fn, args)}``: jitted-to-be functions of each pass family and their inputs
+    (``batch`` rows of ``features`` inputs into as many neurons)."""
     import jax
     import jax.numpy as jnp
 
     from linf_jax import ops, optim
 
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((256, 512)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((512, 512)), jnp.float32)
-    g = jnp.asarray(rng.standard_normal((256, 512)), jnp.float32)
-    wd = jnp.asarray(rng.standard_normal((512, 1024)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((batch, features)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((features, features)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((batch, features)), jnp.float32)
+    wd = jnp.asarray(rng.standard_normal((features, 2 * features)), jnp.float32)
 
     def grad_of(dist):
         return jax.grad(lambda x, w: (dist(x, w) * g).sum(), argnums=(0, 1))
@@ -77,15 +78,16 @@ def _cases():
     }
 
 
-def measure(rounds: int = ROUNDS) -> dict:
+def measure(rounds: int = ROUNDS, batch: int = 256, features: int = 512) -> dict:
     """``{family: {"native_ms": t, "xla_ms": t}}``: the fastest of ``rounds`` alternating runs
-    of each implementation on this machine."""
+    of each implementation on this machine, at the layer size of the decision (256 rows of 512
+    inputs into 512 neurons) unless ``batch`` and ``features`` say otherwise."""
     import jax
 
     from linf_jax import ops
 
     out = {}
-    for family, (fn, args) in _cases().items():
+    for family, (fn, args) in _cases(batch, features).items():
         compiled = {}
         for choice in ("native", "xla"):
             with ops.use_kernels(choice):

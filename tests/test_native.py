@@ -632,7 +632,7 @@ def test_train_step_and_logits_export_for_cpu_cuda_and_tpu_from_a_cpu_host(monke
 
 
 def test_calibration_measures_every_family_here():
-    times = calibration.measure(rounds=1)
+    times = calibration.measure(rounds=1, batch=16, features=48)  # the decision's code, smaller
     assert set(times) == set(calibration.FAMILIES)
     for t in times.values():
         assert 0 < t["native_ms"] < 1e4 and 0 < t["xla_ms"] < 1e4
@@ -647,8 +647,9 @@ def test_first_calibration_inside_a_trace_times_concrete_arrays(monkeypatch, tmp
     monkeypatch.delenv(calibration.CALIBRATION_ENV, raising=False)
     monkeypatch.setattr(calibration, "_state", {})
     monkeypatch.setattr(calibration, "_path", lambda: tmp_path / "lib.calibration.json")
-    real_measure = calibration.measure  # the real timing, one round (the trace is under test)
-    monkeypatch.setattr(calibration, "measure", lambda rounds=1: real_measure(rounds=1))
+    real_measure = calibration.measure  # the real timing, one small round (the trace is tested)
+    monkeypatch.setattr(calibration, "measure",
+                        lambda rounds=1: real_measure(rounds=1, batch=16, features=48))
     x, w, _ = _rand(1, 4, 20, 3)
     out = jax.eval_shape(lambda x, w: ops.linf_dist(x, w), x, w)
     assert out.shape == (4, 3)
