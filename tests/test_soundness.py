@@ -26,6 +26,11 @@ from linf_jax.classifier import load_classifier
 RESTARTS = int(os.environ.get("LINF_SOUNDNESS_RESTARTS", "4"))
 STEPS = 50
 RANDOM_DRAWS = 24  # random corners and random interior points, each
+# p = 8, then the p ramp to the end, no separate ℓ∞ phase: two train-step programs per model
+# instead of three. Back to back, this file took 77 s instead of 88 s and its models certified
+# as many (example, ε) pairs: 433/456/41/115/92/89 against 397/397/44/116/94/91 with the
+# tiny runs' (0, 2, 2, 4, 6).
+TRAIN = {"train.epochs": (0, 2, 2, 6, 6)}
 
 
 # The models whose certificates are attacked: the pure net (EMA and raw weights), a net with an
@@ -56,8 +61,8 @@ def trained(tmp_path_factory):
         workdir = os.environ.get("LINF_SOUNDNESS_WORKDIR") if kind == "pure" else None
         if not workdir:
             workdir = str(tmp_path_factory.mktemp(f"sound_{kind}"))
-            trainer.train_and_evaluate(tiny_config(**KINDS[kind]), workdir, progress=False,
-                                         evaluate_at_end=False)
+            trainer.train_and_evaluate(tiny_config(**KINDS[kind], **TRAIN), workdir,
+                                         progress=False, evaluate_at_end=False)
         config, meta, _, _ = ckpt.load_run(workdir)
         ds = data.load(meta["source"], config.data.test_split, config.data.get("data_dir"))
         runs[kind] = workdir, config, ds
