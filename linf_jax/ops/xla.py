@@ -59,11 +59,17 @@ def scan_blocks(step, init, x: Array, w: Array, with_index: bool = False):
     starts = jnp.arange(xb.shape[0], dtype=jnp.int32) * _BLOCK
 
     def run(w_tile, init_tile):
+        def coordinate(carry_j, xw):
+            carry, j = carry_j
+            xj, wj = xw
+            return (step(carry, xj[:, None], wj[None, :], j if with_index else None),
+                    j + 1), None
+
         def body(carry, blk):
+            # The block's coordinates one after the other, unrolled when lowered: the program
+            # of a Python loop over them, traced once instead of _BLOCK times.
             xs, ws, start = blk
-            for j in range(_BLOCK):
-                carry = step(carry, xs[j][:, None], ws[j][None, :],
-                             start + j if with_index else None)
+            (carry, _), _ = lax.scan(coordinate, (carry, start), (xs, ws), unroll=True)
             return carry, None
 
         carry, _ = lax.scan(body, init_tile, (xb, _blocks(w_tile), starts))
