@@ -205,10 +205,11 @@ def as_partial(fn: Callable) -> Partial:
 
 
 @functools.partial(jax.jit, static_argnames=("std", "eps_norm", "pgd_steps", "pgd_restarts",
-                                             "tol", "lipschitz"))
+                                             "tol", "lipschitz", "kernels"))
 def _evaluate_program(logits_fn, margins_fn, mean, lo, hi, x_raw, y, key, *, std, eps_norm,
-                      pgd_steps, pgd_restarts, tol, lipschitz):
-    """One batch of :func:`evaluate_dataset`, pixels in."""
+                      pgd_steps, pgd_restarts, tol, lipschitz, kernels):
+    """One batch of :func:`evaluate_dataset`, pixels in (``kernels``: only a key of the
+    compilation cache, :func:`linf_jax.ops.kernel_request`)."""
     from linf_jax import data as data_lib
 
     x = data_lib.normalize(data_lib.as_pixels(x_raw), mean, std)
@@ -251,6 +252,7 @@ def evaluate_dataset(
     from tqdm.auto import tqdm
 
     from linf_jax import data as data_lib
+    from linf_jax import ops
 
     t0 = time.time()
     key = jax.random.PRNGKey(0) if key is None else key
@@ -263,7 +265,8 @@ def evaluate_dataset(
     # architecture and settings, not once per call.
     fns = (as_partial(logits_fn), None if margins_fn is None else as_partial(margins_fn))
     static = dict(std=float(std), eps_norm=eps_norm, pgd_steps=int(pgd_steps),
-                  pgd_restarts=int(pgd_restarts), tol=float(tol), lipschitz=bool(lipschitz))
+                  pgd_restarts=int(pgd_restarts), tol=float(tol), lipschitz=bool(lipschitz),
+                  kernels=ops.kernel_request())
 
     def run(x_raw, y, bkey):
         return _evaluate_program(*fns, mean_arr, lo, hi, x_raw, y, bkey, **static)

@@ -23,7 +23,7 @@ from linf_jax import checkpoint as ckpt
 from linf_jax import config as config_lib
 from linf_jax import data as data_lib
 from linf_jax import ensemble as ensemble_lib
-from linf_jax import evaluation
+from linf_jax import evaluation, ops
 from linf_jax.models import is_1_lipschitz
 
 
@@ -55,10 +55,17 @@ class Classifier:
         # The programs are module-level and take the weights as arguments (inside the Partials
         # of make_eval_fns): classifiers of one architecture share their compilations.
         self._fns = (self._logits_fn, self._margins_fn, self._mean, self._lo, self._hi)
-        self._logits = functools.partial(_logits_program, *self._fns[:3], std=self.std)
-        self._certify = functools.partial(_certify_program, *self._fns, std=self.std)
-        self._radius = functools.partial(_radius_program, *self._fns, std=self.std,
-                                         lipschitz=self.lipschitz)
+
+    def _logits(self, x):
+        return _logits_program(*self._fns[:3], x, std=self.std, kernels=ops.kernel_request())
+
+    def _certify(self, x, y, eps_norm):
+        return _certify_program(*self._fns, x, y, eps_norm, std=self.std,
+                                kernels=ops.kernel_request())
+
+    def _radius(self, x, y):
+        return _radius_program(*self._fns, x, y, std=self.std, lipschitz=self.lipschitz,
+                               kernels=ops.kernel_request())
 
     def _normalize(self, x):
         return data_lib.normalize(x, self._mean, self.std)
@@ -155,21 +162,22 @@ class Classifier:
                 f"input_shape={self.input_shape}, num_classes={self.num_classes})")
 
 
-@functools.partial(jax.jit, static_argnames=("std",))
-def _logits_program(logits_fn, margins_fn, mean, x, *, std):
+@functools.partial(jax.jit, static_argnames=("std", "kernels"))
+def _logits_program(logits_fn, margins_fn, mean, x, *, std, kernels):
+    # kernels: only a key of the compilation cache (linf_jax.ops.kernel_request)
     return logits_fn(data_lib.normalize(x, mean, std))
 
 
-@functools.partial(jax.jit, static_argnames=("std",))
-def _certify_program(logits_fn, margins_fn, mean, lo, hi, x, y, eps_norm, *, std):
+@functools.partial(jax.jit, static_argnames=("std", "kernels"))
+def _certify_program(logits_fn, margins_fn, mean, lo, hi, x, y, eps_norm, *, std, kernels):
     xn = data_lib.normalize(x, mean, std)
     box_lo, box_hi = certify_lib.input_box(xn, eps_norm, lo, hi)
     correct = logits_fn(xn).argmax(-1) == y
     return certify_lib.interval_certified(margins_fn(box_lo, box_hi, y), y) & correct
 
 
-@functools.partial(jax.jit, static_argnames=("std", "lipschitz"))
-def _radius_program(logits_fn, margins_fn, mean, lo, hi, x, y, *, std, lipschitz):
+@functools.partial(jax.jit, static_argnames=("std", "lipschitz", "kernels"))
+def _radius_program(logits_fn, margins_fn, mean, lo, hi, x, y, *, std, lipschitz, kernels):
     xn = data_lib.normalize(x, mean, std)
     logits = logits_fn(xn)
     if lipschitz:

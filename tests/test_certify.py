@@ -252,7 +252,7 @@ def test_weights_are_inputs_of_the_evaluation_programs_not_constants():
     evaluate_dataset, and still give each model's own values (against model.apply)."""
     import ml_collections
 
-    from linf_jax import classifier, evaluation
+    from linf_jax import classifier, evaluation, ops
 
     cfg = ml_collections.ConfigDict(CASES["mlp"])
     models = [_model(cfg, (8, 6, 6, 1), seed) for seed in (0, 1)]
@@ -273,6 +273,10 @@ def test_weights_are_inputs_of_the_evaluation_programs_not_constants():
         outs.append((logits, np.asarray(clf.certify(x, y, 0.01)),
                      np.asarray(clf.certified_radius(x, y)), report["radii"]))
     assert [p._cache_size() for p in programs] == [1, 1, 1, 1]
+    requested = ops.kernel_request()
+    with ops.use_kernels("xla"):  # another kernel choice traces anew: it is part of the key
+        np.testing.assert_allclose(np.asarray(clf(x)), outs[1][0], rtol=1e-5, atol=1e-5)
+    assert classifier._logits_program._cache_size() == (1 if requested == "xla" else 2)
     assert not np.allclose(outs[0][0], outs[1][0])  # two models, two results
     logits_fn, margins_fn = evaluation.make_eval_fns(*models[0], None)
     leaves = jax.tree.leaves(logits_fn)  # the weights are the functions' pytree leaves

@@ -34,6 +34,7 @@ from linf_jax.ops.dispatch import (
     KERNEL_CHOICES,
     KERNELS_ENV,
     kernel_backend,
+    kernel_request,
     kernels_line,
     native_ok,
     on_cpu,
@@ -59,8 +60,9 @@ Array = jax.Array
 
 __all__ = [
     "KERNELS_ENV", "KERNEL_CHOICES", "conv_bounds", "conv_dist", "dist", "extract_patches",
-    "grouped_bounds", "grouped_dist", "kernel_backend", "kernels_line", "linf_dist",
-    "linf_dist_bounds", "lp_dist", "native_ok", "on_cpu", "partitionable", "use_kernels",
+    "grouped_bounds", "grouped_dist", "kernel_backend", "kernel_request", "kernels_line",
+    "linf_dist", "linf_dist_bounds", "lp_dist", "native_ok", "on_cpu", "partitionable",
+    "use_kernels",
 ]
 
 

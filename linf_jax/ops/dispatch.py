@@ -34,6 +34,16 @@ def _requested() -> str:
     return getattr(_override, "choice", None) or os.environ.get(KERNELS_ENV, "").strip().lower()
 
 
+def kernel_request() -> str:
+    """What the kernels of a trace started now depend on beyond the machine: the
+    :func:`use_kernels` choice or ``LINF_JAX_KERNELS`` ('' for the default, which is fixed for
+    the process once decided). Programs jitted once at module level and reused across calls
+    (the evaluation programs of :mod:`linf_jax.certify` and :mod:`linf_jax.classifier`) take it
+    as a static argument, so another choice traces anew instead of reusing a program traced
+    with other kernels."""
+    return _requested()
+
+
 def kernel_backend() -> str:
     """``'native'``, ``'xla'`` or ``'pallas'``: the implementation :func:`linf_dist` /
     :func:`lp_dist` use.
