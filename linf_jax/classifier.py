@@ -57,7 +57,8 @@ class Classifier:
         self._fns = (self._logits_fn, self._margins_fn, self._mean, self._lo, self._hi)
 
     def _logits(self, x):
-        return _logits_program(*self._fns[:3], x, std=self.std, kernels=ops.kernel_request())
+        return _logits_program(self._logits_fn, self._mean, x, std=self.std,
+                               kernels=ops.kernel_request())
 
     def _certify(self, x, y, eps_norm):
         return _certify_program(*self._fns, x, y, eps_norm, std=self.std,
@@ -163,7 +164,7 @@ class Classifier:
 
 
 @functools.partial(jax.jit, static_argnames=("std", "kernels"))
-def _logits_program(logits_fn, margins_fn, mean, x, *, std, kernels):
+def _logits_program(logits_fn, mean, x, *, std, kernels):
     # kernels: only a key of the compilation cache (linf_jax.ops.kernel_request)
     return logits_fn(data_lib.normalize(x, mean, std))
 

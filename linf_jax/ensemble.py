@@ -65,7 +65,6 @@ def unstack(stacked: Any) -> list[Any]:
     return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(size(stacked))]
 
 
-
 def resolve_execution(execution: str = "auto", sharded: bool = False,
                       training: bool = False) -> str:
     """``'batched'`` or ``'sequential'``: how :func:`members_map` runs the member axis.

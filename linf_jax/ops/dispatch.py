@@ -28,20 +28,13 @@ KERNELS_ENV = "LINF_JAX_KERNELS"
 _override = threading.local()
 
 
-def _requested() -> str:
-    """The choice asked for: :func:`use_kernels` inside it, else ``LINF_JAX_KERNELS`` ('' if
-    unset)."""
-    return getattr(_override, "choice", None) or os.environ.get(KERNELS_ENV, "").strip().lower()
-
-
 def kernel_request() -> str:
-    """What the kernels of a trace started now depend on beyond the machine: the
-    :func:`use_kernels` choice or ``LINF_JAX_KERNELS`` ('' for the default, which is fixed for
-    the process once decided). Programs jitted once at module level and reused across calls
-    (the evaluation programs of :mod:`linf_jax.certify` and :mod:`linf_jax.classifier`) take it
-    as a static argument, so another choice traces anew instead of reusing a program traced
-    with other kernels."""
-    return _requested()
+    """The choice asked for: :func:`use_kernels` inside it, else ``LINF_JAX_KERNELS`` ('' if
+    unset: the default, fixed for the process once decided). Programs jitted once at module
+    level and reused across calls (the evaluation programs of :mod:`linf_jax.certify` and
+    :mod:`linf_jax.classifier`) take it as a static argument, so another choice traces anew
+    instead of reusing a program traced with other kernels."""
+    return getattr(_override, "choice", None) or os.environ.get(KERNELS_ENV, "").strip().lower()
 
 
 def kernel_backend() -> str:
@@ -60,7 +53,7 @@ def kernel_backend() -> str:
     variable for the code traced inside it. Read at trace time: set it before the first call of
     a jitted function.
     """
-    choice = _requested()
+    choice = kernel_request()
     if choice in ("xla", "pallas"):
         return choice
     cpu = jax.default_backend() == "cpu"
@@ -87,7 +80,7 @@ def kernels_line() -> str:
     backend = kernel_backend()
     platform = jax.default_backend()
     if backend == "native":
-        if _requested() == "native":
+        if kernel_request() == "native":
             return f"kernels: native CPU ({native.isa()})"
         d = calibration.decisions()
         how = {"measured": "measured on this machine", "cached": "measured on this machine",
@@ -95,7 +88,7 @@ def kernels_line() -> str:
         return f"kernels: {calibration.summary(d)} (native CPU build {native.isa()}; {how})"
     if backend == "pallas":
         return f"kernels: Pallas ({platform})"
-    if platform != "cpu" or _requested() == "xla":
+    if platform != "cpu" or kernel_request() == "xla":
         return f"kernels: XLA ({platform})"
     how = calibration.how_decided()
     if how == "unavailable":
@@ -132,7 +125,7 @@ def partitionable(fn):
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        explicit = _requested() == "native"
+        explicit = kernel_request() == "native"
         choice = "xla" if kernel_backend() == "native" and not explicit else None
         with use_kernels(choice):
             return fn(*args, **kwargs)
@@ -146,7 +139,7 @@ def native_ok(*arrays, family: str | None = None) -> bool:
     faster native on this machine; always with an explicit ``native``."""
     if not all(a.dtype == jnp.float32 for a in arrays) or kernel_backend() != "native":
         return False
-    if family is None or _requested() == "native":
+    if family is None or kernel_request() == "native":
         return True
     return calibration.decisions()[family]
 
