@@ -51,20 +51,54 @@ os.environ.setdefault(
 os.environ.setdefault("LINF_JAX_CALIBRATION", "native")
 
 # XLA spends most of the suite's time compiling small programs that then run for milliseconds.
-# This flag has LLVM generate their machine code at -O0 instead of -O2: the same functions
-# (XLA's HLO passes still run, no fast-math), rounding-level different from the default code
-# (whether a multiply and an add are fused), unvectorised. Measured on a 2-core Xeon, cold caches,
-# each pair run back to back (this machine's speed drifts by up to 2x over a day, so only
-# back-to-back comparisons count): a tiny train.py run 26.1 s of CPU at the default, 22.8 s at
-# -O1, 18.3 s at -O0, and 36.1 s / 28.2 s at -O1 / -O0 with the XLA code instead of the native
-# kernels; test_ops + test_recipes + test_schedules_losses_optim 297 s of CPU at -O1, 248 s at
-# -O0; test_ensemble + test_certify + test_models + test_kernels 351 s / 277 s. Every comparison
-# in the suite is between programs compiled under the same flags.
+# Two flags make that compilation cheaper; neither changes what a program computes beyond
+# rounding (every comparison in the suite is between programs compiled under the same flags):
+#
+# --xla_backend_optimization_level=0: LLVM generates the machine code at -O0 instead of -O2 (the
+# same functions, XLA's HLO passes still run, no fast-math; unvectorised; whether a multiply and
+# an add are fused differs). Measured on a 2-core Xeon, cold caches, each pair back to back (this
+# machine's speed drifts by up to 2x over a day, so only back-to-back comparisons count): a tiny
+# train.py run 26.1 s of CPU at the default, 22.8 s at -O1, 18.3 s at -O0; test_ops +
+# test_recipes + test_schedules_losses_optim 297 s of CPU at -O1, 248 s at -O0.
+#
+# --xla_cpu_use_fusion_emitters=false: XLA's CPU backend emits each fusion's loops directly as
+# LLVM IR (its older elemental emitters) instead of through its MLIR fusion pipeline, whose fixed
+# cost per fusion dominates a small program's compilation. Back to back, cold caches, AVX2
+# simulated: a tiny train.py run 14.2 / 15.2 s of CPU with -O0 alone, 9.3 / 9.1 s with both
+# flags (at LLVM's default -O2 the older emitters cost 39-42 s: the flags go together);
+# test_recipes + test_certify 207 / 209 s of CPU, 130 / 148 s; test_soundness +
+# test_preemption + test_ensemble 332 s, 221 s; the whole suite (AVX-512, -n 2) 700 s of pytest
+# and 1,254 s of CPU, 493 s and 872 s. The flag is added only where this jaxlib knows it (XLA
+# aborts on an unknown flag): its name must appear in jaxlib's library.
+#
 # LINF_JAX_TEST_FAST_COMPILE=0 leaves XLA_FLAGS alone.
 TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+FUSION_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _jaxlib_knows(flag: str) -> bool:
+    """Whether jaxlib's XLA library contains the flag's name (read through mmap: ~10 ms)."""
+    import glob
+    import importlib.util
+    import mmap
+
+    spec = importlib.util.find_spec("jaxlib")
+    name = flag.lstrip("-").split("=")[0].encode()
+    for lib in glob.glob(os.path.join(os.path.dirname(spec.origin), "*.so")) if spec else ():
+        with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m.find(name) >= 0:
+                return True
+    return False
+
+
+TEST_XLA_FLAGS = (TEST_XLA_FLAG,)
 if os.environ.get("LINF_JAX_TEST_FAST_COMPILE", "1") != "0":
-    if TEST_XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAG).strip()
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if FUSION_EMITTERS_FLAG in _flags or _jaxlib_knows(FUSION_EMITTERS_FLAG):
+        TEST_XLA_FLAGS += (FUSION_EMITTERS_FLAG,)
+    _missing = [f for f in TEST_XLA_FLAGS if f not in _flags]
+    if _missing:
+        os.environ["XLA_FLAGS"] = " ".join([_flags, *_missing]).strip()
 
 # The test processes get the allocator settings train.py and certify.py start with
 # (linf_jax/host.py: XLA's buffers kept off mmap). Back to back, test_schedules_losses_optim.py
@@ -74,12 +108,11 @@ from linf_jax import host  # noqa: E402 - after the environment above
 host.tune_allocator()
 
 
-def xla_flags(*extra, drop=()):
+def xla_flags(*extra):
     """XLA_FLAGS for a subprocess: the session's flags without a forced host device count (a
-    subprocess picks its own) and without the flags starting with a prefix in ``drop``, plus
-    ``extra``."""
-    prefixes = ("--xla_force_host_platform_device_count", *drop)
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(prefixes)]
+    subprocess picks its own), plus ``extra``."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
     return " ".join([*kept, *extra])
 
 
