@@ -1,6 +1,7 @@
 """Ensembles as one stacked pytree: vmapped apply, Lipschitz, stacking errors, joint and
 independent training in one program, loading and certifying, member-axis sharding."""
 
+import functools
 import json
 import os
 import subprocess
@@ -55,9 +56,13 @@ def test_stack_unstack_roundtrip_and_vmapped_logits_equal_member_mean():
                                margins, rtol=1e-5, atol=1e-5)
 
 
-_MODEL, _VS = members(3)
-_STACKED = ensemble.stack(_VS)
-_APPLY = jax.jit(lambda z: ensemble.apply(_MODEL, _STACKED, z))  # compiled once per shape
+@functools.cache
+def three_members():
+    """``(model, members, stacked, jitted ensemble logits)`` of a 3-member ensemble, built on
+    first use (not at collection: every xdist worker collects this file, one runs it)."""
+    model, vs = members(3)
+    stacked = ensemble.stack(vs)
+    return model, vs, stacked, jax.jit(lambda z: ensemble.apply(model, stacked, z))
 
 
 @settings(max_examples=15, deadline=None)
@@ -66,7 +71,8 @@ def test_ensemble_is_1_lipschitz_at_p_inf(seed, scale):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(6, 4, 4, 1)).astype(np.float32)
     delta = (rng.uniform(-1, 1, size=x.shape) * scale).astype(np.float32)
-    f = lambda z: np.asarray(_APPLY(jnp.asarray(z)), np.float64)
+    apply = three_members()[3]  # compiled once per shape
+    f = lambda z: np.asarray(apply(jnp.asarray(z)), np.float64)
     lhs = np.abs(f(x) - f(x + delta)).max(axis=1)
     rhs = np.abs(delta.astype(np.float64)).reshape(6, -1).max(axis=1)
     assert np.all(lhs <= rhs * (1 + 1e-5) + 1e-5)
@@ -181,17 +187,18 @@ def test_both_executions_equal_the_member_loop_values_and_input_gradients(execut
     x = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, size=(12, 4, 4, 1)), jnp.float32)
     y = jnp.arange(12) % 5
     lo, hi = x - 0.07, x + 0.07
+    model, vs, stacked, _ = three_members()
 
     def one_by_one(fn):
-        return np.mean([np.asarray(fn(v), np.float64) for v in _VS], axis=0)
+        return np.mean([np.asarray(fn(v), np.float64) for v in vs], axis=0)
 
-    logits = ensemble.apply(_MODEL, _STACKED, x, execution=execution)
-    np.testing.assert_allclose(logits, one_by_one(lambda v: _MODEL.apply(v, x)), rtol=1e-5,
+    logits = ensemble.apply(model, stacked, x, execution=execution)
+    np.testing.assert_allclose(logits, one_by_one(lambda v: model.apply(v, x)), rtol=1e-5,
                                atol=1e-5)
-    margins = ensemble.apply(_MODEL, _STACKED, lo, hi, y, method="certify_margins",
+    margins = ensemble.apply(model, stacked, lo, hi, y, method="certify_margins",
                              execution=execution)
     np.testing.assert_allclose(
-        margins, one_by_one(lambda v: _MODEL.apply(v, lo, hi, y, method="certify_margins")),
+        margins, one_by_one(lambda v: model.apply(v, lo, hi, y, method="certify_margins")),
         rtol=1e-5, atol=1e-5)
 
     # PGD differentiates the averaged logits with respect to the input.
@@ -199,9 +206,9 @@ def test_both_executions_equal_the_member_loop_values_and_input_gradients(execut
         return (fn(xx) * jax.nn.one_hot(y, 5)).sum()
 
     g = jax.jit(jax.grad(lambda xx: target(
-        xx, lambda z: ensemble.apply(_MODEL, _STACKED, z, execution=execution))))(x)
+        xx, lambda z: ensemble.apply(model, stacked, z, execution=execution))))(x)
     g_ref = np.mean([np.asarray(jax.grad(lambda xx, v=v: target(
-        xx, lambda z: _MODEL.apply(v, z)))(x)) for v in _VS], axis=0)
+        xx, lambda z: model.apply(v, z)))(x)) for v in vs], axis=0)
     assert np.abs(g_ref).sum() > 0
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
 

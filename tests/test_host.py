@@ -48,3 +48,17 @@ def test_squared_norm_is_the_global_norm_squared():
     got = float(jax.jit(train_lib.squared_norm)(tree))
     assert got == pytest.approx(want, rel=1e-6)
     assert got == pytest.approx(float(optax.global_norm(tree)) ** 2, rel=1e-6)
+
+
+def test_the_suites_compilation_flags_are_set_only_where_jaxlib_knows_them():
+    """tests/conftest.py adds its two compile-time flags to XLA_FLAGS (XLA aborts on a flag it
+    does not know, so the fusion-emitter flag goes in only where jaxlib's library names it)."""
+    import conftest
+
+    assert conftest._jaxlib_knows(conftest.TEST_XLA_FLAG)
+    assert not conftest._jaxlib_knows("--xla_cpu_no_such_flag_in_any_jaxlib=1")
+    if os.environ.get("LINF_JAX_TEST_FAST_COMPILE", "1") != "0":
+        flags = os.environ["XLA_FLAGS"].split()
+        assert all(f in flags for f in conftest.TEST_XLA_FLAGS)
+        assert (conftest.FUSION_EMITTERS_FLAG in conftest.TEST_XLA_FLAGS) == \
+            conftest._jaxlib_knows(conftest.FUSION_EMITTERS_FLAG)
