@@ -52,24 +52,19 @@ os.environ.setdefault("LINF_JAX_CALIBRATION", "native")
 
 # XLA spends most of the suite's time compiling small programs that then run for milliseconds.
 # Two flags make that compilation cheaper; neither changes what a program computes beyond
-# rounding (every comparison in the suite is between programs compiled under the same flags):
+# rounding (every comparison in the suite is between programs compiled under the same flags).
+# What each saves, measured back to back: BENCHMARKS.md, "Test suite time".
 #
 # --xla_backend_optimization_level=0: LLVM generates the machine code at -O0 instead of -O2 (the
 # same functions, XLA's HLO passes still run, no fast-math; unvectorised; whether a multiply and
-# an add are fused differs). Measured on a 2-core Xeon, cold caches, each pair back to back (this
-# machine's speed drifts by up to 2x over a day, so only back-to-back comparisons count): a tiny
-# train.py run 26.1 s of CPU at the default, 22.8 s at -O1, 18.3 s at -O0; test_ops +
-# test_recipes + test_schedules_losses_optim 297 s of CPU at -O1, 248 s at -O0.
+# an add are fused differs).
 #
 # --xla_cpu_use_fusion_emitters=false: XLA's CPU backend emits each fusion's loops directly as
 # LLVM IR (its older elemental emitters) instead of through its MLIR fusion pipeline, whose fixed
-# cost per fusion dominates a small program's compilation. Back to back, cold caches, AVX2
-# simulated: a tiny train.py run 14.2 / 15.2 s of CPU with -O0 alone, 9.3 / 9.1 s with both
-# flags (at LLVM's default -O2 the older emitters cost 39-42 s: the flags go together);
-# test_recipes + test_certify 207 / 209 s of CPU, 130 / 148 s; test_soundness +
-# test_preemption + test_ensemble 332 s, 221 s; the whole suite (AVX-512, -n 2) 700 s of pytest
-# and 1,254 s of CPU, 493 s and 872 s. The flag is added only where this jaxlib knows it (XLA
-# aborts on an unknown flag): its name must appear in jaxlib's library.
+# cost per fusion dominates a small program's compilation. At LLVM's default -O2 the older
+# emitters compile more slowly than the new ones, so the two flags go together. The flag is
+# added only where this jaxlib knows it (XLA aborts on an unknown flag): its name must appear
+# in jaxlib's library.
 #
 # LINF_JAX_TEST_FAST_COMPILE=0 leaves XLA_FLAGS alone.
 TEST_XLA_FLAG = "--xla_backend_optimization_level=0"

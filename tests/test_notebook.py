@@ -68,11 +68,9 @@ def executed(tmp_path_factory, installed_wheel):
                                          f"QUICK_EPOCHS = {QUICK_EPOCHS}")
     injected.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(params + 1, injected)
-    # The suite's compilation flags (conftest.py), as everywhere else: with LLVM -O0 alone the
-    # notebook's training (depth 4, width 128, 18 epochs, then two members) was slower than at
-    # XLA's default (112 vs 99 s, AVX2 simulated), but with the older fusion emitters too it is
-    # faster. Back to back, cold caches, AVX-512: notebook 96 and 106 s at XLA's default, 85
-    # and 73 s with the suite's flags (the test file: 139 and 147 s of CPU, 105 and 99 s).
+    # The suite's compilation flags (conftest.py), as everywhere else: with both of them the
+    # notebook's training (depth 4, width 128, 18 epochs, then two members) also runs faster
+    # than at XLA's default flags (BENCHMARKS.md, "Test suite time").
     xla = xla_flags()
     env = {"LINF_JAX_NOTEBOOK_QUICK": "1", "LINF_JAX_NOTEBOOK_OUT": str(out),
            "LINF_JAX_NOTEBOOK_INSTALL": "1", "LINF_JAX_SOURCE": str(wheel),

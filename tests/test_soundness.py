@@ -27,9 +27,8 @@ RESTARTS = int(os.environ.get("LINF_SOUNDNESS_RESTARTS", "4"))
 STEPS = 50
 RANDOM_DRAWS = 24  # random corners and random interior points, each
 # p = 8, then the p ramp to the end, no separate ℓ∞ phase: two train-step programs per model
-# instead of three. Back to back, this file took 77 s instead of 88 s and its models certified
-# as many (example, ε) pairs: 433/456/41/115/92/89 against 397/397/44/116/94/91 with the
-# tiny runs' (0, 2, 2, 4, 6).
+# instead of three, and about as many certified (example, ε) pairs to attack as with the tiny
+# runs' (0, 2, 2, 4, 6) (BENCHMARKS.md, "Test suite time").
 TRAIN = {"train.epochs": (0, 2, 2, 6, 6)}
 
 
