@@ -6,17 +6,11 @@
     python certify.py --workdir runs/x --weights raw
     python certify.py --workdir runs/x --all_checkpoints --pgd_steps 0 --plot course.png
 
-The same program as ``linf-certify`` and ``python -m linf_jax.certify``
-(linf_jax/certify_cli.py). ε is in pixel units.
+The same program as ``linf-certify`` and ``python -m linf_jax.cli.certify``
+(linf_jax/cli/certify.py). ε is in pixel units.
 """
 
-import sys
-
-from absl import flags
-
-from linf_jax.certify_cli import command
-
-flags.adopt_module_key_flags(sys.modules["linf_jax.certify_cli"])  # --helpshort lists its flags
+from linf_jax.cli.certify import command
 
 if __name__ == "__main__":
     command()

@@ -5,19 +5,13 @@
     python train.py --config mnist_03 --print_config  # a preset by name; the resolved config
     python train.py --config.model.width=1024 --config.ensemble.size=5
 
-The same program as ``linf-train`` and ``python -m linf_jax.train`` (linf_jax/train.py). Every
+The same program as ``linf-train`` and ``python -m linf_jax.cli.train``. Every
 config field can be overridden on the command line (the fields: linf_jax/config.py and the
 README's "Configs"). Rerunning with the same workdir resumes from its latest checkpoint;
 SIGTERM/SIGINT save a checkpoint and exit.
 """
 
-import sys
-
-from absl import flags
-
-from linf_jax.train import command
-
-flags.adopt_module_key_flags(sys.modules["linf_jax.train"])  # --helpshort lists its flags
+from linf_jax.cli.train import command
 
 if __name__ == "__main__":
     command()

@@ -38,7 +38,7 @@ import numpy as np
 
 from linf_jax import certify as certify_lib
 from linf_jax import data as data_lib
-from linf_jax import ensemble, host, train_lib, trainer
+from linf_jax import ensemble, experiment, host, train_lib, trainer
 from linf_jax.config import base_config
 from linf_jax.models import build_model
 
@@ -124,7 +124,7 @@ def bench_train(cfg, meta, images, labels, k: int, repeats: int, p_mode: str):
     cfg = cfg.copy_and_resolve_references()
     cfg.train.epochs = (0, 1, 1, 2, 3)
     spe = len(labels) // cfg.train.batch_size
-    schedule = train_lib.make_schedule(cfg, spe, meta["std"])
+    schedule = experiment.make_schedule(cfg, spe, meta["std"])
     tx = train_lib.optim.make_optimizer(schedule, cfg.train.weight_decay)
     model = build_model(cfg.model, meta["num_classes"])
     shape = tuple(meta["input_shape"])
@@ -133,7 +133,7 @@ def bench_train(cfg, meta, images, labels, k: int, repeats: int, p_mode: str):
 
     single_cfg = cfg.copy_and_resolve_references()
     single_cfg.ensemble.size = 1
-    single_step = train_lib.make_train_step(single_cfg, model, tx, schedule, meta)
+    single_step = train_lib.make_train_step(single_cfg, schedule, meta)
     singles = []
     for s in range(k):
         c = single_cfg.copy_and_resolve_references()
@@ -146,7 +146,7 @@ def bench_train(cfg, meta, images, labels, k: int, repeats: int, p_mode: str):
     for ex in ("sequential", "batched"):
         ens_cfg = cfg.copy_and_resolve_references()
         ens_cfg.ensemble.update(size=k, mode="independent", execution=ex)
-        ens_steps[ex] = train_lib.make_train_step(ens_cfg, model, tx, schedule, meta)
+        ens_steps[ex] = train_lib.make_train_step(ens_cfg, schedule, meta)
     ens_state = train_lib.create_train_state(ens_cfg, model, shape, tx)
     ens_state = at_step(ens_state, step_at)
     ens_idx = jnp.tile(idx, (k, 1))

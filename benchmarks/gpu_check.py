@@ -7,7 +7,7 @@ process it
    reference on small ragged shapes: values and gradients for p = ∞, 8, 2.5 and 100, and the
    interval bounds of certification (XLA code) against float64;
 2. times forward+backward of one layer at (512, 3072, 5120) with the XLA code and with Pallas
-   under a small grid of :class:`linf_jax.kernels.distance.Blocks`, for p = ∞ and p = 8;
+   under a small grid of :class:`linf_jax.ops.pallas.Blocks`, for p = ∞ and p = 8;
 3. times the 6 × 5120 CIFAR-10 epoch of ``benchmarks/epoch_bench.py`` with the XLA code and
    with Pallas at its default and its best tiles (subprocesses);
 4. prints the tables BENCHMARKS.md needs, and one last line ``GPU CHECK: PASS`` or ``FAIL``.

@@ -22,7 +22,7 @@ import flax
 import jax
 import orbax.checkpoint as ocp
 
-from linf_jax import train_lib
+from linf_jax import experiment, train_lib
 from linf_jax.config import CheckpointError, ConfigError, TrainingError, first_line, flat
 from linf_jax.models import build_model
 from linf_jax.train_lib import TrainState
@@ -345,7 +345,7 @@ def load_run(workdir: str, step: int | None = None):
     workdir = os.fspath(workdir)
     config, meta, model, ckpt_dir = _open_run(workdir)
     try:
-        tx = train_lib.make_run_optimizer(config, train_lib.make_schedule(config, 1, meta["std"]))
+        tx = experiment.make_optimizer(config, experiment.make_schedule(config, 1, meta["std"]))
         target = _on_this_device(jax.eval_shape(lambda: train_lib.create_train_state(
             config, model, tuple(meta["input_shape"]), tx)))
     except (ValueError, KeyError, TypeError, AttributeError) as err:

@@ -2,11 +2,11 @@
 
 ``configs/*.py`` start from :func:`base_config` and change what their experiment needs, so
 every experiment has the same fields and any of them can be overridden on the command line
-(``--config.model.width=1024``). :func:`validate_config` checks every field once, at the
-boundary (train.py, certify.py, ``trainer.train_and_evaluate``), and raises
-:class:`ConfigError` with one line naming the field, the bad value and what is allowed; the code
-behind it assumes valid fields. The model section is checked by building the model
-(:func:`linf_jax.models.build_model`: an unknown field is an error).
+(``--config.model.width=1024``). :func:`validate_config` checks every field but the model's
+once per run, at the boundary (the train command, or ``trainer.train_and_evaluate`` when called
+from Python), and raises :class:`ConfigError` with one line naming the field, the bad value and
+what is allowed; the code behind it assumes valid fields. The model section is checked where
+the model is built (:func:`linf_jax.experiment.build_model`: an unknown field is an error).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import os
 
 import ml_collections
 
-# This module imports neither JAX nor Flax at the top: train.py validates a config before
-# anything heavy is imported, so a mistake in a field is reported in a fraction of a second
-# (only the model section is checked by building the model, with Flax, after every other field).
+# This module imports neither JAX nor Flax: the train command validates a config before anything
+# heavy is imported, so a mistake in a field is reported at once (the model section is checked
+# by building the model, with Flax, afterwards).
 # The allowed values of the fields that the modules behind them also check live here, with the
 # schema, and those modules import them from here.
 
@@ -36,9 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
     """The default experiment (configs/default.py): a small net on the 8×8 digits."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # Which kernels the distance layers run (linf_jax.ops.kernel_backend): 'auto' (the library
-    # default: LINF_JAX_KERNELS when set, else the native CPU kernels where they are the default
-    # and the XLA code elsewhere), 'native', 'xla' or 'pallas'.
+    # Which kernels the distance layers run (linf_jax.ops.resolve): 'auto' (LINF_JAX_KERNELS when
+    # set, else the native CPU kernels for the passes measured faster on this machine and the
+    # XLA code elsewhere), 'native', 'xla' or 'pallas'. Resolved once at the start of a run and
+    # recorded in its meta.json.
     c.kernels = "auto"
 
     c.data = ml_collections.ConfigDict()
@@ -121,6 +122,28 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def presets_dir() -> str | None:
+    """The presets' folder: ``linf_jax/configs`` of an installed package, or ``configs/`` beside
+    the package in a checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))  # linf_jax/
+    for d in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
+        if os.path.isfile(os.path.join(d, "default.py")):
+            return d
+    return None
+
+
+def preset_names() -> list[str]:
+    d = presets_dir()
+    return sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py") and f != "__init__.py") \
+        if d else []
+
+
+def preset_path(name: str) -> str:
+    """The file of preset ``name`` (``'default'``, ``'mnist_03'``; ``.py`` optional)."""
+    d = presets_dir() or ""
+    return os.path.join(d, name if name.endswith(".py") else name + ".py")
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors: each is a user mistake or a refusal, with a message of one line naming the field, the
 # bad value and what is allowed; the command-line tools print that line and exit non-zero.
@@ -175,13 +198,6 @@ def flat(node, prefix: str = "") -> dict:
             out.update(flat(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: list(node) if isinstance(node, (list, tuple)) else node}
-
-
-def _field(config, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def _require(ok: bool, field: str, value, allowed: str) -> None:
@@ -276,12 +292,6 @@ def validate_config(config) -> None:
     _require(e.get("execution", "auto") in EXECUTIONS, "ensemble.execution",
              e.get("execution"), f"one of {EXECUTIONS}")
     validate_eval_config(config.eval)
-    from linf_jax.models import build_model  # Flax: only once every other field is valid
-
-    try:
-        build_model(config.model, 2)
-    except ValueError as err:
-        raise ConfigError(f"config.{err}") from None
 
 
 def _eps_ever_positive(family: str, epochs) -> bool:
@@ -328,12 +338,3 @@ def check_determinism(config) -> None:
             f"without XLA_FLAGS={DETERMINISTIC_FLAG}; allowed: set it before JAX starts "
             "(train.py does; in Python call linf_jax.config.request_determinism(config) "
             "before the first JAX computation)")
-
-
-def kernels_choice(config) -> str | None:
-    """The :func:`linf_jax.ops.use_kernels` argument of ``config.kernels``: None for 'auto'
-    (the library default, ``LINF_JAX_KERNELS`` when set), else the choice itself."""
-    choice = config.get("kernels", "auto")
-    return None if choice == "auto" else choice
-
-

@@ -2,9 +2,9 @@
 
 Command line (matplotlib's Agg backend, no display needed)::
 
-    python -m linf_jax.plots curve OUT.png RESULT.json [RESULT.json ...] [--labels a,b,c]
-    python -m linf_jax.plots training OUT.png WORKDIR_or_metrics.jsonl
-    python -m linf_jax.plots radii OUT.png RESULT.json [RESULT.json ...] [--labels a,b,c]
+    linf-plot curve OUT.png RESULT.json [RESULT.json ...] [--labels a,b,c]
+    linf-plot training OUT.png WORKDIR_or_metrics.jsonl
+    linf-plot radii OUT.png RESULT.json [RESULT.json ...] [--labels a,b,c]
 
 ``RESULT.json`` is what certify.py writes (also a run's results.json, or the dict returned by
 ``Classifier.evaluate``): ``results`` (one ``{eps, certified_accuracy,
@@ -364,19 +364,37 @@ def plot_over_training(reports: Mapping[str, Sequence[Mapping]], path: str,
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m linf_jax.plots``: parses ``argv`` (default: the command line), writes the plot
-    and prints its path; bad input ends with one ``error: ...`` line and exit code 2. The argument
-    parsing is in :mod:`linf_jax.plots_cli`."""
-    from linf_jax.plots_cli import main as cli_main  # it imports this module: imported on use
+def plot_schedule(schedule, path: str, marks: dict | None = None,
+                  std: float | None = None, title: str = "") -> str:
+    """p, ε (pixels), lr and λ against epochs over the whole run (every step for short runs,
+    2,000 evenly spaced steps otherwise), with ``marks`` (a :func:`preview`) as points."""
+    from linf_jax.schedules import preview
 
-    return cli_main(argv)
+    total = schedule.total_steps
+    steps = np.unique(np.linspace(0, total, min(total + 1, 2001)).round().astype(np.int64))
+    data = preview(schedule, steps, std)
+    fig = figure(figsize=(6.4, 8.5), dpi=110)
+    axes = fig.subplots(4, 1, sharex=True)
+    keys = (("p", "p (∞ drawn at the top)"), ("eps_train", "training ε (pixels)"),
+            ("lr", "learning rate"), ("lam", "λ (v2 loss)"))
+    for ax, (key, label) in zip(axes, keys, strict=True):
+        def values(d, key=key):
+            v = d[key]
+            if key == "p":
+                finite = [x for x in data["p"] if x != "inf"] or [1000.0]
+                cap = 2 * max(finite)
+                return np.array([cap if x == "inf" else x for x in v], np.float64)
+            return np.asarray(v, np.float64)
 
-
-if __name__ == "__main__":
-    import sys
-
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+        ax.plot(data["epochs"], values(data), lw=1.2)
+        if marks is not None:
+            ax.plot(marks["epochs"], values(marks), "o", ms=3.5)
+        if key == "p":
+            ax.set_yscale("log")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(title, fontsize=9)
+    axes[-1].set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

@@ -39,10 +39,10 @@ integer-power fast path and the ℓ∞ phase the exact ℓ∞ kernels. The cosin
 ``lr0·sin²(π/2·(T − ef)/(T − e1))`` (the same function), which keeps float32 accuracy down to the
 last step, where ``1 + cos`` would cancel.
 
-The command-line preview of a config's schedule is :mod:`linf_jax.schedule_preview`::
+The command-line preview of a config's schedule is ``linf-schedule``
+(:mod:`linf_jax.cli.schedule`)::
 
-    python -m linf_jax.schedules --config configs/cifar10_8_v2.py --epochs 0,100,675,1300 \\
-        --json sched.json --plot sched.png
+    linf-schedule --config cifar10_8_v2 --epochs 0,100,675,1300 --json sched.json --plot sched.png
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def preview(schedule: Schedule, steps, std: float | None = None,
     ``lam`` and ``ema_decay``.
 
     ``std``: the data set's std, with ``schedule.eps_train`` in normalised units (as
-    :func:`linf_jax.train_lib.make_schedule` builds it); ``None``: ``schedule.eps_train`` is in
+    :func:`linf_jax.experiment.make_schedule` builds it); ``None``: ``schedule.eps_train`` is in
     pixels and ``eps_train_normalized`` is None. ``logit_scale_lr``: the base lr of the logit
     scale (default ``schedule.lr``)."""
     steps = [int(s) for s in steps]
@@ -244,11 +244,3 @@ def preview(schedule: Schedule, steps, std: float | None = None,
         "lam": [float(v) for v in np.asarray(schedule.lam(arr), np.float64)],
         "ema_decay": [float(v) for v in np.asarray(schedule.ema_decay_at(arr), np.float64)],
     }
-
-
-if __name__ == "__main__":
-    # The preview runs as the program, under its own name: importing it from here would load this
-    # file a second time as linf_jax.schedules, and absl's --help would list no flags.
-    import runpy
-
-    runpy.run_module("linf_jax.schedule_preview", run_name="__main__", alter_sys=True)

@@ -1,9 +1,11 @@
 """The training step: TrainState, its creation, and ``train_step`` as one pure function.
 
-``train_step(state, images, labels, batch_idx, *, p_phase, ...)`` is a module-level function in
-the style of flax's ``examples/imagenet``: the caller binds what a run fixes (model, optimiser,
-schedule, loss, batch preparation, ensemble layout) with ``functools.partial`` and jits it
-(:func:`make_train_step` does both for a config). It reads p, ε, lr, λ and the EMA decay from
+``train_step(state, images, labels, batch_idx, p_phase, *, spec)`` is a module-level function in
+the style of flax's ``examples/imagenet``: the state carries the model's apply function and the
+optimiser (static fields of :class:`TrainState`), and the caller binds the rest of what a run
+fixes, one :class:`StepSpec` (schedule, loss, batch preparation, ensemble layout), with
+``functools.partial`` and jits it (:func:`make_train_step` does both for a config; the objects
+come from :mod:`linf_jax.experiment`). It reads p, ε, lr, λ and the EMA decay from
 the :class:`~linf_jax.schedules.Schedule` as functions of ``state.step``, runs the model, the
 loss and the Optax chain, and returns the new state and the step's metrics. ``p_phase`` is
 static ('start' → the integer p = 8 path, 'ramp' → traced p, 'inf' → the exact ℓ∞ kernels), so
@@ -26,9 +28,10 @@ docs/METHOD.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -36,15 +39,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from linf_jax import data as data_lib
 from linf_jax import ensemble as ensemble_lib
-from linf_jax import losses, ops, optim, parallel
-from linf_jax.config import ConfigError, members
+from linf_jax import experiment, ops, optim, parallel
+from linf_jax.config import members
+from linf_jax.experiment import augment_key
 from linf_jax.schedules import INF, Schedule
 
 
 @flax.struct.dataclass
 class TrainState:
+    """The whole state of a run: its arrays (checkpointed) and, as static fields (not pytree
+    leaves, never saved), the model's apply function and the optimiser, as in flax's
+    ``training.train_state.TrainState``."""
+
     step: jax.Array
     params: Any
     batch_stats: Any
@@ -52,96 +59,8 @@ class TrainState:
     ema_params: Any
     ema_batch_stats: Any
     rng: jax.Array  # raw uint32 key data of PRNGKey(seed); all keys derive from it
-
-
-# ----------------------------------------------------------------------------------------------
-# What a config fixes: schedule, optimiser, epochs, augmentation, mesh
-# ----------------------------------------------------------------------------------------------
-
-
-def make_schedule(config, steps_per_epoch: int, std: float) -> Schedule:
-    """The run's :class:`Schedule` (family ``train.schedule``), ε in normalised units
-    (``eps_train / std``); λ is 0 unless the loss is v2 (the other losses have none)."""
-    t = config.train
-    v2_loss = t.loss == "v2"
-    return Schedule(
-        epochs=tuple(int(e) for e in t.epochs),
-        steps_per_epoch=steps_per_epoch,
-        lr=float(t.lr),
-        eps_train=data_lib.eps_to_normalized(float(t.eps_train), std),
-        p_start=float(t.p_start),
-        p_end=float(t.p_end),
-        lam_start=float(t.lam_start) if v2_loss else 0.0,
-        lam_end=float(t.lam_end) if v2_loss else 0.0,
-        ema_decay=float(t.ema_decay),
-        family=t.get("schedule", "v1"),
-    )
-
-
-def logit_scale_lr(config) -> float:
-    """The base lr of the logit scale: ``train.logit_scale_lr``, or ``train.lr`` when None."""
-    v = config.train.get("logit_scale_lr")
-    return float(config.train.lr if v is None else v)
-
-
-def make_run_optimizer(config, schedule: Schedule) -> optax.GradientTransformation:
-    """The optimiser of a run: Adam, ``train.weight_decay`` (0: none, the v2 recipe) and the
-    schedule's lr, with ``train.logit_scale_lr`` for the logit scale."""
-    t = config.train
-    return optim.make_optimizer(schedule, float(t.weight_decay), float(t.get("adam_eps", 1e-10)),
-                                logit_scale_lr=logit_scale_lr(config))
-
-
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False, data_devices: int = 1
-                    ) -> int:
-    """Steps of an epoch over ``n`` examples: ``ceil(n / batch_size)`` (the last batch partial,
-    as PyTorch's DataLoader with its default ``drop_last=False``) or ``floor`` with
-    ``drop_last``; see :func:`epoch_batches`."""
-    return len(epoch_batches(n, batch_size, drop_last, data_devices))
-
-
-def epoch_batches(n: int, batch_size: int, drop_last: bool = False, data_devices: int = 1
-                  ) -> list[tuple[int, int]]:
-    """``(start, stop)`` into the epoch's order for each step: full batches, then the partial
-    one unless ``drop_last``. With several devices on the data axis the partial batch is cut to
-    a multiple of their number (at most ``data_devices − 1`` examples of an epoch left out;
-    none left means no partial step)."""
-    full, rest = divmod(n, batch_size)
-    out = [(i * batch_size, (i + 1) * batch_size) for i in range(full)]
-    rest -= rest % data_devices
-    if rest and not drop_last:
-        out.append((full * batch_size, full * batch_size + rest))
-    return out
-
-
-def augmentation(config, meta: dict) -> tuple[int, str, bool]:
-    """``(padding, mode, flip)`` of the random crop (:func:`linf_jax.data.crop_flip`):
-    ``train.crop_padding`` / ``train.crop_mode`` / ``train.flip``, the data set's where None;
-    ``(0, 'zeros', False)`` (nothing) without ``train.augment``."""
-    t = config.train
-    if not t.augment:
-        return 0, "zeros", False
-    kind = meta.get("augment", "none")
-    pad = t.get("crop_padding")
-    flip = t.get("flip")
-    return (data_lib.DEFAULT_PADDING[kind] if pad is None else int(pad),
-            t.get("crop_mode", "zeros"), kind == "cifar" if flip is None else bool(flip))
-
-
-def make_mesh(config):
-    """The device mesh of a run (``config.parallel.num_devices``, ``config.ensemble.shard``);
-    the batch size must split evenly over its ``data`` axis."""
-    try:
-        mesh = parallel.make_mesh(config.parallel.num_devices, members(config),
-                                  bool(config.ensemble.shard))
-    except ValueError as err:
-        raise ConfigError(f"config.{err}") from None
-    data = mesh.shape[parallel.DATA]
-    if config.train.batch_size % data:
-        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not allowed: a "
-                          f"multiple of the {data} devices of the data axis")
-    return mesh
-
+    apply_fn: Callable = flax.struct.field(pytree_node=False, default=None)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +97,8 @@ def create_train_state(config, model: nn.Module, input_shape, tx, mesh=None) -> 
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
             opt_state=opt_state, ema_params=jax.tree.map(jnp.copy, params),
-            ema_batch_stats=jax.tree.map(jnp.copy, batch_stats), rng=rng)
+            ema_batch_stats=jax.tree.map(jnp.copy, batch_stats), rng=rng,
+            apply_fn=model.apply, tx=tx)
 
     if mesh is None:
         return jax.jit(init)(rng)
@@ -186,55 +106,9 @@ def create_train_state(config, model: nn.Module, input_shape, tx, mesh=None) -> 
     return jax.jit(init, out_shardings=shardings)(rng)
 
 
-def _keys(rng):
-    return {"data": jax.random.fold_in(rng, 1), "augment": jax.random.fold_in(rng, 2)}
-
-
-def epoch_order(rng, epoch: int, n: int, k: int | None) -> jax.Array:
-    """The data order of an epoch, from ``(seed, epoch)`` (and the member for independent
-    ensembles): ``[n]`` or ``[K, n]``."""
-    key = jax.random.fold_in(_keys(rng)["data"], epoch)
-    if k is None:
-        return jax.random.permutation(key, n)
-    return jax.vmap(lambda i: jax.random.permutation(jax.random.fold_in(key, i), n))(
-        jnp.arange(k))
-
-
 # ----------------------------------------------------------------------------------------------
 # The step
 # ----------------------------------------------------------------------------------------------
-
-
-def make_loss_fn(config) -> Callable:
-    """``loss_fn(logits, margins, labels, eps, lam, scale)`` of ``train.loss``: ``hinge`` (mix,
-    κ), ``kappa_ce`` (κ) or ``v2`` (ε in normalised units, λ, the logit scale); see
-    :mod:`linf_jax.losses` and docs/METHOD.md §4."""
-    t = config.train
-    if t.loss == "hinge":
-        mix, kappa = float(t.mix), float(t.kappa)
-        return lambda logits, margins, labels, eps, lam, scale: losses.kappa_mix(
-            lambda m, _: losses.hinge_loss(m, mix), logits, margins, labels, kappa)
-    if t.loss == "kappa_ce":
-        kappa = float(t.kappa)
-        return lambda logits, margins, labels, eps, lam, scale: losses.kappa_ce_loss(
-            logits, margins, labels, kappa)
-    return lambda logits, margins, labels, eps, lam, scale: losses.v2_mixture_loss(
-        logits, margins, labels, eps, lam, scale)
-
-
-def make_prepare_fn(config, meta: dict) -> Callable:
-    """``prepare(images, labels, idx, key) -> (x, y)``: the batch ``idx`` of the split on the
-    device, as pixels, randomly cropped and flipped (:func:`augmentation`), normalised."""
-    mean = jnp.asarray(meta["mean"], jnp.float32)
-    std = float(meta["std"])
-    pad, pad_mode, flip = augmentation(config, meta)
-
-    def prepare(images, labels, idx, key):
-        x = data_lib.as_pixels(images[idx])
-        x = data_lib.crop_flip(key, x, pad, pad_mode, flip)
-        return data_lib.normalize(x, mean, std), labels[idx]
-
-    return prepare
 
 
 def squared_norm(tree) -> jax.Array:
@@ -244,53 +118,73 @@ def squared_norm(tree) -> jax.Array:
     return sum(jnp.sum(jnp.abs(g) * jnp.abs(g)) for g in jax.tree.leaves(tree))
 
 
-def member_apply(model: nn.Module, params, batch_stats, x, y, p, eps):
+def member_apply(apply_fn: Callable, params, batch_stats, x, y, p, eps):
     """One model in training mode: ``(logits, worst-case margins, new batch_stats)``."""
     variables = {"params": params, "batch_stats": batch_stats}
-    (logits, margins), new = model.apply(
+    (logits, margins), new = apply_fn(
         variables, x, p=p, train=True, eps=eps, labels=y, mutable=["batch_stats"])
     return logits, margins, new.get("batch_stats", {})
 
 
-def member_loss(params, batch_stats, x, y, p, eps, lam, *, model, loss_fn):
+def member_loss(params, batch_stats, x, y, p, eps, lam, *, apply_fn, loss_fn):
     """The loss of one model on a batch: ``(loss, (logits, new batch_stats))``."""
-    logits, margins, bs = member_apply(model, params, batch_stats, x, y, p, eps)
+    logits, margins, bs = member_apply(apply_fn, params, batch_stats, x, y, p, eps)
     return loss_fn(logits, margins, y, eps, lam, params["logit_scale"]), (logits, bs)
 
 
-def joint_loss(params, batch_stats, x, y, p, eps, lam, *, model, loss_fn, execution):
+def joint_loss(params, batch_stats, x, y, p, eps, lam, *, apply_fn, loss_fn, execution):
     """The loss of a joint ensemble: the members applied (mapped over the member axis), then
     ONE loss of their mean logits and mean worst-case margins (docs/METHOD.md §8)."""
     logits, margins, bs = ensemble_lib.members_map(
-        functools.partial(member_apply, model), (0, 0, None, None, None, None), execution)(
+        functools.partial(member_apply, apply_fn), (0, 0, None, None, None, None), execution)(
         params, batch_stats, x, y, p, eps)
     logits = logits.mean(0)
     loss = loss_fn(logits, margins.mean(0), y, eps, lam, params["logit_scale"].mean())
     return loss, (logits, bs)
 
 
-def member_update(params, opt_state, ema_params, ema_bs, grads, bs, *, tx, p, alpha):
+class MemberUpdate(NamedTuple):
+    """One model's new parameters, optimiser state and EMA copies."""
+
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    ema_batch_stats: Any
+
+
+class MemberStep(NamedTuple):
+    """The result of :func:`member_step`: the step's loss, logits, new running means and
+    ``Σ grad²``, and the :class:`MemberUpdate`."""
+
+    loss: jax.Array
+    logits: jax.Array
+    batch_stats: Any
+    grad_sq: jax.Array
+    update: MemberUpdate
+
+
+def member_update(params, opt_state, ema_params, ema_bs, grads, bs, *, tx, p, alpha
+                  ) -> MemberUpdate:
     """Adam and the weight decay (Optax), then the EMA of the parameters and of the running
     means, for one model."""
     # In the start and inf phases p is a Python number and the ℓp decay is compiled for it; a
     # traced p (the ramp) is read from the schedule inside the decay (linf_jax.optim).
     updates, opt_state = tx.update(grads, opt_state, params, phase_p=p)
     params = optax.apply_updates(params, updates)
-    return (params, opt_state, optim.ema_update(ema_params, params, alpha),
-            optim.ema_update(ema_bs, bs, alpha))
+    return MemberUpdate(params, opt_state, optim.ema_update(ema_params, params, alpha),
+                        optim.ema_update(ema_bs, bs, alpha))
 
 
 def member_step(params, batch_stats, opt_state, ema_params, ema_bs, x, y, p, eps, lam, alpha,
-                *, model, loss_fn, tx):
-    """The whole step of one model: ``(loss, logits, batch_stats, Σ grad², params, opt_state,
-    ema_params, ema_batch_stats)``. The single-model step, and mapped over the members the
+                *, apply_fn, loss_fn, tx) -> MemberStep:
+    """The whole step of one model. The single-model step, and mapped over the members the
     independent ensemble's (each member's new state written once, no stacked temporaries)."""
     (loss, (logits, bs)), grads = jax.value_and_grad(
-        functools.partial(member_loss, model=model, loss_fn=loss_fn), has_aux=True)(
+        functools.partial(member_loss, apply_fn=apply_fn, loss_fn=loss_fn), has_aux=True)(
         params, batch_stats, x, y, p, eps, lam)
-    return (loss, logits, bs, squared_norm(grads),
-            *member_update(params, opt_state, ema_params, ema_bs, grads, bs, tx=tx, p=p,
-                           alpha=alpha))
+    return MemberStep(loss, logits, bs, squared_norm(grads),
+                      member_update(params, opt_state, ema_params, ema_bs, grads, bs, tx=tx,
+                                    p=p, alpha=alpha))
 
 
 def shared_counters(opt_state):
@@ -302,101 +196,129 @@ def shared_counters(opt_state):
     return axes, jax.tree.map(lambda a, ax: a if ax == 0 else a[0], opt_state, axes)
 
 
-def train_step(state: TrainState, images, labels, batch_idx, p_phase: str, *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: Schedule, loss_fn: Callable,
-               prepare: Callable, pixel_std: float, ensemble: int | None = None,
-               mode: str = "joint", execution: str = "batched",
-               constrain: Callable | None = None):
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What a run fixes for its step besides the model and the optimiser (which the
+    :class:`TrainState` carries): the schedule, the loss, the batch preparation, the pixel std
+    that turns the metrics' ε back into pixels, the ensemble layout (``num_members``: K, or None
+    for a single model; ``mode`` 'joint' or 'independent'; ``execution``, how the member axis
+    runs, :func:`linf_jax.ensemble.members_map`) and ``constrain(x, y, member_axis)``, which
+    places the batch on a device mesh (None: no mesh). :func:`step_spec` builds it from a
+    config."""
+
+    schedule: Schedule
+    loss_fn: Callable
+    prepare: Callable
+    pixel_std: float
+    num_members: int | None = None
+    mode: str = "joint"
+    execution: str = "batched"
+    constrain: Callable | None = None
+
+
+def train_step(state: TrainState, images, labels, batch_idx, p_phase: str, *, spec: StepSpec):
     """One training step: ``(new_state, metrics)``.
 
     ``images``/``labels`` are the whole training split on the device; ``batch_idx`` is ``[B]``
     (single model and joint ensembles: all members see the same batch) or ``[K, B]``
-    (independent ensembles). ``ensemble`` is K (None: a single model), ``mode`` 'joint' or
-    'independent', ``execution`` how the member axis runs (:func:`linf_jax.ensemble.members_map`).
-    ``constrain(x, y, member_axis)`` places the batch on a device mesh (None: no mesh).
-    ``pixel_std`` converts the metrics' ε back to pixels.
+    (independent ensembles). The model and the optimiser are the state's ``apply_fn`` and
+    ``tx``; everything else a run fixes is ``spec``.
     """
+    schedule, k = spec.schedule, spec.num_members
     step = state.step
     p = {"start": schedule.p_start, "inf": INF}.get(p_phase)
     p = schedule.p(step) if p is None else p
     eps, lam, alpha = schedule.eps(step), schedule.lam(step), schedule.ema_decay_at(step)
-    aug_key = jax.random.fold_in(_keys(state.rng)["augment"], step)
-    constrain = constrain or (lambda x, y, member_axis: (x, y))
-    one_step = functools.partial(member_step, model=model, loss_fn=loss_fn, tx=tx)
+    aug_key = jax.random.fold_in(augment_key(state.rng), step)
+    constrain = spec.constrain or (lambda x, y, member_axis: (x, y))
+    one_step = functools.partial(member_step, apply_fn=state.apply_fn, loss_fn=spec.loss_fn,
+                                 tx=state.tx)
 
-    if ensemble is None:
-        x, y = constrain(*prepare(images, labels, batch_idx, aug_key), member_axis=False)
-        loss, logits, bs, grad_sq, params, opt_state, ema_params, ema_bs = one_step(
-            state.params, state.batch_stats, state.opt_state, state.ema_params,
-            state.ema_batch_stats, x, y, p, eps, lam, alpha)
-    elif mode == "joint":
-        x, y = constrain(*prepare(images, labels, batch_idx, aug_key), member_axis=False)
+    if k is None:
+        x, y = constrain(*spec.prepare(images, labels, batch_idx, aug_key), member_axis=False)
+        out = one_step(state.params, state.batch_stats, state.opt_state, state.ema_params,
+                       state.ema_batch_stats, x, y, p, eps, lam, alpha)
+        loss, logits, bs, grad_sq, update = out
+    elif spec.mode == "joint":
+        x, y = constrain(*spec.prepare(images, labels, batch_idx, aug_key), member_axis=False)
         (loss, (logits, bs)), grads = jax.value_and_grad(
-            functools.partial(joint_loss, model=model, loss_fn=loss_fn, execution=execution),
+            functools.partial(joint_loss, apply_fn=state.apply_fn, loss_fn=spec.loss_fn,
+                              execution=spec.execution),
             has_aux=True)(state.params, state.batch_stats, x, y, p, eps, lam)
         grad_sq = squared_norm(grads)
         opt_axes, opt_in = shared_counters(state.opt_state)
-        params, opt_state, ema_params, ema_bs = jax.vmap(
-            functools.partial(member_update, tx=tx, p=p, alpha=alpha),
+        update = jax.vmap(
+            functools.partial(member_update, tx=state.tx, p=p, alpha=alpha),
             in_axes=(0, opt_axes, 0, 0, 0, 0))(
             state.params, opt_in, state.ema_params, state.ema_batch_stats, grads, bs)
     else:  # independent: the single-model step mapped over the members
-        member_keys = jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(jnp.arange(ensemble))
-        x, y = constrain(*jax.vmap(prepare, in_axes=(None, None, 0, 0))(
+        member_keys = jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(jnp.arange(k))
+        x, y = constrain(*jax.vmap(spec.prepare, in_axes=(None, None, 0, 0))(
             images, labels, batch_idx, member_keys), member_axis=True)
-        opt_axes, opt_in = (shared_counters(state.opt_state) if execution == "batched"
+        opt_axes, opt_in = (shared_counters(state.opt_state) if spec.execution == "batched"
                             else (0, state.opt_state))
-        loss, logits, bs, grad_sq, params, opt_state, ema_params, ema_bs = (
-            ensemble_lib.members_map(
-                one_step, (0, 0, opt_axes, 0, 0, 0, 0, None, None, None, None), execution)(
-                state.params, state.batch_stats, opt_in, state.ema_params,
-                state.ema_batch_stats, x, y, p, eps, lam, alpha))
+        loss, logits, bs, grad_sq, update = ensemble_lib.members_map(
+            one_step, (0, 0, opt_axes, 0, 0, 0, 0, None, None, None, None), spec.execution)(
+            state.params, state.batch_stats, opt_in, state.ema_params, state.ema_batch_stats,
+            x, y, p, eps, lam, alpha)
         loss, grad_sq = loss.mean(), grad_sq.sum()
     new_state = state.replace(
-        step=step + 1, params=params, batch_stats=bs, opt_state=opt_state,
-        ema_params=ema_params, ema_batch_stats=ema_bs)
+        step=step + 1, params=update.params, batch_stats=bs, opt_state=update.opt_state,
+        ema_params=update.ema_params, ema_batch_stats=update.ema_batch_stats)
     metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == y).mean(),
-               "grad_norm": jnp.sqrt(grad_sq), "param_norm": optax.global_norm(params),
-               "p": jnp.asarray(p, jnp.float32), "eps": eps * pixel_std,
+               "grad_norm": jnp.sqrt(grad_sq), "param_norm": optax.global_norm(update.params),
+               "p": jnp.asarray(p, jnp.float32), "eps": eps * spec.pixel_std,
                "lr": schedule.lr_at(step), "lam": lam, "ema_decay": alpha}
     return new_state, metrics
 
 
-def bind_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict,
-                    constrain: Callable | None = None) -> Callable:
-    """:func:`train_step` with everything a run's config fixes bound (``functools.partial``),
-    not jitted: ``step_fn(state, images, labels, batch_idx, p_phase)``, for the caller to jit
-    with ``static_argnames=("p_phase",)``."""
+def step_spec(config, schedule: Schedule, meta: dict, constrain: Callable | None = None
+              ) -> StepSpec:
+    """The :class:`StepSpec` of a config: its loss, its batch preparation and its ensemble
+    layout, with ``schedule`` and ``constrain``."""
     execution = ensemble_lib.resolve_execution(config.ensemble.get("execution", "auto"),
                                                sharded=bool(config.ensemble.shard),
                                                training=True)
-    return functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule, loss_fn=make_loss_fn(config),
-        prepare=make_prepare_fn(config, meta), pixel_std=float(meta["std"]),
-        ensemble=members(config), mode=config.ensemble.mode, execution=execution,
-        constrain=constrain)
+    return StepSpec(schedule=schedule, loss_fn=experiment.make_loss_fn(config),
+                    prepare=experiment.make_prepare_fn(config, meta),
+                    pixel_std=float(meta["std"]), num_members=members(config),
+                    mode=config.ensemble.mode, execution=execution, constrain=constrain)
 
 
-def make_train_step(config, model: nn.Module, tx, schedule: Schedule, meta: dict,
-                    mesh=None, state_sharding=None, donate: bool = False) -> Callable:
-    """:func:`bind_train_step` jitted: ``step_fn(state, images, labels, batch_idx, p_phase)``.
+def bind_train_step(config, schedule: Schedule, meta: dict,
+                    constrain: Callable | None = None) -> Callable:
+    """:func:`train_step` with the config's :class:`StepSpec` bound, not jitted:
+    ``step_fn(state, images, labels, batch_idx, p_phase)``, for the caller to jit with
+    ``static_argnames=("p_phase",)``."""
+    return functools.partial(train_step, spec=step_spec(config, schedule, meta, constrain))
+
+
+def make_train_step(config, schedule: Schedule, meta: dict, mesh=None, state_sharding=None,
+                    donate: bool = False, kernels: ops.KernelChoice | None = None) -> Callable:
+    """:func:`bind_train_step` jitted: ``step_fn(state, images, labels, batch_idx, p_phase)``,
+    traced under ``kernels`` (None: the choice in force when it is first traced).
     With ``donate`` the input state's buffers are reused for the output state (the training
     loop never reads a state it has passed on), so a step holds one copy of parameters, Adam
     moments and EMA instead of two; callers that step the same state twice keep it off. With a
     ``mesh`` the batch is constrained to its ``data`` axis and the state keeps
-    ``state_sharding``; the program is the global-batch program either way."""
+    ``state_sharding``; the program is the global-batch program either way; on several devices
+    the kernels are :meth:`linf_jax.ops.KernelChoice.for_partitioned`."""
 
     def constrain(x, y, member_axis: bool):
         sharding = parallel.batch_sharding(mesh, member_axis)
         return (jax.lax.with_sharding_constraint(x, sharding),
                 jax.lax.with_sharding_constraint(y, sharding))
 
-    step_fn = bind_train_step(config, model, tx, schedule, meta,
-                              constrain=None if mesh is None else constrain)
+    bound = bind_train_step(config, schedule, meta, constrain=None if mesh is None else constrain)
+    if mesh is not None and mesh.size > 1:  # custom calls would run unpartitioned
+        bound = ops.partitionable(bound)
+
+    def step_fn(state, images, labels, batch_idx, p_phase):
+        with ops.use_kernels(kernels):
+            return bound(state, images, labels, batch_idx, p_phase)
+
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(step_fn, static_argnames=("p_phase",), donate_argnums=donate_argnums)
-    if mesh.size > 1:  # custom calls would run unpartitioned (see ops.partitionable)
-        step_fn = ops.partitionable(step_fn)
     return jax.jit(step_fn, static_argnames=("p_phase",), donate_argnums=donate_argnums,
                    out_shardings=(state_sharding, parallel.replicated(mesh)))

@@ -32,9 +32,8 @@ import numpy as np
 from linf_jax import checkpoint as ckpt
 from linf_jax import config as config_lib
 from linf_jax import data as data_lib
-from linf_jax import evaluation, ops, parallel, train_lib
+from linf_jax import evaluation, experiment, ops, parallel, train_lib
 from linf_jax.config import ConfigError, TrainingError
-from linf_jax.models import build_model
 from linf_jax.train_lib import TrainState
 
 
@@ -161,17 +160,24 @@ def dataset_meta(ds: data_lib.Dataset) -> dict:
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True,
-                       evaluate_at_end: bool = True, max_steps: int | None = None) -> TrainResult:
+                       evaluate_at_end: bool = True, max_steps: int | None = None, *,
+                       kernels: ops.KernelChoice | None = None,
+                       validated: bool = False) -> TrainResult:
     """Trains from ``config`` in ``workdir`` (resuming from its newest good checkpoint) and, at
-    the end, evaluates the EMA weights on the test split. Everything is traced with the kernels
-    of ``config.kernels``.
+    the end, evaluates the EMA weights on the test split.
 
-    ``max_steps`` stops after that many steps of this call (checkpoint saved, ``preempted`` set),
-    exactly as a SIGTERM would; calling again resumes."""
-    config_lib.validate_config(config)
+    ``kernels``: the run's kernel choice (None: :func:`linf_jax.experiment.kernels` of the
+    config, resolved here); every program of the run is traced with it and ``meta.json``
+    records it. ``validated``: the caller has already run
+    :func:`linf_jax.config.validate_config` on ``config`` (the command line does, before the
+    heavy imports), so it is not checked twice. ``max_steps`` stops after that many steps of
+    this call (checkpoint saved, ``preempted`` set), exactly as a SIGTERM would; calling again
+    resumes."""
+    if not validated:
+        config_lib.validate_config(config)
     config_lib.check_determinism(config)
-    with ops.use_kernels(config_lib.kernels_choice(config)):
-        return _train_and_evaluate(config, workdir, progress, evaluate_at_end, max_steps)
+    kernels = experiment.kernels(config) if kernels is None else kernels
+    return _train_and_evaluate(config, workdir, progress, evaluate_at_end, max_steps, kernels)
 
 
 @dataclasses.dataclass
@@ -186,18 +192,20 @@ class _Run:
     mesh: object
     batches: list
     schedule: object
-    tx: object
     state_sharding: object
+    kernels: ops.KernelChoice
 
 
-def _build(config, workdir: str) -> tuple[_Run, TrainState]:
+def _build(config, workdir: str, kernels: ops.KernelChoice) -> tuple[_Run, TrainState]:
     d = config.data
     train_ds = data_lib.load(d.source, d.train_split, d.get("data_dir"))
     meta = dataset_meta(train_ds)
-    model = build_model(config.model, train_ds.num_classes)
+    model = experiment.build_model(config, train_ds.num_classes)
     n = len(train_ds.labels)
-    mesh = train_lib.make_mesh(config)
-    batches = train_lib.epoch_batches(n, config.train.batch_size,
+    mesh = experiment.make_mesh(config)
+    if mesh.size > 1:  # custom calls would run unpartitioned: recorded as what runs
+        kernels = kernels.for_partitioned()
+    batches = experiment.epoch_batches(n, config.train.batch_size,
                                       bool(config.train.get("drop_last", False)),
                                       mesh.shape[parallel.DATA])
     if not batches:
@@ -205,17 +213,20 @@ def _build(config, workdir: str) -> tuple[_Run, TrainState]:
                           f"at most the {n} training examples of {d.source}:{d.train_split} "
                           "with train.drop_last=True")
     meta["steps_per_epoch"] = len(batches)
-    schedule = train_lib.make_schedule(config, len(batches), meta["std"])
-    tx = train_lib.make_run_optimizer(config, schedule)
-    state = train_lib.create_train_state(config, model, train_ds.input_shape, tx, mesh)
+    meta["kernels"] = kernels.record()
+    schedule = experiment.make_schedule(config, len(batches), meta["std"])
+    tx = experiment.make_optimizer(config, schedule)
+    with ops.use_kernels(kernels):
+        state = train_lib.create_train_state(config, model, train_ds.input_shape, tx, mesh)
     sharding = jax.tree.map(lambda a: a.sharding, state)
-    run = _Run(config, workdir, train_ds, meta, model, mesh, batches, schedule, tx, sharding)
+    run = _Run(config, workdir, train_ds, meta, model, mesh, batches, schedule, sharding, kernels)
     return run, state
 
 
-def _train_and_evaluate(config, workdir, progress, evaluate_at_end, max_steps) -> TrainResult:
+def _train_and_evaluate(config, workdir, progress, evaluate_at_end, max_steps, kernels
+                        ) -> TrainResult:
     os.makedirs(workdir, exist_ok=True)
-    run, state = _build(config, workdir)
+    run, state = _build(config, workdir, kernels)
     main_process = jax.process_index() == 0  # multi-host: process 0 writes the run's files
     lock = ckpt.WorkdirLock(workdir)
     if main_process:
@@ -258,8 +269,8 @@ def _loop(run: _Run, state: TrainState, mngr, writer: MetricWriter, progress: bo
 
     config, schedule = run.config, run.schedule
     steps_per_epoch = len(run.batches)
-    step_fn = train_lib.make_train_step(config, run.model, run.tx, schedule, run.meta, run.mesh,
-                                        run.state_sharding, donate=True)
+    step_fn = train_lib.make_train_step(config, schedule, run.meta, run.mesh, run.state_sharding,
+                                        donate=True, kernels=run.kernels)
     replicated = parallel.replicated(run.mesh)
     images = parallel.global_array(run.train_ds.images, replicated)
     labels = parallel.global_array(run.train_ds.labels, replicated)
@@ -301,7 +312,7 @@ def _loop(run: _Run, state: TrainState, mngr, writer: MetricWriter, progress: bo
             for step in range(start, total):
                 epoch, pos = divmod(step, steps_per_epoch)
                 if epoch != order_epoch:
-                    order = np.asarray(train_lib.epoch_order(state.rng, epoch, n, order_k))
+                    order = np.asarray(experiment.epoch_order(state.rng, epoch, n, order_k))
                     order_epoch = epoch
                 lo, hi = run.batches[pos]  # the last batch of an epoch may be partial
                 idx = parallel.global_array(order[..., lo:hi], replicated)
@@ -338,10 +349,11 @@ def _evaluate_at_end(run: _Run, state: TrainState, writer: MetricWriter, progres
     """The EMA weights on the test split (written to ``results.json`` and TensorBoard)."""
     d = run.config.data
     test_ds = data_lib.load(d.source, d.test_split, d.get("data_dir"))
-    results = evaluation.evaluate(
-        run.model, ckpt.variables_for(state, "ema"), test_ds, run.meta, run.config.eval,
-        members=config_lib.members(run.config), progress=progress,
-        key=jax.random.fold_in(state.rng, 3))
+    with ops.use_kernels(run.kernels):
+        results = evaluation.evaluate(
+            run.model, ckpt.variables_for(state, "ema"), test_ds, run.meta, run.config.eval,
+            members=config_lib.members(run.config), progress=progress,
+            key=jax.random.fold_in(state.rng, 3))
     results["weights"] = "ema"
     if jax.process_index() == 0:
         ckpt.write_json(os.path.join(run.workdir, "results.json"), results)

@@ -161,19 +161,19 @@ class StepSetup:
         import jax
 
         from linf_jax import data as data_lib
-        from linf_jax import train_lib, trainer
+        from linf_jax import experiment, train_lib, trainer
         from linf_jax.models import build_model
 
         self.ds = data_lib.load("digits", split or cfg.data.train_split)
         self.meta = trainer.dataset_meta(self.ds)
-        self.schedule = train_lib.make_schedule(cfg, steps_per_epoch, self.meta["std"])
+        self.schedule = experiment.make_schedule(cfg, steps_per_epoch, self.meta["std"])
         self.tx = train_lib.optim.make_optimizer(self.schedule, cfg.train.weight_decay, adam_eps)
         self.model = build_model(cfg.model, self.meta["num_classes"])
         self.state = train_lib.create_train_state(cfg, self.model,
                                                   tuple(self.meta["input_shape"]), self.tx)
         # The module-level train_step, bound to the config as the training loop binds it and
         # jitted here (tests call the real step, not a stand-in).
-        bound = train_lib.bind_train_step(cfg, self.model, self.tx, self.schedule, self.meta)
+        bound = train_lib.bind_train_step(cfg, self.schedule, self.meta)
         assert bound.func is train_lib.train_step
         self.step = jax.jit(bound, static_argnames=("p_phase",))
 

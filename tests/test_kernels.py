@@ -1,4 +1,4 @@
-"""Pallas kernels (linf_jax/kernels) against the XLA code of linf_jax.ops, in interpret mode.
+"""Pallas kernels (linf_jax/ops/pallas.py) against the XLA code of linf_jax.ops, in interpret mode.
 
 Small shapes with small tiles, so that several tiles and padding on every axis are exercised
 (B = 5 over tiles of 4, out = 19 over tiles of 8, in = 37 over tiles of 16) while interpret mode
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from linf_jax import ops
-from linf_jax.kernels import Blocks, pallas_dist, pallas_linf_dist, pallas_lp_dist
+from linf_jax.ops.pallas import Blocks, pallas_dist, pallas_linf_dist, pallas_lp_dist
 
 INF = float("inf")
 SMALL = Blocks(b=4, out=8, n=16, unroll=4)
@@ -126,9 +126,9 @@ def test_blocks_must_be_powers_of_two():
 
 
 def test_dispatch_on_cpu(monkeypatch):
-    """Unset: the native kernels where measured faster (and they build), never Pallas; ``auto``:
-    Pallas on GPU only; ``use_kernels`` overrides the variable; unknown names fail with the
-    choices."""
+    """Unset: the native kernels where measured faster (and they build), never Pallas; ``auto``
+    means the same as unset, on the CPU and on a GPU; ``use_kernels`` overrides the variable;
+    unknown names fail with the choices."""
 
     assert jax.default_backend() == "cpu"
     from linf_jax import calibration
@@ -145,12 +145,13 @@ def test_dispatch_on_cpu(monkeypatch):
     with ops.use_kernels("auto"):
         assert ops.kernel_backend() == cpu_default
     assert ops.kernel_backend() == "xla"
-    monkeypatch.setenv(ops.KERNELS_ENV, "auto")  # auto: Pallas on GPU only
+    monkeypatch.setenv(ops.KERNELS_ENV, "auto")  # auto: what unset gives, on every platform
     assert ops.kernel_backend() == cpu_default
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert ops.kernel_backend() == "pallas"
+    assert ops.kernel_backend() == "xla"
+    assert ops.resolve().record()["passes"] == dict.fromkeys(ops.FAMILIES, "xla")
     monkeypatch.delenv(ops.KERNELS_ENV)
-    assert ops.kernel_backend() == "xla"  # opt-in until timed on a GPU
+    assert ops.kernel_backend() == "xla"  # Pallas is opt-in until timed on a GPU
     monkeypatch.setenv(ops.KERNELS_ENV, "native")  # native is CPU-only
     with pytest.raises(ValueError, match="needs the CPU backend"):
         ops.kernel_backend()

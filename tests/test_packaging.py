@@ -52,11 +52,11 @@ def test_wheel_installs_commands_that_train_and_certify_a_preset(installed):
 
 def test_presets_by_name_and_module_entry_points(installed):
     bin_dir, work = installed
-    shown = _run([bin_dir / "python", "-m", "linf_jax.train", "--config", "mnist_03",
+    shown = _run([bin_dir / "python", "-m", "linf_jax.cli.train", "--config", "mnist_03",
                   "--print_config"], work)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert json.loads(shown.stdout)["data"]["source"] == "tfds:mnist"
     bad = _run([bin_dir / "linf-train", "--config", "mnist_3"], work)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "mnist_03" in bad.stderr
-    certify = _run([bin_dir / "python", "-m", "linf_jax.certify"], work)  # the command line
+    certify = _run([bin_dir / "python", "-m", "linf_jax.cli.certify"], work)  # the command line
     assert certify.returncode == 2 and "--workdir is required" in certify.stderr, certify

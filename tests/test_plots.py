@@ -94,7 +94,7 @@ def check_png(path, size, colours=()) -> np.ndarray:
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "linf_jax.plots", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "linf_jax.cli.plot", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": REPO})
 

@@ -20,7 +20,7 @@ from conftest import REPO
 
 from linf_jax import config as config_lib
 from linf_jax import data as data_lib
-from linf_jax import schedules, train_lib
+from linf_jax import experiment, schedules
 from linf_jax.models import build_model
 
 V1, EMA, V2 = ("zbh2047/L_inf-dist-net", "Theia-4869/EMA-and-Ensemble-Lip-Networks",
@@ -146,11 +146,11 @@ def test_preset_equals_official_script(name):
     # Normalisation and steps per epoch as the official loaders give them.
     mean, std = NORMALISATION[o["data"]]
     assert data_lib.KNOWN_TFDS[o["data"]][:2] == (mean, std)
-    assert train_lib.steps_per_epoch(TRAIN_SIZE[o["data"]], t.batch_size, t.drop_last) == \
+    assert experiment.steps_per_epoch(TRAIN_SIZE[o["data"]], t.batch_size, t.drop_last) == \
         STEPS_PER_EPOCH[o["data"]]
     # The augmentation the train step runs.
     kind = data_lib.KNOWN_TFDS[o["data"]][2]
-    assert train_lib.augmentation(c, {"augment": kind}) == (o["crop_padding"], o["crop_mode"],
+    assert experiment.augmentation(c, {"augment": kind}) == (o["crop_padding"], o["crop_mode"],
                                                              o["flip"])
     # The model builds with the head width of the script.
     m = build_model(c.model, 10)
@@ -196,8 +196,8 @@ def preset_preview(name, steps):
     c = load(name)
     o = OFFICIAL[name][2]
     std = NORMALISATION[o["data"]][1]
-    s = train_lib.make_schedule(c, STEPS_PER_EPOCH[o["data"]], std)
-    return c, s, schedules.preview(s, steps, std, train_lib.logit_scale_lr(c))
+    s = experiment.make_schedule(c, STEPS_PER_EPOCH[o["data"]], std)
+    return c, s, schedules.preview(s, steps, std, experiment.logit_scale_lr(c))
 
 
 def close(got, want, rel):
@@ -325,7 +325,7 @@ def test_plus_plus_eps_ramp_is_a_duration_from_e0():
 
 
 def _preview_cli(*args):
-    cmd = [sys.executable, "-m", "linf_jax.schedules", *args]
+    cmd = [sys.executable, "-m", "linf_jax.cli.schedule", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
 
 

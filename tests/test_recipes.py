@@ -23,7 +23,7 @@ from test_presets import OFFICIAL, OWN, load
 from linf_jax import checkpoint as ckpt
 from linf_jax import config as config_lib
 from linf_jax import data as data_lib
-from linf_jax import train_lib, trainer
+from linf_jax import experiment, train_lib, trainer
 from linf_jax.models import build_model
 
 INF = float("inf")
@@ -44,7 +44,7 @@ def _loss_fn(config, model, meta, x, y, eps_px, lam):
     def loss(variables):
         (logits, margins), _ = model.apply(variables, xn, p=INF, train=True, eps=eps, labels=y,
                                            mutable=["batch_stats"])
-        return train_lib.make_loss_fn(config)(logits, margins, y, eps, lam,
+        return experiment.make_loss_fn(config)(logits, margins, y, eps, lam,
                                           variables["params"]["logit_scale"])
 
     return lambda variables: float(loss(variables))
@@ -96,7 +96,7 @@ def test_loss_family_lowers_its_loss(preset, epochs, n, width, eps0, tmp_path):
     ds = data_lib.load("digits", f"train[:{n}]")
     x, y = ds.images[:256], ds.labels[:256]
     model = build_model(config.model, 10)
-    tx = train_lib.make_run_optimizer(config, train_lib.make_schedule(config, spe, ds.std))
+    tx = experiment.make_optimizer(config, experiment.make_schedule(config, spe, ds.std))
     init = train_lib.create_train_state(config, model, ds.input_shape, tx)
     lam_end = t.lam_end if t.loss == "v2" else 0.0
     loss = _loss_fn(config, model, result.meta, x, y, 0.1, lam_end)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from linf_jax import data, losses, ops, optim, train_lib
+from linf_jax import data, experiment, losses, ops, optim
 from linf_jax.schedules import Schedule
 
 SPE = 7  # steps per epoch
@@ -353,17 +353,17 @@ def test_v2_optimizer_is_plain_adam_with_its_own_scale_lr():
 
 
 def test_epoch_batches_keep_the_last_partial_batch():
-    assert train_lib.epoch_batches(10, 4) == [(0, 4), (4, 8), (8, 10)]
-    assert train_lib.epoch_batches(10, 4, drop_last=True) == [(0, 4), (4, 8)]
-    assert train_lib.epoch_batches(8, 4) == [(0, 4), (4, 8)]
-    assert train_lib.epoch_batches(3, 4) == [(0, 3)]
-    assert train_lib.epoch_batches(3, 4, drop_last=True) == []
+    assert experiment.epoch_batches(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert experiment.epoch_batches(10, 4, drop_last=True) == [(0, 4), (4, 8)]
+    assert experiment.epoch_batches(8, 4) == [(0, 4), (4, 8)]
+    assert experiment.epoch_batches(3, 4) == [(0, 3)]
+    assert experiment.epoch_batches(3, 4, drop_last=True) == []
     # several data devices: the partial batch is cut to a multiple of their number
-    assert train_lib.epoch_batches(11, 4, data_devices=2) == [(0, 4), (4, 8), (8, 10)]
-    assert train_lib.epoch_batches(9, 4, data_devices=2) == [(0, 4), (4, 8)]
-    assert train_lib.steps_per_epoch(60000, 512) == 118
-    assert train_lib.steps_per_epoch(50000, 512) == 98
-    assert train_lib.steps_per_epoch(60000, 512, drop_last=True) == 117
+    assert experiment.epoch_batches(11, 4, data_devices=2) == [(0, 4), (4, 8), (8, 10)]
+    assert experiment.epoch_batches(9, 4, data_devices=2) == [(0, 4), (4, 8)]
+    assert experiment.steps_per_epoch(60000, 512) == 118
+    assert experiment.steps_per_epoch(50000, 512) == 98
+    assert experiment.steps_per_epoch(60000, 512, drop_last=True) == 117
 
 
 @pytest.mark.parametrize("mode", ["zeros", "edge"])

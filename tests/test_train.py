@@ -258,8 +258,7 @@ def test_donated_train_step_reuses_the_state_buffers_and_computes_the_same():
 
     cfg = tiny_config(**{"train.epochs": (0, 1, 1, 2, 3)})
     plain, donated = StepSetup(cfg), StepSetup(cfg)
-    donating = train_lib.make_train_step(cfg, donated.model, donated.tx, donated.schedule,
-                                         donated.meta, donate=True)
+    donating = train_lib.make_train_step(cfg, donated.schedule, donated.meta, donate=True)
     images, labels = jnp.asarray(plain.ds.images), jnp.asarray(plain.ds.labels)
     idx = jnp.arange(64)
     state_bytes = sum(a.nbytes for a in jax.tree.leaves(plain.state))

@@ -11,8 +11,9 @@ API; each backend is a module of its own:
 * :mod:`linf_jax.ops.pallas` — Pallas kernels for ℓ∞ and ℓp (GPU through Triton, interpret mode
   anywhere), opt-in: checked in interpret mode and by cross-lowering, not timed on a GPU
   (BENCHMARKS.md);
-* :mod:`linf_jax.ops.dispatch` — which one runs (``LINF_JAX_KERNELS`` / ``config.kernels``,
-  per pass family where measured faster, per lowering platform).
+* :mod:`linf_jax.ops.dispatch` — which one runs: a :class:`KernelChoice` resolved from
+  ``config.kernels`` / :func:`use_kernels` / ``LINF_JAX_KERNELS`` (per pass family, per lowering
+  platform).
 
 ℓp uses the stable form ``m · (Σ (|d|/m)^p)^(1/p)`` with ``m = max|d|`` (one max pass, one sum
 pass; every term is at most 1, so nothing overflows up to p = 1000: docs/METHOD.md §2). Each
@@ -31,8 +32,11 @@ from jax import lax
 from linf_jax import native
 from linf_jax.ops import dispatch, native_cpu, xla  # noqa: F401 - the backends, as attributes
 from linf_jax.ops.dispatch import (
+    FAMILIES,
     KERNEL_CHOICES,
     KERNELS_ENV,
+    KernelChoice,
+    active,
     kernel_backend,
     kernel_request,
     kernels_line,
@@ -40,6 +44,7 @@ from linf_jax.ops.dispatch import (
     on_cpu,
     pallas_module,
     partitionable,
+    resolve,
     use_kernels,
 )
 from linf_jax.ops.native_cpu import linf_native
@@ -59,10 +64,10 @@ from linf_jax.ops.xla import (
 Array = jax.Array
 
 __all__ = [
-    "KERNELS_ENV", "KERNEL_CHOICES", "conv_bounds", "conv_dist", "dist", "extract_patches",
-    "grouped_bounds", "grouped_dist", "kernel_backend", "kernel_request", "kernels_line",
-    "linf_dist", "linf_dist_bounds", "lp_dist", "native_ok", "on_cpu", "partitionable",
-    "use_kernels",
+    "FAMILIES", "KERNELS_ENV", "KERNEL_CHOICES", "KernelChoice", "active", "conv_bounds",
+    "conv_dist", "dist", "extract_patches", "grouped_bounds", "grouped_dist", "kernel_backend",
+    "kernel_request", "kernels_line", "linf_dist", "linf_dist_bounds", "lp_dist", "native_ok",
+    "on_cpu", "partitionable", "resolve", "use_kernels",
 ]
 
 
@@ -72,7 +77,7 @@ def linf_dist(x: Array, w: Array) -> Array:
     Backward: only the arg-max coordinate gets gradient, ``∂y/∂x_{i*} = sign(d_{i*}) = -∂y/∂w_{i*}``
     (first arg-max on ties; zero gradient where x equals w).
     """
-    if kernel_backend() == "pallas":  # kernel dispatch, see kernel_backend
+    if active().runs("linf") == "pallas":  # the kernel choice in force (ops.dispatch)
         kernels, interpret = pallas_module()
         return kernels.pallas_linf_dist(x, w, interpret=interpret)
     # NumPy inputs are made JAX arrays first: a NumPy residual (a NumPy constant closed over
@@ -156,7 +161,7 @@ def lp_dist(x: Array, w: Array, p) -> Array:
     equal to 8, the first training phase). Finite for p up to 1000 and large inputs; 0 (with
     zero gradient) where a row of x equals a row of w.
     """
-    if kernel_backend() == "pallas":  # kernel dispatch, see kernel_backend
+    if active().runs("lp") == "pallas":  # the kernel choice in force (ops.dispatch)
         kernels, interpret = pallas_module()
         return kernels.pallas_lp_dist(x, w, p, interpret=interpret)
     x, w = jnp.asarray(x), jnp.asarray(w)  # see linf_dist

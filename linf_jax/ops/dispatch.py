@@ -1,17 +1,23 @@
-"""Which kernels the distance layers run: the choice, per lowering platform and per pass.
+"""Which kernels the distance layers run: a :class:`KernelChoice`, resolved once and recorded.
 
-``LINF_JAX_KERNELS`` (library default) or ``config.kernels`` (a run): unset or ``auto`` (on the
-CPU the native kernels for the pass families measured faster on this machine,
-:mod:`linf_jax.calibration`; elsewhere the XLA code, except that an explicit ``auto`` takes
-Pallas on a GPU), ``native``, ``xla`` or ``pallas``. All of them compute the same function
-(docs/METHOD.md §2). :func:`use_kernels` sets the choice
-for the code traced inside it; :func:`on_cpu` puts a native call in ``jax.lax.platform_dependent``
-so a program traced on a CPU host carries the XLA code for the GPU or TPU it is lowered for.
+The request is ``config.kernels`` (a run), :func:`use_kernels` (code traced inside it) or
+``LINF_JAX_KERNELS`` (the process default), in that order of precedence; each is one of
+``auto`` (or unset), ``native``, ``xla``, ``pallas``, and ``auto`` means the same wherever it is
+written: on the CPU the native kernels for the pass families measured faster on this machine
+(:mod:`linf_jax.calibration`), the XLA code elsewhere. :func:`resolve` turns a request into a
+:class:`KernelChoice` — which implementation each pass family runs, and why — once (the
+native build and the calibration happen there, the first time they are needed); a run resolves
+its choice at its start, traces its programs under it (:func:`use_kernels` takes the value),
+writes :meth:`KernelChoice.record` to its ``meta.json`` and prints :meth:`KernelChoice.line`,
+which builds and times nothing. All choices compute the same function (docs/METHOD.md §2).
+:func:`on_cpu` puts a native call in ``jax.lax.platform_dependent`` so a program traced on a CPU
+host carries the XLA code for the GPU or TPU it is lowered for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import threading
@@ -24,89 +30,175 @@ from linf_jax import calibration, native
 from linf_jax.config import KERNEL_CHOICES
 
 KERNELS_ENV = "LINF_JAX_KERNELS"
+#: The pass families whose implementation is chosen separately (calibration.FAMILIES).
+FAMILIES = calibration.FAMILIES
+#: The families the Pallas kernels cover; the others run the XLA code under ``pallas``.
+PALLAS_FAMILIES = ("linf", "lp")
 
 _override = threading.local()
 
 
-def kernel_request() -> str:
-    """The choice asked for: :func:`use_kernels` inside it, else ``LINF_JAX_KERNELS`` ('' if
-    unset: the default, fixed for the process once decided). Programs jitted once at module
-    level and reused across calls (the evaluation programs of :mod:`linf_jax.certify` and
-    :mod:`linf_jax.classifier`) take it as a static argument, so another choice traces anew
-    instead of reusing a program traced with other kernels."""
-    return getattr(_override, "choice", None) or os.environ.get(KERNELS_ENV, "").strip().lower()
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """A resolved kernel choice: what each pass family runs on ``platform``, and why.
+
+    ``requested``: the request as written (``'auto'``, ``'native'``, ``'xla'``, ``'pallas'``);
+    ``source``: where it came from (``'config.kernels'``, ``'LINF_JAX_KERNELS'``,
+    ``'use_kernels'`` or ``'default'``); ``passes``: ``(family, implementation)`` for every
+    family of :data:`FAMILIES`; ``native_isa``: the native build's instruction set where a pass
+    runs native; ``reason``: one phrase saying how the choice was made. Hashable: jitted programs
+    take it as a static argument."""
+
+    requested: str
+    source: str
+    platform: str
+    passes: tuple[tuple[str, str], ...]
+    native_isa: str | None = None
+    reason: str = ""
+
+    def runs(self, family: str) -> str:
+        """``'native'``, ``'xla'`` or ``'pallas'``: the implementation of pass ``family``."""
+        return dict(self.passes)[family]
+
+    @property
+    def backend(self) -> str:
+        """``'pallas'`` or ``'native'`` when any pass runs it, else ``'xla'``."""
+        kinds = {impl for _, impl in self.passes}
+        return next((k for k in ("pallas", "native") if k in kinds), "xla")
+
+    def for_partitioned(self) -> KernelChoice:
+        """The choice for a multi-device program: XLA's SPMD partitioner runs a custom call
+        unpartitioned (it all-gathers the batch onto every device), so the native passes chosen
+        by ``auto`` take the XLA code; an explicit ``native`` is kept."""
+        if self.requested == "native" or self.backend != "native":
+            return self
+        return dataclasses.replace(
+            self, passes=tuple((f, "xla" if i == "native" else i) for f, i in self.passes),
+            native_isa=None, reason=self.reason + "; XLA code in multi-device programs")
+
+    def record(self) -> dict:
+        """The choice as JSON (``meta.json``, ``certify.json``, the export's side file)."""
+        return {"requested": self.requested, "from": self.source, "platform": self.platform,
+                "passes": dict(self.passes), "native_isa": self.native_isa,
+                "reason": self.reason}
+
+    def line(self) -> str:
+        """One line for the command lines: which kernels run, and why (builds nothing)."""
+        by_impl: dict[str, list[str]] = {}
+        for family, impl in self.passes:
+            by_impl.setdefault(impl, []).append(family)
+        names = {"native": "native kernels", "xla": "XLA code", "pallas": "Pallas"}
+        if len(by_impl) == 1:
+            what = {"native": f"native CPU ({self.native_isa})", "xla": f"XLA ({self.platform})",
+                    "pallas": f"Pallas ({self.platform})"}[next(iter(by_impl))]
+        else:
+            what = "; ".join(f"{names[i]} for {', '.join(fs)}" for i, fs in by_impl.items())
+            if self.native_isa:
+                what += f" (native CPU build {self.native_isa})"
+        return f"kernels: {what}; {self.reason}" if self.reason else f"kernels: {what}"
 
 
-def kernel_backend() -> str:
-    """``'native'``, ``'xla'`` or ``'pallas'``: the implementation :func:`linf_dist` /
-    :func:`lp_dist` use.
+def _normalized(choice: str | None) -> str:
+    text = (choice or "").strip().lower()
+    return text or "auto"
 
-    Unset (or ``auto``) on the CPU: ``'native'`` when the native kernels build (linf_jax/native:
-    C++ XLA custom calls compiled on first use) and were measured faster than the XLA code on
-    this machine for at least one pass family; :func:`native_ok` then picks per family
-    (:mod:`linf_jax.calibration`: timed once per machine and build, a few seconds, cached).
-    ``'xla'`` otherwise. ``LINF_JAX_KERNELS=native|xla|pallas`` forces one
-    (``native`` needs the CPU backend and a C++ compiler; Pallas runs in interpret mode on the
-    CPU, slowly); ``=auto`` is Pallas on GPU and the unset default elsewhere. The Pallas kernels
-    are opt-in: they are checked in interpret mode and by cross-lowering, and have not been
-    compiled or timed on a GPU (BENCHMARKS.md). :func:`use_kernels` overrides the
-    variable for the code traced inside it. Read at trace time: set it before the first call of
-    a jitted function.
-    """
-    choice = kernel_request()
-    if choice in ("xla", "pallas"):
-        return choice
-    cpu = jax.default_backend() == "cpu"
-    if cpu and choice in ("", "auto", "native"):
+
+def kernel_request() -> str | KernelChoice:
+    """The choice asked for where this is called: the value or request text given to
+    :func:`use_kernels` inside it, else ``LINF_JAX_KERNELS`` ('' if unset). Hashable: programs
+    jitted once at module level (the evaluation programs of :mod:`linf_jax.certify` and
+    :mod:`linf_jax.classifier`) take it as a static argument and trace under it, so another
+    choice traces anew."""
+    choice = getattr(_override, "choice", None)
+    return choice or os.environ.get(KERNELS_ENV, "").strip().lower()
+
+
+def resolve(choice: str | None = None, source: str | None = None) -> KernelChoice:
+    """The :class:`KernelChoice` of a request (``None``: ``LINF_JAX_KERNELS``, else ``auto``) on
+    the default backend. Builds the native kernels and runs the calibration where ``auto`` needs
+    them (each once per process, cached by :mod:`linf_jax.native` and
+    :mod:`linf_jax.calibration`); a bad request, or one this platform cannot run, is a one-line
+    ``ValueError``."""
+    if choice is None:
+        env = os.environ.get(KERNELS_ENV, "").strip().lower()
+        choice, source = (env, KERNELS_ENV) if env else ("auto", source or "default")
+    requested = _normalized(choice)
+    source = source or "use_kernels"
+    if requested not in KERNEL_CHOICES:
+        where = KERNELS_ENV if source == KERNELS_ENV else "kernels"
+        raise ValueError(f"{where}={choice!r} is not one of "
+                         f"{', '.join(map(repr, KERNEL_CHOICES))} (or unset)")
+    return _resolve(requested, source, jax.default_backend())
+
+
+def _resolve(requested: str, source: str, platform: str) -> KernelChoice:
+    cpu = platform == "cpu"
+
+    def every(impl: str) -> tuple[tuple[str, str], ...]:
+        return tuple((f, impl) for f in FAMILIES)
+
+    if requested == "xla":
+        return KernelChoice(requested, source, platform, every("xla"), reason="as requested")
+    if requested == "pallas":
+        passes = tuple((f, "pallas" if f in PALLAS_FAMILIES else "xla") for f in FAMILIES)
+        how = "interpret mode on the CPU" if cpu else "as requested"
+        return KernelChoice(requested, source, platform, passes, reason=how)
+    if cpu:
         native.isa()  # a bad LINF_JAX_NATIVE_ISA is a one-line ValueError, not a fallback
-    if choice == "native":
+    if requested == "native":
         if not cpu:
-            raise ValueError(f"{KERNELS_ENV}=native needs the CPU backend, not "
-                             f"{jax.default_backend()!r}; use 'auto' or 'xla'")
+            raise ValueError(f"{KERNELS_ENV}=native needs the CPU backend, not {platform!r}; use "
+                             "'auto' or 'xla'")
         if not native.available():
             raise ValueError(f"{KERNELS_ENV}=native: the native kernels are unavailable "
                              f"({native.unavailable_reason()}); use 'xla'")
+        return KernelChoice(requested, source, platform, every("native"), native.isa(),
+                            "as requested")
+    if not cpu:
+        return KernelChoice(requested, source, platform, every("xla"),
+                            reason=f"the XLA code on {platform}")
+    decided = calibration.decisions()
+    how = calibration.how_decided()
+    passes = tuple((f, "native" if decided[f] else "xla") for f in FAMILIES)
+    if any(decided.values()):
+        reason = {"measured": "measured on this machine", "cached": "measured on this machine"
+                  }.get(how, how)
+        return KernelChoice(requested, source, platform, passes, native.isa(), reason)
+    if how == "unavailable":
+        reason = f"the native kernels are unavailable: {native.unavailable_reason()}"
+    elif how == "instruction-set rule":
+        reason = native.preferred()[1]
+    else:
+        reason = (f"the native kernels ({native.isa()}) were measured slower than the XLA code "
+                  "on this machine for every pass")
+    return KernelChoice(requested, source, platform, passes, reason=reason)
+
+
+def active() -> KernelChoice:
+    """The choice in force where this is called: the value given to :func:`use_kernels`, or
+    the resolution of its request text, of ``LINF_JAX_KERNELS``, or of ``auto``."""
+    choice = getattr(_override, "choice", None)
+    if isinstance(choice, KernelChoice):
         return choice
-    if choice == "auto" and jax.default_backend() == "gpu":
-        return "pallas"
-    if choice in ("", "auto"):
-        return "native" if cpu and any(calibration.decisions().values()) else "xla"
-    raise ValueError(f"{KERNELS_ENV}={choice!r} is not one of "
-                     f"{', '.join(map(repr, KERNEL_CHOICES))} (or unset)")
+    return resolve(choice, "use_kernels" if choice is not None else None)
+
+
+def kernel_backend() -> str:
+    """``'native'``, ``'xla'`` or ``'pallas'``: :attr:`KernelChoice.backend` of :func:`active`."""
+    return active().backend
 
 
 def kernels_line() -> str:
-    """One line for the command lines' output: which kernels the distance layers run, and why."""
-    backend = kernel_backend()
-    platform = jax.default_backend()
-    if backend == "native":
-        if kernel_request() == "native":
-            return f"kernels: native CPU ({native.isa()})"
-        d = calibration.decisions()
-        how = {"measured": "measured on this machine", "cached": "measured on this machine",
-               }.get(calibration.how_decided(), calibration.how_decided())
-        return f"kernels: {calibration.summary(d)} (native CPU build {native.isa()}; {how})"
-    if backend == "pallas":
-        return f"kernels: Pallas ({platform})"
-    if platform != "cpu" or kernel_request() == "xla":
-        return f"kernels: XLA ({platform})"
-    how = calibration.how_decided()
-    if how == "unavailable":
-        why = f"the native kernels are unavailable: {native.unavailable_reason()}"
-    elif how == "instruction-set rule":
-        why = native.preferred()[1]
-    else:
-        why = (f"the native kernels ({native.isa()}) were measured slower than the XLA code "
-               "on this machine for every pass")
-    return f"kernels: XLA (cpu; {why})"
+    """:meth:`KernelChoice.line` of :func:`active`."""
+    return active().line()
 
 
 @contextlib.contextmanager
-def use_kernels(choice: str | None):
-    """Traces the code inside with ``LINF_JAX_KERNELS=choice`` (``None``: the variable as set).
-    Sharded programs use it to keep custom calls, which XLA's SPMD partitioner would run
-    unpartitioned, out of multi-device CPU programs."""
-    if choice is not None and choice not in KERNEL_CHOICES:
+def use_kernels(choice: str | KernelChoice | None):
+    """Traces the code inside with ``choice``: a resolved :class:`KernelChoice`, or a request
+    (``'auto'``, ``'native'``, ``'xla'``, ``'pallas'``; ``None``: ``LINF_JAX_KERNELS`` as
+    set)."""
+    if isinstance(choice, str) and _normalized(choice) not in KERNEL_CHOICES:
         raise ValueError(f"kernels={choice!r} is not one of {KERNEL_CHOICES}")
     previous = getattr(_override, "choice", None)
     _override.choice = choice
@@ -117,31 +209,22 @@ def use_kernels(choice: str | None):
 
 
 def partitionable(fn):
-    """``fn``, traced with kernels that XLA's SPMD partitioner can split: with the native CPU
-    kernels chosen by default, the XLA kernels instead. The partitioner runs a custom call
-    unpartitioned (it all-gathers the batch onto every device), so multi-device CPU programs
-    (``--config.parallel``, sharded ensembles) would lose their data parallelism. An explicit
-    ``native`` (``LINF_JAX_KERNELS`` or :func:`use_kernels`) is kept."""
+    """``fn``, traced with :meth:`KernelChoice.for_partitioned` of the choice in force: the
+    passes that ``auto`` runs native take the XLA code, which XLA's SPMD partitioner can split
+    (multi-device CPU programs: ``config.parallel``, sharded ensembles)."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        explicit = kernel_request() == "native"
-        choice = "xla" if kernel_backend() == "native" and not explicit else None
-        with use_kernels(choice):
+        with use_kernels(active().for_partitioned()):
             return fn(*args, **kwargs)
 
     return wrapped
 
 
-def native_ok(*arrays, family: str | None = None) -> bool:
-    """Whether the native kernels take these operands (float32) under the current choice: for
-    ``auto``, where the pass ``family`` (:data:`linf_jax.calibration.FAMILIES`) was measured
-    faster native on this machine; always with an explicit ``native``."""
-    if not all(a.dtype == jnp.float32 for a in arrays) or kernel_backend() != "native":
-        return False
-    if family is None or kernel_request() == "native":
-        return True
-    return calibration.decisions()[family]
+def native_ok(*arrays, family: str) -> bool:
+    """Whether pass ``family`` runs the native kernels on these operands (float32) under the
+    choice in force."""
+    return all(a.dtype == jnp.float32 for a in arrays) and active().runs(family) == "native"
 
 
 def on_cpu(cpu_fn, other_fn, *args):

@@ -116,7 +116,7 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, interpret, blocks):
                                              num_stages=blocks.num_stages)
         else:
             raise NotImplementedError(
-                f"linf_jax.kernels: no compiled Pallas kernels for backend {backend!r} (GPU "
+                f"linf_jax.ops.pallas: no compiled Pallas kernels for backend {backend!r} (GPU "
                 "Triton only; TPU uses the XLA path of linf_jax.ops). Pass interpret=True, or "
                 "set LINF_JAX_KERNELS=xla.")
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,

@@ -3,10 +3,9 @@ at chosen epochs, optionally written to JSON and plotted over the whole run. The
 :class:`linf_jax.schedules.Schedule`'s; the config is checked and turned into a schedule as
 train.py does.
 
-Usage (``python -m linf_jax.schedule_preview`` is the same program)::
+Usage (``python -m linf_jax.cli.schedule`` is the same program)::
 
-    python -m linf_jax.schedules --config configs/cifar10_8_v2.py --epochs 0,100,675,1300 \\
-        --json sched.json --plot sched.png
+    linf-schedule --config cifar10_8_v2 --epochs 0,100,675,1300 --json sched.json --plot sched.png
 
 ``--epochs`` takes comma-separated epochs (``349.5`` or ``349+117/118`` for a step inside an
 epoch; each is rounded to the nearest step); without it, the boundaries of the tuple. The JSON
@@ -18,11 +17,10 @@ settings used (``schedule``, ``train_epochs``, ``steps_per_epoch``, ``std``, ``l
 
 from __future__ import annotations
 
+import functools
 import math
-
-import numpy as np
-
-from linf_jax.schedules import Schedule, preview
+import sys
+import types
 
 # Training-set sizes of the stock TFDS data sets (their 'train' split), so that the preview of a
 # paper preset needs no download.
@@ -96,70 +94,34 @@ def format_table(result: dict, show_scale_lr: bool) -> str:
                      for r in rows)
 
 
-def plot_schedule(schedule: Schedule, path: str, marks: dict | None = None,
-                  std: float | None = None, title: str = "") -> str:
-    """p, ε (pixels), lr and λ against epochs over the whole run (every step for short runs,
-    2,000 evenly spaced steps otherwise), with ``marks`` (a :func:`preview`) as points."""
-    from linf_jax.plots import figure
-
-    total = schedule.total_steps
-    steps = np.unique(np.linspace(0, total, min(total + 1, 2001)).round().astype(np.int64))
-    data = preview(schedule, steps, std)
-    fig = figure(figsize=(6.4, 8.5), dpi=110)
-    axes = fig.subplots(4, 1, sharex=True)
-    keys = (("p", "p (∞ drawn at the top)"), ("eps_train", "training ε (pixels)"),
-            ("lr", "learning rate"), ("lam", "λ (v2 loss)"))
-    for ax, (key, label) in zip(axes, keys, strict=True):
-        def values(d, key=key):
-            v = d[key]
-            if key == "p":
-                finite = [x for x in data["p"] if x != "inf"] or [1000.0]
-                cap = 2 * max(finite)
-                return np.array([cap if x == "inf" else x for x in v], np.float64)
-            return np.asarray(v, np.float64)
-
-        ax.plot(data["epochs"], values(data), lw=1.2)
-        if marks is not None:
-            ax.plot(marks["epochs"], values(marks), "o", ms=3.5)
-        if key == "p":
-            ax.set_yscale("log")
-        ax.set_ylabel(label, fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].set_title(title, fontsize=9)
-    axes[-1].set_xlabel("epoch")
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def _main(argv) -> None:
+def main(argv, fl: types.SimpleNamespace) -> None:
     import json
 
     from absl import flags
 
     from linf_jax import cli
+    from linf_jax.schedules import preview
 
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}: use --flag=value")
     cli.quiet_logging()
-    fl = flags.FLAGS
-    config = cli.load_config(_FLAG_HOLDERS["config"])
+    config = cli.load_config(fl.config)
 
     from linf_jax import config as config_lib
-    from linf_jax import train_lib
+    from linf_jax import experiment
 
     cli.run_guarded(config_lib.validate_config, config)
     total = int(config.train.epochs[4])
-    spe = fl.steps_per_epoch
+    spe = fl.steps_per_epoch.value
     if spe is not None and spe < 1:
         cli.fail(f"--steps_per_epoch={spe} is not allowed: a positive integer")
     if spe is None:
         n, std = cli.run_guarded(_train_size_and_std, config)
-        spe = train_lib.steps_per_epoch(n, config.train.batch_size,
+        spe = experiment.steps_per_epoch(n, config.train.batch_size,
                                         bool(config.train.get("drop_last", False)))
     else:
         std = None
-    json_path, plot_path = fl.json, fl.plot
+    json_path, plot_path = fl.json.value, fl.plot.value
     if json_path:
         cli.check_writable_file(json_path, "--json")
     if plot_path:
@@ -169,16 +131,16 @@ def _main(argv) -> None:
         if not plot_path.lower().endswith(OUT_EXTENSIONS):
             cli.fail(f"--plot={plot_path!r} is not allowed: allowed: a file ending in "
                      f"{', '.join(OUT_EXTENSIONS)}")
-    schedule = train_lib.make_schedule(config, spe, 1.0 if std is None else std)
-    if fl.epochs is None:
+    schedule = experiment.make_schedule(config, spe, 1.0 if std is None else std)
+    if fl.epochs.value is None:
         epochs = schedule.boundaries()
     else:
         try:
-            epochs = parse_epochs(fl.epochs, total)
+            epochs = parse_epochs(fl.epochs.value, total)
         except ValueError as err:
             cli.fail(str(err))
     steps = [round(e * spe) for e in epochs]
-    result = preview(schedule, steps, std, train_lib.logit_scale_lr(config))
+    result = preview(schedule, steps, std, experiment.logit_scale_lr(config))
     t = config.train
     family = t.get("schedule", "v1")
     meaning = ("(e0, e1, e2, e3, T): lr constant to e1 then cosine to 0 at T; p ramp e1 -> e3, "
@@ -193,7 +155,7 @@ def _main(argv) -> None:
     dropped = ", last partial batch dropped" if t.get("drop_last", False) else ""
     print(f"{spe} steps per epoch (batch {t.batch_size}{dropped}), eps_train {eps_text}, "
           f"loss {t.loss}, lr {t.lr:g}")
-    scale_lr = train_lib.logit_scale_lr(config)
+    scale_lr = experiment.logit_scale_lr(config)
     print(format_table(result, show_scale_lr=scale_lr != t.lr))
     result.update(schedule=family, train_epochs=[int(e) for e in t.epochs],
                   steps_per_epoch=spe, std=std, loss=t.loss, base_lr=float(t.lr),
@@ -204,42 +166,46 @@ def _main(argv) -> None:
             f.write("\n")
         print(f"wrote {json_path}")
     if plot_path:
+        from linf_jax.plots import plot_schedule
+
         plot_schedule(schedule, plot_path, marks=result, std=std,
-                      title=f"{fl['config'].config_filename}: schedule {family}, "
+                      title=f"{flags.FLAGS['config'].config_filename}: schedule {family}, "
                             f"epochs {tuple(int(e) for e in t.epochs)}")
         print(f"wrote {plot_path}")
 
 
-_FLAG_HOLDERS: dict = {}
-
-
-def _define_flags() -> None:
-    """The preview's flags (defined only when it runs as a program, never on import)."""
-    import os
-    import sys
-
+def define_flags() -> types.SimpleNamespace:
+    """The preview's flags, defined when it runs (never on import)."""
     from absl import flags
     from ml_collections import config_flags
 
-    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "default.py")
-    try:  # without --config, ml_collections applies the --config.* overrides right here
-        _FLAG_HOLDERS["config"] = config_flags.DEFINE_config_file(
-            "config", default, "Experiment config file (as train.py).", lock_config=True)
-    except Exception as err:  # noqa: BLE001 - an override naming no config field
-        from linf_jax.cli import config_override_message, fail
+    from linf_jax.cli import config_override_message, fail, preset_path
 
+    fl = types.SimpleNamespace()
+    try:  # without --config, ml_collections applies the --config.* overrides right here
+        fl.config = config_flags.DEFINE_config_file(
+            "config", preset_path("default"), "Experiment config: a preset name or a Python "
+            "file with get_config(), as for linf-train.", lock_config=True)
+    except Exception as err:  # noqa: BLE001 - an override naming no config field
         fail(config_override_message(err, sys.argv))
-    flags.DEFINE_string("epochs", None, "Comma-separated epochs to show (349+117/118: a step "
-                        "inside an epoch); default: the boundaries of train.epochs.")
-    flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: from the training "
-                         "split's size, the batch size and train.drop_last).")
-    flags.DEFINE_string("json", None, "Write the values to this JSON file.")
-    flags.DEFINE_string("plot", None, "Plot the whole schedule to this image (.png/.pdf/.svg).")
+    fl.epochs = flags.DEFINE_string(
+        "epochs", None, "Comma-separated epochs to show (349+117/118: a step inside an epoch); "
+        "default: the boundaries of train.epochs.")
+    fl.steps_per_epoch = flags.DEFINE_integer(
+        "steps_per_epoch", None, "Steps per epoch (default: from the training split's size, the "
+        "batch size and train.drop_last).")
+    fl.json = flags.DEFINE_string("json", None, "Write the values to this JSON file.")
+    fl.plot = flags.DEFINE_string("plot", None,
+                                  "Plot the whole schedule to this image (.png/.pdf/.svg).")
+    return fl
+
+
+def command() -> None:
+    """The ``linf-schedule`` console command."""
+    from linf_jax.cli import main_entry
+
+    main_entry(functools.partial(main, fl=define_flags()), flags_module=__name__)
 
 
 if __name__ == "__main__":
-    from linf_jax.cli import main_entry
-
-    _define_flags()
-    main_entry(_main)
+    command()

@@ -5,7 +5,7 @@
     linf-train --config my_config.py --config.model.width=1024 --config.ensemble.size=5
     linf-train --config mnist_03 --print_config       # the resolved config, then exit
 
-``python -m linf_jax.train`` and ``python train.py`` in a checkout are the same program. Every
+``python -m linf_jax.cli.train`` and ``python train.py`` in a checkout are the same program. Every
 config field can be overridden on the command line (the fields: linf_jax/config.py and the
 README's "Configs"). Rerunning with the same workdir resumes from its latest checkpoint;
 SIGTERM/SIGINT save a checkpoint and exit.
@@ -13,37 +13,46 @@ SIGTERM/SIGINT save a checkpoint and exit.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+import types
 
 from absl import flags
 from ml_collections import config_flags
 
-from linf_jax.cli import config_override_message, fail, preset_path
 
-try:  # without --config, ml_collections applies the --config.* overrides right here
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", preset_path("default"), "Experiment config: a preset name (default, "
-        "mnist_03, cifar10_8, ...: the files of configs/) or a Python file with get_config(). "
-        "Every field can be overridden (--config.train.lr=0.01); --print_config shows them all.",
-        lock_config=True)
-except Exception as _err:  # noqa: BLE001 - an override naming no config field
-    fail(config_override_message(_err, sys.argv))
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config name>).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-_PRINT_CONFIG = flags.DEFINE_bool(
-    "print_config", False, "Print the resolved config (the file with every --config.FIELD "
-    "override applied, validated) and exit without training. Every field can be overridden: "
-    "--config.train.lr=0.01; the fields are those of linf_jax/config.py (README, 'Configs').")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Multi-host: call jax.distributed.initialize() first (docs/SCALING.md).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "With --distributed: host:port of process 0 (default: the "
-    "cluster's own, or $JAX_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "With --distributed: the number of processes ($JAX_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "With --distributed: this process's index ($JAX_PROCESS_ID).")
+def define_flags() -> types.SimpleNamespace:
+    """The command's flags, defined when it runs (never on import): so that importing several
+    command modules defines no flag twice."""
+    from linf_jax.cli import config_override_message, fail, preset_path
+
+    fl = types.SimpleNamespace()
+    try:  # without --config, ml_collections applies the --config.* overrides right here
+        fl.config = config_flags.DEFINE_config_file(
+            "config", preset_path("default"), "Experiment config: a preset name (default, "
+            "mnist_03, cifar10_8, ...: the files of configs/) or a Python file with get_config()."
+            " Every field can be overridden (--config.train.lr=0.01); --print_config shows them "
+            "all.", lock_config=True)
+    except Exception as err:  # noqa: BLE001 - an override naming no config field
+        fail(config_override_message(err, sys.argv))
+    fl.workdir = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config name>).")
+    fl.progress = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    fl.print_config = flags.DEFINE_bool(
+        "print_config", False, "Print the resolved config (the file with every --config.FIELD "
+        "override applied, validated) and exit without training. Every field can be overridden: "
+        "--config.train.lr=0.01; the fields are those of linf_jax/config.py (README, 'Configs').")
+    fl.distributed = flags.DEFINE_bool(
+        "distributed", False,
+        "Multi-host: call jax.distributed.initialize() first (docs/SCALING.md).")
+    fl.coordinator_address = flags.DEFINE_string(
+        "coordinator_address", None, "With --distributed: host:port of process 0 (default: the "
+        "cluster's own, or $JAX_COORDINATOR_ADDRESS).")
+    fl.num_processes = flags.DEFINE_integer(
+        "num_processes", None, "With --distributed: the number of processes ($JAX_NUM_PROCESSES).")
+    fl.process_id = flags.DEFINE_integer(
+        "process_id", None, "With --distributed: this process's index ($JAX_PROCESS_ID).")
+    return fl
 
 
 def _env_int(name: str) -> int | None:
@@ -58,7 +67,7 @@ def _env_int(name: str) -> int | None:
         fail(f"${name}={text!r} is not allowed: an integer")
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(fl: types.SimpleNamespace) -> None:
     """``jax.distributed.initialize`` from the flags, then the environment; on TPU pods, SLURM
     and Open MPI everything left unset is detected by JAX itself."""
     import jax
@@ -66,17 +75,17 @@ def initialize_distributed() -> None:
     from linf_jax.cli import fail
     from linf_jax.config import first_line
 
-    num = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else _env_int(
+    num = fl.num_processes.value if fl.num_processes.value is not None else _env_int(
         "JAX_NUM_PROCESSES")
-    pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else _env_int("JAX_PROCESS_ID")
+    pid = fl.process_id.value if fl.process_id.value is not None else _env_int("JAX_PROCESS_ID")
     if num is not None and num < 1:
         fail(f"--num_processes={num} is not allowed: a positive integer")
     if pid is not None and (pid < 0 or (num is not None and pid >= num)):
         top = "num_processes-1" if num is None else num - 1
         fail(f"--process_id={pid} is not allowed: 0..{top}")
     try:
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=num,
-                                   process_id=pid)
+        jax.distributed.initialize(coordinator_address=fl.coordinator_address.value,
+                                   num_processes=num, process_id=pid)
     except (ValueError, RuntimeError) as err:
         fail(f"--distributed: jax.distributed.initialize failed ({first_line(err)}); "
              "allowed: a cluster JAX detects (TPU pod, SLURM, Open MPI) or --coordinator_address,"
@@ -100,43 +109,46 @@ def _percent(fraction) -> str:
     return "n/a: not 1-Lipschitz" if fraction is None else f"{100 * fraction:6.2f}%"
 
 
-def main(argv) -> None:
+def main(argv, fl: types.SimpleNamespace) -> None:
     from linf_jax import cli
 
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}: use --flag=value")
     cli.quiet_logging()  # Orbax logs every save at INFO
-    if _DISTRIBUTED.value:  # before anything touches the devices
-        initialize_distributed()
+    if fl.distributed.value:  # before anything touches the devices
+        initialize_distributed(fl)
     elif any(f.present for f in (flags.FLAGS["coordinator_address"], flags.FLAGS["num_processes"],
                                  flags.FLAGS["process_id"])):
         cli.fail("--coordinator_address, --num_processes and --process_id are only allowed "
                  "with --distributed")
-    config = cli.load_config(_CONFIG)
+    config = cli.load_config(fl.config)
     from linf_jax import config as config_lib  # no JAX yet: a bad field fails fast
 
-    if _PRINT_CONFIG.value:
-        cli.run_guarded(config_lib.validate_config, config)
+    # Every check that needs no training data runs before anything is written; the fields are
+    # checked before JAX, Flax and Orbax are imported, the model's when it is built.
+    cli.run_guarded(config_lib.validate_config, config)
+    from linf_jax import experiment
+
+    cli.run_guarded(experiment.build_model, config, 2)  # the model's fields (2: any class count)
+    if fl.print_config.value:
         print(config.to_json_best_effort(indent=2, sort_keys=True))
         return
 
     config_lib.request_determinism(config)  # before JAX starts its backend
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-    workdir = _WORKDIR.value or os.path.join("runs", name)
+    workdir = fl.workdir.value or os.path.join("runs", name)
     cli.check_writable_dir(workdir, "--workdir")
 
-    # Every check that needs no training data runs before anything is written; the config is
-    # checked before JAX, Flax and Orbax are imported.
-    cli.run_guarded(config_lib.validate_config, config)
     from linf_jax import checkpoint as ckpt
     from linf_jax import trainer
 
     cli.run_guarded(ckpt.check_resume, config, workdir)
-    cli.print_kernels(config_lib.kernels_choice(config))
+    kernels = cli.run_guarded(experiment.kernels, config)  # resolved once, recorded in meta.json
+    print(kernels.line(), flush=True)
     created = not os.path.exists(workdir)
     try:
         result = cli.run_guarded(trainer.train_and_evaluate, config, workdir,
-                                 progress=_PROGRESS.value)
+                                 progress=fl.progress.value, kernels=kernels, validated=True)
     except SystemExit:
         if created:  # e.g. the data could not be loaded: leave no empty run folder behind
             _remove_empty_tree(workdir)
@@ -160,7 +172,7 @@ def command() -> None:
     """The ``linf-train`` console command."""
     from linf_jax.cli import main_entry
 
-    main_entry(main, flags_module=__name__)
+    main_entry(functools.partial(main, fl=define_flags()), flags_module=__name__)
 
 
 if __name__ == "__main__":

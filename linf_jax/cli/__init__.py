@@ -12,6 +12,8 @@ import inspect
 import os
 import sys
 
+from linf_jax.config import preset_names, preset_path  # noqa: F401 - for the commands
+
 
 def fail(message: str, code: int = 2) -> None:
     """Prints ``error: message`` as one line on stderr and exits with ``code``."""
@@ -43,28 +45,6 @@ def _first_line(err: BaseException) -> str:
     from linf_jax.config import first_line
 
     return first_line(err)
-
-
-def presets_dir() -> str | None:
-    """The presets' folder: ``linf_jax/configs`` of an installed package, or ``configs/`` beside
-    the package in a checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for d in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
-        if os.path.isfile(os.path.join(d, "default.py")):
-            return d
-    return None
-
-
-def preset_names() -> list[str]:
-    d = presets_dir()
-    return sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py") and f != "__init__.py") \
-        if d else []
-
-
-def preset_path(name: str) -> str:
-    """The file of preset ``name`` (``'default'``, ``'mnist_03'``; ``.py`` optional)."""
-    d = presets_dir() or ""
-    return os.path.join(d, name if name.endswith(".py") else name + ".py")
 
 
 def resolve_presets(argv, flag: str = "config") -> list[str]:
@@ -236,17 +216,18 @@ def run_guarded(fn, *args, **kwargs):
         fail(_first_line(err))
 
 
-def print_kernels(choice: str | None = None) -> None:
-    """Prints which kernels the distance layers run (:func:`linf_jax.ops.kernels_line`) under
-    ``choice`` (None: ``LINF_JAX_KERNELS`` or the automatic rule); a bad ``LINF_JAX_KERNELS``
-    or ``LINF_JAX_NATIVE_ISA`` is one line and exit 2."""
+def resolve_kernels():
+    """The command's :class:`linf_jax.ops.KernelChoice` (``LINF_JAX_KERNELS``, else ``auto``),
+    resolved once and announced in one line; a bad ``LINF_JAX_KERNELS`` or
+    ``LINF_JAX_NATIVE_ISA`` is one line and exit 2."""
     from linf_jax import ops
 
     try:
-        with ops.use_kernels(choice):
-            print(ops.kernels_line(), flush=True)
+        kernels = ops.resolve()
     except ValueError as err:
         fail(_first_line(err))
+    print(kernels.line(), flush=True)
+    return kernels
 
 
 def main_entry(main, flags_module: str | None = None) -> None:

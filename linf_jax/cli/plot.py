@@ -1,6 +1,6 @@
-"""The command line of :mod:`linf_jax.plots` (``python -m linf_jax.plots curve|training|radii``,
-usage in that module's docstring): argument parsing, default legend labels, the output-file check,
-and one ``error: ...`` line with exit code 2 for bad input.
+"""``linf-plot curve|training|radii`` (``python -m linf_jax.cli.plot``): the command line of
+:mod:`linf_jax.plots` (usage in that module's docstring): argument parsing, default legend labels,
+the output-file check, and one ``error: ...`` line with exit code 2 for bad input.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def build_parser():
             usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
             fail(f"{message}; usage: {usage}")
 
-    parser = Parser(prog="python -m linf_jax.plots",
+    parser = Parser(prog="linf-plot",
                     description="PNG plots of linf-jax runs (matplotlib Agg).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{curve,training,radii}")
     curve = sub.add_parser("curve", help="certified accuracy versus ε, several runs on one chart")
@@ -135,10 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def command() -> None:
-    """The ``linf-plot`` console command (also ``python -m linf_jax.plots``)."""
+    """The ``linf-plot`` console command (also ``python -m linf_jax.cli.plot``)."""
     import sys
 
     try:
         sys.exit(main())
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    command()
