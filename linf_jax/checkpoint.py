@@ -13,8 +13,8 @@ with the mean-shift running means) by a partial Orbax restore: no optimiser is b
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 
@@ -23,12 +23,16 @@ import jax
 import orbax.checkpoint as ocp
 
 from linf_jax import experiment, train_lib
-from linf_jax.config import CheckpointError, ConfigError, TrainingError, first_line, flat
+from linf_jax.config import (
+    CheckpointError,
+    ConfigError,
+    TrainingError,
+    check_weights,
+    first_line,
+    flat,
+)
 from linf_jax.models import build_model
 from linf_jax.train_lib import TrainState
-
-WEIGHTS = ("ema", "raw")
-
 
 # ----------------------------------------------------------------------------------------------
 # Orbax
@@ -81,7 +85,8 @@ def _unrestorable(mngr: ocp.CheckpointManager, step: int, err: BaseException) ->
     """The one line for a checkpoint step that Orbax/TensorStore cannot read back."""
     return CheckpointError(
         f"checkpoint step {step} in {mngr.directory} cannot be restored "
-        f"({_root_cause_line(err)}); allowed: a complete checkpoint of this model and config")
+        f"({first_line(err, 240, root=True)}); allowed: a complete checkpoint of this model "
+        "and config")
 
 
 class WorkdirLock:
@@ -135,9 +140,10 @@ def restore_newest_good(mngr: ocp.CheckpointManager, target: TrainState, workdir
                         warn: Callable[[str], None] | None = None) -> TrainState:
     """Restores the newest step that restores. A newer step that does not (a truncated or
     missing file) is moved aside, not deleted, to ``<workdir>/damaged_checkpoints/`` with one
-    warning line naming it and the step resumed from; with no good step left the last error is
-    raised. Nothing is lost: the damaged files stay for inspection."""
-    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    warning (``warn``, default: this module's logger) naming it and the step resumed from; with
+    no good step left the last error is raised. Nothing is lost: the damaged files stay for
+    inspection."""
+    warn = warn or logging.getLogger(__name__).warning
     steps = sorted(mngr.all_steps(), reverse=True)
     damaged = []
     for i, step in enumerate(steps):
@@ -151,7 +157,7 @@ def restore_newest_good(mngr: ocp.CheckpointManager, target: TrainState, workdir
         for bad, why in damaged:
             dest = _move_aside(mngr, bad, workdir)
             cause = why.split("(", 1)[1].rsplit(")", 1)[0] if "(" in why else why
-            warn(f"warning: checkpoint step {bad} cannot be restored ({cause}); moved to {dest}; "
+            warn(f"checkpoint step {bad} cannot be restored ({cause}); moved to {dest}; "
                  f"resuming from step {step}")
         if damaged:
             mngr.reload()
@@ -180,15 +186,6 @@ def newest_good_step(mngr: ocp.CheckpointManager, restore: Callable[[int], objec
     return None
 
 
-def _root_cause_line(err: BaseException, limit: int = 240) -> str:
-    """The first line of the innermost exception of a chain (TensorStore's own words)."""
-    seen = set()
-    while id(err) not in seen and (err.__cause__ or err.__context__) is not None:
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return first_line(err, limit)
-
-
 def write_json(path: str, obj) -> None:
     """Atomic JSON write (temporary file + rename)."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -200,8 +197,7 @@ def write_json(path: str, obj) -> None:
 
 def variables_for(state: TrainState, weights: str) -> dict:
     """Model variables of the EMA (default) or raw weights of a train state."""
-    if weights not in WEIGHTS:
-        raise ConfigError(f"weights={weights!r} is not allowed: one of {WEIGHTS}")
+    check_weights(weights)
     params, bs = ((state.ema_params, state.ema_batch_stats) if weights == "ema"
                   else (state.params, state.batch_stats))
     return {"params": params, "batch_stats": bs} if bs else {"params": params}
@@ -362,8 +358,7 @@ def load_variables(workdir: str, weights: str = "ema", step: int | None = None):
     with the mean-shift running means, from its latest complete checkpoint (or ``step``), as
     model variables (a leading member axis for an ensemble run). A partial restore: the
     optimiser state stays on disk and no optimiser is built."""
-    if weights not in WEIGHTS:
-        raise ConfigError(f"weights={weights!r} is not allowed: one of {WEIGHTS}")
+    check_weights(weights)
     workdir = os.fspath(workdir)
     config, meta, model, ckpt_dir = _open_run(workdir)
     params, batch_stats = jax.eval_shape(lambda: train_lib.init_variables(

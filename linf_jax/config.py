@@ -16,6 +16,13 @@ import os
 
 import ml_collections
 
+from linf_jax.errors import (  # noqa: F401 - the errors a config check raises
+    CheckpointError,
+    ConfigError,
+    TrainingError,
+    first_line,
+)
+
 # This module imports neither JAX nor Flax: the train command validates a config before anything
 # heavy is imported, so a mistake in a field is reported at once (the model section is checked
 # by building the model, with Flax, afterwards).
@@ -26,10 +33,37 @@ import ml_collections
 KERNEL_CHOICES = ("native", "xla", "pallas", "auto")
 #: config.train.schedule: how train.epochs is read (linf_jax.schedules).
 FAMILIES = ("v1", "v2")
+#: The five numbers of train.epochs, named per family, and what they mean (linf_jax.schedules
+#: reads them by these names; docs/METHOD.md §5 gives the formulas).
+EPOCH_NAMES = {"v1": ("e0", "e1", "e2", "e3", "T"), "v2": ("es", "ee", "ps", "pe", "T")}
+EPOCHS_MEANING = {
+    "v1": "lr constant to e1 then cosine to 0 at T; p ramp e1 -> e3, inf from e3; eps ramp of "
+          "length e2 from e0 (constant when e2 = 0)",
+    "v2": "lr cosine over [0, T]; p ramp ps -> pe, inf from pe (if p_end >= 100); eps ramp "
+          "es -> ee (constant when ee <= es); lambda with p",
+}
+
+
+def epochs_named(family: str, epochs) -> dict[str, int]:
+    """``{'e0': 0, 'e1': 40, ...}``: the train.epochs tuple of ``family`` by name."""
+    return dict(zip(EPOCH_NAMES[family], (int(e) for e in epochs), strict=True))
+
+
+def epochs_text(family: str) -> str:
+    """``'(e0, e1, e2, e3, T)'``: how ``family`` reads train.epochs."""
+    return f"({', '.join(EPOCH_NAMES[family])})"
 #: config.train.crop_mode (linf_jax.data.crop_flip).
 CROP_MODES = ("zeros", "edge")
 #: config.ensemble.execution (linf_jax.ensemble.resolve_execution).
 EXECUTIONS = ("auto", "batched", "sequential")
+#: Which weights of a run are evaluated, certified or exported: the EMA or the raw parameters.
+WEIGHTS = ("ema", "raw")
+
+
+def check_weights(weights) -> None:
+    """Raises :class:`ConfigError` (one line) unless ``weights`` is one of :data:`WEIGHTS`."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights={weights!r} is not allowed: one of {WEIGHTS}")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -145,32 +179,6 @@ def preset_path(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Errors: each is a user mistake or a refusal, with a message of one line naming the field, the
-# bad value and what is allowed; the command-line tools print that line and exit non-zero.
-# ----------------------------------------------------------------------------------------------
-
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration; its message is one line naming the field."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a workdir in use by another process)."""
-
-
-class CheckpointError(RuntimeError):
-    """A workdir without a usable checkpoint (missing, truncated or unreadable)."""
-
-
-def first_line(err: BaseException, limit: int | None = None) -> str:
-    """The first line of an exception's message (its type's name if it has none), cut to
-    ``limit`` characters: how a library's error is quoted inside one of ours."""
-    text = str(err).strip()
-    line = text.splitlines()[0].strip() if text else type(err).__name__
-    return line if limit is None or len(line) <= limit else line[:limit] + "..."
-
-
-# ----------------------------------------------------------------------------------------------
 # Validation, once, at the boundary: train.py, certify.py and train_and_evaluate call these
 # before anything is built; the code behind them assumes valid fields.
 # ----------------------------------------------------------------------------------------------
@@ -223,19 +231,18 @@ def validate_config(config) -> None:
     _require(family in FAMILIES, "train.schedule", family,
              f"one of {FAMILIES} (how train.epochs is read; docs/RECIPES.md)")
     epochs = tuple(t.epochs)
-    names = "(e0, e1, e2, e3, T)" if family == "v1" else "(es, ee, ps, pe, T)"
+    names = epochs_text(family)
     _require(len(epochs) == 5 and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0
                                       for e in epochs),
              "train.epochs", epochs, f"five non-negative integers {names}")
+    e = epochs_named(family, epochs)
     if family == "v1":
-        e0, e1, e2, e3, total = epochs
-        _require(total >= 1 and e1 <= e3 <= total and e0 <= total, "train.epochs", epochs,
-                 "v1 (e0, e1, e2, e3, T) with e1 <= e3 <= T, e0 <= T and T >= 1")
+        _require(e["T"] >= 1 and e["e1"] <= e["e3"] <= e["T"] and e["e0"] <= e["T"],
+                 "train.epochs", epochs, f"v1 {names} with e1 <= e3 <= T, e0 <= T and T >= 1")
     else:
-        es, ee, ps, pe, total = epochs
-        _require(total >= 1 and ps <= pe <= total and es <= total and ee <= total,
-                 "train.epochs", epochs,
-                 "v2 (es, ee, ps, pe, T) with ps <= pe <= T, es <= T, ee <= T and T >= 1")
+        _require(e["T"] >= 1 and e["ps"] <= e["pe"] <= e["T"] and e["es"] <= e["T"]
+                 and e["ee"] <= e["T"], "train.epochs", epochs,
+                 f"v2 {names} with ps <= pe <= T, es <= T, ee <= T and T >= 1")
     _require(isinstance(t.get("drop_last", False), bool), "train.drop_last",
              t.get("drop_last"), "True or False")
     _require(is_number(t.adam_eps) and t.adam_eps > 0, "train.adam_eps", t.adam_eps,
@@ -296,11 +303,10 @@ def validate_config(config) -> None:
 
 def _eps_ever_positive(family: str, epochs) -> bool:
     """Whether the training ε is > 0 at some step of the run (given eps_train > 0)."""
+    e = epochs_named(family, epochs)
     if family == "v1":
-        e0, _, e2, _, total = epochs
-        return e2 == 0 or e0 < total
-    es, ee, _, _, total = epochs
-    return ee <= es or es < total
+        return e["e2"] == 0 or e["e0"] < e["T"]
+    return e["ee"] <= e["es"] or e["es"] < e["T"]
 
 
 def validate_eval_config(ev) -> None:

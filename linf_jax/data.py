@@ -71,21 +71,25 @@ checks they share are in :mod:`linf_jax.data_arrays`.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from linf_jax.config import CROP_MODES
+from linf_jax.data_sources import load_digits, load_idx, load_npz, load_tfds
+from linf_jax.dataset import (  # noqa: F401 - the data module's public names
+    AUGMENTATIONS,
+    DEFAULT_PADDING,
+    KNOWN_TFDS,
+    Dataset,
+)
+from linf_jax.errors import DataError
 
 __all__ = [
     "AUGMENTATIONS",
     "DataError",
     "Dataset",
     "as_pixels",
-    "augment",
     "crop_flip",
     "eps_to_normalized",
     "load",
@@ -93,50 +97,7 @@ __all__ = [
     "pixel_bounds",
 ]
 
-AUGMENTATIONS = ("none", "mnist", "cifar")
-# The crop padding of each data set kind (the v1 code's: MNIST-like 1, CIFAR-like 4).
-DEFAULT_PADDING = {"none": 0, "mnist": 1, "cifar": 4}
-
-# Computed once from all 1,797 scikit-learn digits, pixel units (value / 16).
-DIGITS_MEAN = 0.30526029
-DIGITS_STD = 0.37604922
-DIGITS_NUM_TRAIN = 1437  # the remaining 360 are 'test'
-
-MNIST_MEAN, MNIST_STD = (0.1307,), 0.3081
-
-# name -> (mean per channel, scalar std, augmentation).
-KNOWN_TFDS = {
-    "mnist": (MNIST_MEAN, MNIST_STD, "mnist"),
-    "fashion_mnist": ((0.2860,), 0.3520, "mnist"),
-    "cifar10": ((0.4914, 0.4822, 0.4465), 0.2009, "cifar"),
-    "cifar100": ((0.5071, 0.4867, 0.4408), 0.2667, "cifar"),
-}
-
 _SOURCES_HELP = "'digits', 'tfds:NAME', 'idx:DIR' or 'npz:FILE'"
-
-
-class DataError(ValueError):
-    """A data set cannot be loaded as asked; the message is one line naming the field."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """One split of a data set, on the host."""
-
-    images: np.ndarray  # [N, H, W, C], uint8 (0..255) or float32 in [0, 1] pixel units
-    labels: np.ndarray  # [N] int32
-    num_classes: int
-    mean: tuple[float, ...]  # per-channel mean, pixel units
-    std: float  # ONE scalar std per data set
-    name: str  # the source string
-    augment: str  # 'none' | 'mnist' | 'cifar'
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(int(d) for d in self.images.shape[1:])
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,9 +115,6 @@ def load(source: str, split: str, data_dir: str | None = None) -> Dataset:
 
 
 def _load_source(source: str, split: str, data_dir: str | None) -> Dataset:
-    # Imported here: the readers import DataError, Dataset and the constants from this module.
-    from linf_jax.data_sources import load_digits, load_idx, load_npz, load_tfds
-
     if not isinstance(source, str) or not source:
         raise DataError(f"data.source: got {source!r}; allowed: {_SOURCES_HELP}")
     if not isinstance(split, str) or not split.strip():
@@ -190,22 +148,6 @@ def normalize(pixels: jax.Array, mean, std) -> jax.Array:
     """``(pixels - mean[c]) / std`` with the channel on the last axis."""
     mean = jnp.asarray(mean, jnp.float32)
     return (jnp.asarray(pixels, jnp.float32) - mean) / jnp.asarray(std, jnp.float32)
-
-
-def augment(key: jax.Array, pixels: jax.Array, kind: str) -> jax.Array:
-    """Random per-example augmentation of a batch ``[N, H, W, C]``; ``kind`` must be static.
-
-    ``'mnist'``: zero-pad by 1 pixel (pixel space, so pass pixels, not normalised inputs) and
-    crop back to ``H×W`` at a random offset in ``[0, 2]²``.  ``'cifar'``: the same with 4-pixel
-    padding, then a horizontal flip with probability 0.5.  ``'none'``: identity.  Each example
-    gets its own key from ``jax.random.split(key, N)``; derive ``key`` from (seed, step).
-    :func:`crop_flip` takes the padding, its mode and the flip explicitly.
-    """
-    if kind not in AUGMENTATIONS:
-        raise DataError(f"data.augment: got {kind!r}; allowed: {', '.join(AUGMENTATIONS)}")
-    if kind == "none":
-        return pixels
-    return crop_flip(key, pixels, DEFAULT_PADDING[kind], "zeros", kind == "cifar")
 
 
 def crop_flip(key: jax.Array, pixels: jax.Array, padding: int, mode: str = "zeros",

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from linf_jax.data import DataError, Dataset
+from linf_jax.dataset import Dataset
+from linf_jax.errors import DataError, first_line
 
 # ---------------------------------------------------------------------------------------------
 # Splits
@@ -51,7 +52,7 @@ def resolve_split(split: str, split_infos, source: str) -> list[tuple[str, int, 
     except DataError:
         raise
     except (ValueError, KeyError, NotImplementedError, TypeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise DataError(
             f"data.split: {split!r} is not valid for {source!r} ({reason}); "
             f"allowed: splits {allowed} with TFDS slicing, e.g. 'train[:80%]'"

@@ -14,16 +14,6 @@ import os
 
 import numpy as np
 
-from linf_jax.data import (
-    DIGITS_MEAN,
-    DIGITS_NUM_TRAIN,
-    DIGITS_STD,
-    KNOWN_TFDS,
-    MNIST_MEAN,
-    MNIST_STD,
-    DataError,
-    Dataset,
-)
 from linf_jax.data_arrays import (
     as_images,
     as_labels,
@@ -32,6 +22,16 @@ from linf_jax.data_arrays import (
     resolve_split,
     select_rows,
 )
+from linf_jax.dataset import (
+    DIGITS_MEAN,
+    DIGITS_NUM_TRAIN,
+    DIGITS_STD,
+    KNOWN_TFDS,
+    MNIST_MEAN,
+    MNIST_STD,
+    Dataset,
+)
+from linf_jax.errors import DataError, first_line
 
 # ---------------------------------------------------------------------------------------------
 # digits
@@ -263,12 +263,7 @@ def _tfds_error(e: BaseException, verb: str, name: str, how: str = "", hint: str
                          f"data set {name!r} needs TensorFlow: {_install_hint(name)}")
     how = f" {how}" if how else ""
     return DataError(f"data.source: cannot {verb} TFDS data set {name!r}{how} "
-                     f"({_first_line(e)}){hint}")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+                     f"({first_line(e, with_type=True)}){hint}")
 
 
 def _needs_tf(e: BaseException) -> bool:
@@ -304,7 +299,7 @@ def load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Datas
         ) from None
     except Exception as e:  # noqa: BLE001
         raise DataError(
-            f"data.source: cannot open TFDS data set {name!r} ({_first_line(e)})"
+            f"data.source: cannot open TFDS data set {name!r} ({first_line(e, with_type=True)})"
         ) from None
 
     # Under tfds.testing.mock_data (how TFDS users test their pipelines) nothing is prepared,

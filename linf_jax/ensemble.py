@@ -18,10 +18,7 @@ import numpy as np
 from jax import lax
 
 from linf_jax.config import EXECUTIONS
-
-
-class EnsembleError(ValueError):
-    """Members that cannot be stacked (different architectures or shapes)."""
+from linf_jax.errors import EnsembleError
 
 
 def _path_str(path) -> str:

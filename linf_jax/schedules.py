@@ -53,7 +53,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from linf_jax.config import FAMILIES
+from linf_jax.config import FAMILIES, epochs_named
 
 INF = float("inf")
 V2_INF_MIN_P_END = 100.0  # v2 switches to p = ∞ at pe only when p_end >= 100 (main.py)
@@ -79,12 +79,14 @@ class Schedule:
         if self.family not in FAMILIES:
             raise ValueError(f"train.schedule={self.family!r} is not allowed: one of {FAMILIES}")
 
-    def _steps(self, i: int) -> int:
-        return int(self.epochs[i]) * self.steps_per_epoch
+    def step_of(self, name: str) -> int:
+        """The step at which epoch ``name`` of the tuple (``'e1'``, ``'ps'``, ``'T'``, ...:
+        :data:`linf_jax.config.EPOCH_NAMES`) begins."""
+        return epochs_named(self.family, self.epochs)[name] * self.steps_per_epoch
 
     @property
     def total_steps(self) -> int:
-        return self._steps(4)
+        return self.step_of("T")
 
     # --- ratios in [0, 1] (float32), as functions of the step -----------------------------------
 
@@ -97,8 +99,8 @@ class Schedule:
     def _inf_from(self) -> int | None:
         """The first step at which p = ∞ (``None``: never)."""
         if self.family == "v1":
-            return self._steps(3)
-        ps, pe = self._steps(2), self._steps(3)
+            return self.step_of("e3")
+        ps, pe = self.step_of("ps"), self.step_of("pe")
         if self.p_end < V2_INF_MIN_P_END:
             return None
         return 0 if pe <= ps else pe
@@ -107,12 +109,12 @@ class Schedule:
         """The p ratio r ∈ [0, 1] that p and λ follow (float32). v1: 0 until e1, linear to 1 at
         e3 (a step from 0 to 1 at e1 when e3 ≤ e1); v2: ``ratio(ps, pe)``."""
         if self.family == "v1":
-            e1, e3 = self._steps(1), self._steps(3)
+            e1, e3 = self.step_of("e1"), self.step_of("e3")
             if e3 <= e1:
                 s = jnp.asarray(step)
                 return jnp.where(s < e1, 0.0, 1.0).astype(jnp.float32)
             return self._ratio(step, e1, e3)
-        ps, pe = self._steps(2), self._steps(3)
+        ps, pe = self.step_of("ps"), self.step_of("pe")
         if pe <= ps:
             return jnp.ones_like(jnp.asarray(step, jnp.float32))
         return self._ratio(step, ps, pe)
@@ -121,11 +123,11 @@ class Schedule:
         """ε / eps_train (float32). v1: ``clip((ef − e0)/e2)``, 1 when e2 = 0; v2:
         ``ratio(es, ee)``, 1 when ee ≤ es."""
         if self.family == "v1":
-            e0, e2 = self._steps(0), self._steps(2)
+            e0, e2 = self.step_of("e0"), self.step_of("e2")
             if e2 == 0:
                 return jnp.ones_like(jnp.asarray(step, jnp.float32))
             return self._ratio(step, e0, e0 + e2)
-        es, ee = self._steps(0), self._steps(1)
+        es, ee = self.step_of("es"), self.step_of("ee")
         if ee <= es:
             return jnp.ones_like(jnp.asarray(step, jnp.float32))
         return self._ratio(step, es, ee)
@@ -147,8 +149,8 @@ class Schedule:
         start = self._inf_from()
         if start is not None and step >= start:
             return "inf"
-        first = self._steps(1) if self.family == "v1" else self._steps(2)
-        last = self._steps(3)
+        first = self.step_of("e1") if self.family == "v1" else self.step_of("ps")
+        last = self.step_of("e3" if self.family == "v1" else "pe")
         if self.family == "v2" and last <= first:  # ratio 1 from step 0: p = p_end
             return "ramp"
         return "start" if step < first else "ramp"
@@ -158,7 +160,7 @@ class Schedule:
         v1: ``r = (ef − e1)/(T − e1)`` clipped (1 before e1; constant 1 when T ≤ e1); v2:
         ``r = ef/T``."""
         total = self.total_steps
-        first = self._steps(1) if self.family == "v1" else 0
+        first = self.step_of("e1") if self.family == "v1" else 0
         s = jnp.asarray(step, jnp.float32)
         if total <= first:
             return jnp.ones_like(s)
@@ -196,13 +198,14 @@ class Schedule:
     def boundaries(self) -> list[float]:
         """Epochs worth a look: 0, the tuple's boundaries, the middle of the p ramp, the last
         step before p = ∞, and T (sorted, in [0, T])."""
-        e = [int(v) for v in self.epochs]
-        total = e[4]
+        e = epochs_named(self.family, self.epochs)
+        total = e["T"]
         b = self.steps_per_epoch
         if self.family == "v1":
-            points = [0, e[0], e[0] + e[2], e[1], (e[1] + e[3]) / 2, e[3], total]
+            points = [0, e["e0"], e["e0"] + e["e2"], e["e1"], (e["e1"] + e["e3"]) / 2, e["e3"],
+                      total]
         else:
-            points = [0, e[0], e[1], e[2], (e[2] + e[3]) / 2, e[3], total]
+            points = [0, e["es"], e["ee"], e["ps"], (e["ps"] + e["pe"]) / 2, e["pe"], total]
         inf = self._inf_from()
         if inf is not None and inf > 0:
             points.append((inf - 1) / b)

@@ -63,7 +63,9 @@ class PeriodicAction:
 
 class MetricWriter:
     """``metrics.jsonl`` plus TensorBoard event files in the workdir, from ``start_step`` on:
-    lines and events of steps at or after it (a resumed run recomputes them) are dropped."""
+    lines and events of steps at or after it (a resumed run recomputes them) are dropped. In
+    TensorBoard, ``train/p`` is drawn while p is finite and ``train/inv_p`` (1/p, 0 from the
+    ℓ∞ phase on) over the whole run."""
 
     def __init__(self, workdir: str, start_step: int, enabled: bool = True):
         self.enabled = enabled
@@ -91,8 +93,13 @@ class MetricWriter:
         self._jsonl.write(json.dumps({"step": step, **record}) + "\n")
         self._jsonl.flush()
         for name, value in record.items():
-            if isinstance(value, (int, float)) and name != "step":
-                self._tb.add_scalar(f"train/{name}", value, step)
+            if not isinstance(value, (int, float)) or name == "step":
+                continue
+            if name == "p":  # p = ∞ is shown as 1/p = 0; TensorBoard has no non-finite scalars
+                self._tb.add_scalar("train/inv_p", 0.0 if math.isinf(value) else 1.0 / value, step)
+                if math.isinf(value):
+                    continue
+            self._tb.add_scalar(f"train/{name}", value, step)
 
     def write_results(self, step: int, results: dict) -> None:
         """The final evaluation as TensorBoard scalars (``eval/...``)."""

@@ -3,6 +3,7 @@ restore takes the latest complete one, checkpoints hold no pickles and are never
 non-finite loss stops training at once, naming the step and value, with the last good checkpoint
 kept."""
 
+import logging
 import os
 import pickle
 import random
@@ -188,7 +189,7 @@ def test_non_finite_loss_through_the_command_line_is_one_line(tmp_path):
     assert "at step" in lines[0] and "Traceback" not in proc.stderr
 
 
-def test_damaged_latest_checkpoint_is_moved_aside_and_training_resumes(tmp_path, capsys):
+def test_damaged_latest_checkpoint_is_moved_aside_and_training_resumes(tmp_path, caplog):
     """A data file of the latest checkpoint truncated: training moves that step aside (kept, not
     deleted), says so in one line naming the step it resumes from, and ends with the parameters
     of a run resumed from that step with the damaged one simply absent."""
@@ -207,9 +208,9 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_training_resumes(tmp_path,
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     shutil.rmtree(os.path.join(reference, "checkpoints", "20"))
-    capsys.readouterr()
-    got = trainer.train_and_evaluate(cfg, damaged, progress=False, evaluate_at_end=False)
-    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    with caplog.at_level(logging.WARNING, logger="linf_jax"):
+        got = trainer.train_and_evaluate(cfg, damaged, progress=False, evaluate_at_end=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "checkpoint step 20 cannot be restored" in warnings[0]
     assert "resuming from step 10" in warnings[0] and "damaged_checkpoints" in warnings[0]

@@ -15,8 +15,8 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import REPO
 
-from linf_jax import data
-from linf_jax.data import DataError
+from linf_jax import data, dataset
+from linf_jax.errors import DataError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The MNIST test split as IDX files: $LINF_JAX_MNIST_DIR, else the project machines' copy beside
@@ -129,8 +129,8 @@ def test_digits_mean_std_constants(digits):
     from sklearn.datasets import load_digits
 
     x = load_digits().images.astype(np.float64) / 16.0
-    assert abs(data.DIGITS_MEAN - x.mean()) < 1e-8
-    assert abs(data.DIGITS_STD - x.std()) < 1e-8  # population std (ddof=0)
+    assert abs(dataset.DIGITS_MEAN - x.mean()) < 1e-8
+    assert abs(dataset.DIGITS_STD - x.std()) < 1e-8  # population std (ddof=0)
     for d in digits:
         assert d.mean == pytest.approx((x.mean(),), abs=1e-8)
         assert d.std == pytest.approx(x.std(), abs=1e-8)
@@ -606,15 +606,19 @@ def _matches(inp, out, pad, flip):
 
 @pytest.mark.parametrize("kind, shape", [("none", (5, 8, 8, 1)), ("mnist", (128, 10, 9, 1)),
                                          ("cifar", (256, 12, 12, 3))])
-def test_augment(kind, shape):
+def test_crop_flip_with_the_data_sets_defaults(kind, shape):
+    """The crop and flip a data set kind gets by default (``DEFAULT_PADDING`` zero-padded crops,
+    flips for CIFAR-like sets, as :func:`linf_jax.experiment.augmentation` picks them): every
+    output is a padded crop (or flipped crop) of its input, over the whole offset range."""
     x = np.random.default_rng(0).random(shape).astype(np.float32) + 0.01  # no zeros
     key = jax.random.key(0)
-    out = np.asarray(data.augment(key, jnp.asarray(x), kind))
+    pad, flip = data.DEFAULT_PADDING[kind], kind == "cifar"
+    augment = lambda key, x: data.crop_flip(key, x, pad, "zeros", flip)
+    out = np.asarray(augment(key, jnp.asarray(x)))
     assert out.shape == x.shape and out.dtype == np.float32
     if kind == "none":
         np.testing.assert_array_equal(out, x)
         return
-    pad, flip = {"mnist": (1, False), "cifar": (4, True)}[kind]
     found = _matches(x, out, pad, flip)
     # random per example, over the whole range [0, 2 * pad] in both axes
     assert {i for i, _, _ in found} == {j for _, j, _ in found} == set(range(2 * pad + 1))
@@ -623,19 +627,18 @@ def test_augment(kind, shape):
     if flip:
         assert {f for _, _, f in found} == {False, True}
     # same key, same result; another key, another result
-    np.testing.assert_array_equal(np.asarray(data.augment(key, jnp.asarray(x), kind)), out)
-    other = np.asarray(data.augment(jax.random.key(1), jnp.asarray(x), kind))
+    np.testing.assert_array_equal(np.asarray(augment(key, jnp.asarray(x))), out)
+    other = np.asarray(augment(jax.random.key(1), jnp.asarray(x)))
     assert not np.array_equal(other, out)
     _matches(x, other, pad, flip)
-    # jit with a static kind gives the same result
-    jitted = jax.jit(data.augment, static_argnums=2)
-    np.testing.assert_array_equal(np.asarray(jitted(key, jnp.asarray(x), kind)), out)
+    # jit gives the same result
+    np.testing.assert_array_equal(np.asarray(jax.jit(augment)(key, jnp.asarray(x))), out)
 
 
-def test_augment_bad_kind():
+def test_crop_flip_bad_mode():
     with pytest.raises(DataError) as e:
-        data.augment(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), "flip")
-    _one_line_error(e, "data.augment")
+        data.crop_flip(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), 1, "reflect")
+    assert str(e.value) == "train.crop_mode='reflect' is not allowed: one of ('zeros', 'edge')"
 
 
 def test_tfds_mock_data_trains_one_tiny_epoch_from_tfds_mnist(tmp_path):

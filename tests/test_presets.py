@@ -238,7 +238,7 @@ def test_preview_follows_the_official_formulas(name):
         assert close(got["lam"][i], lam, 2e-6), (where, "lam", got["lam"][i], lam)
         # The host-side phase of the compiled step agrees with p.
         want_phase = "inf" if math.isinf(p) else ("start" if p == 8.0 and step <
-                                                  s._steps(1 if o["schedule"] == "v1" else 2)
+                                                  s.step_of("e1" if o["schedule"] == "v1" else "ps")
                                                   else "ramp")
         assert got["phase"][i] == want_phase, (where, got["phase"][i], want_phase)
 

@@ -2,6 +2,7 @@
 write what they promise."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -55,11 +56,21 @@ def test_tiny_run_learns_and_certifies(full_run):
     assert os.path.exists(os.path.join(workdir, "results.json"))
     # the same figures as TensorBoard scalars, one per logged step, plus the final evaluation
     scalars = read_tensorboard_scalars(workdir)
-    for name in ("loss", "accuracy", "p", "eps", "lr"):
+    for name in ("loss", "accuracy", "eps", "lr"):
         logged = scalars[f"train/{name}"]
         assert sorted(logged) == [x["step"] for x in lines], name
         np.testing.assert_allclose([logged[x["step"]] for x in lines],
                                    [x[name] for x in lines], rtol=1e-6)
+    # p while it is finite, 1/p over the whole run (0 at p = ∞): no non-finite scalar, so
+    # TensorBoard has nothing to warn about
+    finite = [x for x in lines if math.isfinite(x["p"])]
+    assert 0 < len(finite) < len(lines)
+    assert sorted(scalars["train/p"]) == [x["step"] for x in finite]
+    np.testing.assert_allclose([scalars["train/p"][x["step"]] for x in finite],
+                               [x["p"] for x in finite], rtol=1e-6)
+    np.testing.assert_allclose([scalars["train/inv_p"][x["step"]] for x in lines],
+                               [1 / x["p"] for x in lines], rtol=1e-6)
+    assert all(math.isfinite(v) for tag in scalars.values() for v in tag.values())
     final = scalars["eval/certified_accuracy_0.1"]
     assert final == {int(result.state.step): pytest.approx(rows[0.1]["certified_accuracy"])}
 
@@ -130,33 +141,42 @@ def test_certify_cli_writes_json_and_plot(full_run, tmp_path):
     assert len(kernels) == 1, proc.stdout[-2000:]
 
 
-def test_config_kernels_is_recorded_and_used(full_run, monkeypatch, tmp_path):
-    """``config.kernels`` is part of the run's config.json, and a run traces under it: with
-    'xla' no native kernel is called, whatever LINF_JAX_KERNELS says."""
+@pytest.mark.parametrize("env, field, want", [
+    ("native", "xla", ("xla", "config.kernels")),  # the config's choice wins over the variable
+    ("xla", "auto", ("xla", "LINF_JAX_KERNELS")),  # auto: the variable
+    (None, "native", ("native", "config.kernels")),
+])
+def test_the_run_traces_under_its_kernels_and_records_them(monkeypatch, tmp_path, env, field,
+                                                           want):
+    """``config.kernels`` and ``LINF_JAX_KERNELS`` decide, once, which kernels a run uses: the
+    run calls native kernels exactly when its meta.json says a pass runs native, and the record
+    names the request and where it came from."""
     from linf_jax import native, ops
 
-    workdir, _ = full_run
-    with open(os.path.join(workdir, "config.json")) as f:
-        assert json.load(f)["kernels"] == "auto"
-    assert config_lib.kernels_choice(tiny_config()) is None  # auto: the library default
     if not native.available():
-        pytest.skip("no native kernels to keep out")
-    monkeypatch.setenv(ops.KERNELS_ENV, "native")
+        pytest.skip("no native kernels to tell apart from the XLA code")
+    if env is None:
+        monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ops.KERNELS_ENV, env)
     called = []
+    real_call = native._call
 
     def spy(name, *args, **kwargs):
         called.append(name)
-        raise RuntimeError(f"native kernel {name} called")
+        return real_call(name, *args, **kwargs)
 
     monkeypatch.setattr(native, "_call", spy)
-    cfg = tiny_config(**{"kernels": "xla", "train.epochs": (0, 1, 1, 2, 2)})
-    trainer.train_and_evaluate(cfg, str(tmp_path / "xla"), progress=False,
-                                 evaluate_at_end=False, max_steps=12)
-    assert called == []
-    with open(tmp_path / "xla" / "config.json") as f:
-        assert json.load(f)["kernels"] == "xla"
-    with pytest.raises(RuntimeError, match="native kernel"):  # the spy is live
-        ops.linf_dist(jnp.ones((2, 3)), jnp.zeros((4, 3)))
+    cfg = tiny_config(**{"kernels": field, "train.epochs": (0, 1, 1, 2, 2)})
+    workdir = tmp_path / "run"
+    trainer.train_and_evaluate(cfg, str(workdir), progress=False, evaluate_at_end=False,
+                               max_steps=12)
+    record = json.load(open(workdir / "meta.json"))["kernels"]
+    assert (record["requested"], record["from"]) == want
+    assert record["platform"] == "cpu"
+    assert record["passes"] == dict.fromkeys(("linf", "lp", "bounds", "decay"), want[0])
+    assert (len(called) > 0) == (want[0] == "native"), called
+    assert json.load(open(workdir / "config.json"))["kernels"] == field
 
 
 def _cpu_flags():
@@ -183,9 +203,11 @@ def test_train_cli_on_an_avx2_cpu_uses_the_xla_code(tmp_path):
     assert kernels == ["kernels: XLA (cpu; this CPU's native kernel variant is avx2; the native "
                        "kernels are the default only on AVX-512 CPUs, where they were measured "
                        "faster (LINF_JAX_KERNELS=native forces them))"], proc.stdout[-2000:]
+    recorded = json.load(open(tmp_path / "run" / "meta.json"))["kernels"]
+    assert recorded["passes"] == dict.fromkeys(("linf", "lp", "bounds", "decay"), "xla")
     assert "certified" in proc.stdout
     scalars = read_tensorboard_scalars(tmp_path / "run")  # python train.py writes TensorBoard
-    assert {"train/loss", "train/accuracy", "train/p", "train/eps", "train/lr"} <= set(scalars)
+    assert {"train/loss", "train/accuracy", "train/inv_p", "train/eps", "train/lr"} <= set(scalars)
 
 
 def test_deterministic_gpu_runs_set_or_demand_xla_flag(monkeypatch):

@@ -9,10 +9,12 @@ any file is changed. Programming errors keep their traceback.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 
 from linf_jax.config import preset_names, preset_path  # noqa: F401 - for the commands
+from linf_jax.errors import first_line
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -39,12 +41,6 @@ def _drop_closed_loop_noise(unraisable) -> None:
     orphan_read = "coroutine" in repr(unraisable.object)  # an async read left behind
     if not (closed_loop or orphan_read):
         sys.__unraisablehook__(unraisable)
-
-
-def _first_line(err: BaseException) -> str:
-    from linf_jax.config import first_line
-
-    return first_line(err)
 
 
 def resolve_presets(argv, flag: str = "config") -> list[str]:
@@ -77,7 +73,7 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
-        fail(f"{_first_line(err)} (see --helpshort)")
+        fail(f"{first_line(err)} (see --helpshort)")
     except Exception as err:  # noqa: BLE001 - ml_collections: AttributeError, KeyError, IOError
         fail(config_override_message(err, argv))
 
@@ -98,7 +94,7 @@ def config_override_message(err: BaseException, argv) -> str:
             if re.search(rf"'{re.escape(part)}\\?'", text):
                 return (f"--{name}: the config has no field {part!r}{hint}; allowed: the fields "
                         "of the config file (see configs/ and linf_jax/config.py)")
-    return f"bad --config override ({_first_line(err)}{hint})"
+    return f"bad --config override ({first_line(err)}{hint})"
 
 
 def load_config(holder, flag_name: str = "config"):
@@ -114,7 +110,7 @@ def load_config(holder, flag_name: str = "config"):
         config = holder.value
         config.keys()  # a config that failed to load raises on first use
     except Exception as err:  # noqa: BLE001 - any failure to load the user's file
-        fail(f"--{flag_name}={filename!r} cannot be loaded: {_first_line(err)}")
+        fail(f"--{flag_name}={filename!r} cannot be loaded: {first_line(err)}")
     return config
 
 
@@ -188,22 +184,21 @@ def check_writable_file(path: str, field: str) -> None:
 
 
 # The user-error types of modules that import JAX, by module: (module, class name).
-_HEAVY_USER_ERRORS = (("linf_jax.data", "DataError"), ("linf_jax.ensemble", "EnsembleError"),
-                      ("linf_jax.classifier", "InputError"), ("linf_jax.export", "ExportError"))
+_HEAVY_USER_ERRORS = (("linf_jax.classifier", "InputError"), ("linf_jax.export", "ExportError"))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that are a user's mistake (one line, no traceback). The types of
-    modules not imported yet are left out rather than imported (which would import JAX while a
-    config error is being reported): an error of a module never imported cannot have been
-    raised."""
-    from linf_jax.config import CheckpointError, ConfigError, TrainingError
+    """The exception types that are a user's mistake (one line, no traceback): those of
+    :mod:`linf_jax.errors`, and of modules already imported (an error of a module never
+    imported cannot have been raised, and importing one would import JAX while a config error
+    is being reported)."""
+    from linf_jax import errors
 
     heavy = tuple(getattr(sys.modules[m], name) for m, name in _HEAVY_USER_ERRORS
                   if m in sys.modules)
-    return (ConfigError, CheckpointError, TrainingError, *heavy,
-            PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-            FileExistsError)
+    return (errors.ConfigError, errors.CheckpointError, errors.TrainingError, errors.DataError,
+            errors.EnsembleError, *heavy, PermissionError, FileNotFoundError, IsADirectoryError,
+            NotADirectoryError, FileExistsError)
 
 
 def run_guarded(fn, *args, **kwargs):
@@ -213,7 +208,7 @@ def run_guarded(fn, *args, **kwargs):
     except user_errors() as err:
         if isinstance(err, OSError) and err.filename is not None:
             fail(f"{err.strerror}: {err.filename}")
-        fail(_first_line(err))
+        fail(first_line(err))
 
 
 def resolve_kernels():
@@ -225,9 +220,35 @@ def resolve_kernels():
     try:
         kernels = ops.resolve()
     except ValueError as err:
-        fail(_first_line(err))
+        fail(first_line(err))
     print(kernels.line(), flush=True)
     return kernels
+
+
+class _LibraryLines(logging.Formatter):
+    """The library's log records as the command lines show them: ``linf_jax: ...`` (progress
+    such as the native build or the calibration, on stdout) and ``warning: ...`` (on stderr)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "linf_jax: " if record.levelno < logging.WARNING else "warning: "
+        return prefix + record.getMessage()
+
+
+def show_library_messages() -> None:
+    """The library logs (it never prints); a command line shows its ``linf_jax`` records of
+    level INFO and above: INFO on stdout, warnings and errors on stderr, one line each."""
+    logger = logging.getLogger("linf_jax")
+    if any(isinstance(h.formatter, _LibraryLines) for h in logger.handlers):
+        return
+    info = logging.StreamHandler(sys.stdout)
+    info.addFilter(lambda record: record.levelno < logging.WARNING)
+    warn = logging.StreamHandler(sys.stderr)
+    warn.setLevel(logging.WARNING)
+    for handler in (info, warn):
+        handler.setFormatter(_LibraryLines())
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def main_entry(main, flags_module: str | None = None) -> None:
@@ -238,6 +259,7 @@ def main_entry(main, flags_module: str | None = None) -> None:
     from linf_jax import host
 
     host.tune_allocator()  # XLA's CPU buffers off mmap (linf_jax/host.py)
+    show_library_messages()
     module = sys.modules.get(flags_module) if flags_module else None
     if module is not None and module is not sys.modules["__main__"]:
         from absl import flags  # a console script: --helpshort lists the command's flags

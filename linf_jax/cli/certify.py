@@ -20,6 +20,8 @@ import types
 
 from absl import flags
 
+from linf_jax.config import WEIGHTS
+
 
 def define_flags() -> types.SimpleNamespace:
     """The command's flags, defined when it runs (never on import)."""
@@ -34,7 +36,7 @@ def define_flags() -> types.SimpleNamespace:
     fl.data_dir = flags.DEFINE_string("data_dir", None, "Data folder for tfds/idx sources.")
     fl.output = flags.DEFINE_string("output", None, "JSON output (default <workdir>/certify.json).")
     fl.plot = flags.DEFINE_string("plot", None, "PNG of certified accuracy versus ε.")
-    fl.weights = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "EMA or raw weights.")
+    fl.weights = flags.DEFINE_enum("weights", "ema", list(WEIGHTS), "EMA or raw weights.")
     fl.pgd_steps = flags.DEFINE_integer("pgd_steps", 100, "PGD steps (0 disables the attack).")
     fl.pgd_restarts = flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts.")
     fl.batch_size = flags.DEFINE_integer("batch_size", 500, "Evaluation batch size.")

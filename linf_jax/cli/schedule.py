@@ -143,11 +143,7 @@ def main(argv, fl: types.SimpleNamespace) -> None:
     result = preview(schedule, steps, std, experiment.logit_scale_lr(config))
     t = config.train
     family = t.get("schedule", "v1")
-    meaning = ("(e0, e1, e2, e3, T): lr constant to e1 then cosine to 0 at T; p ramp e1 -> e3, "
-               "inf from e3; eps ramp of length e2 from e0 (constant when e2 = 0)"
-               if family == "v1" else
-               "(es, ee, ps, pe, T): lr cosine over [0, T]; p ramp ps -> pe, inf from pe "
-               "(if p_end >= 100); eps ramp es -> ee (constant when ee <= es); lambda with p")
+    meaning = f"{config_lib.epochs_text(family)}: {config_lib.EPOCHS_MEANING[family]}"
     print(f"schedule {family}, epochs {tuple(int(e) for e in t.epochs)} {meaning}")
     eps_text = f"{t.eps_train:g} px"
     if std is not None:

@@ -23,14 +23,13 @@ bounds and to float32 rounding for ℓp (tests/test_native.py).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from linf_jax import native
 from linf_jax.ops import dispatch, native_cpu, xla  # noqa: F401 - the backends, as attributes
+from linf_jax.ops.decay import lp_decay_direction_with
 from linf_jax.ops.dispatch import (
     FAMILIES,
     KERNEL_CHOICES,
@@ -41,23 +40,18 @@ from linf_jax.ops.dispatch import (
     kernel_request,
     kernels_line,
     native_ok,
-    on_cpu,
     pallas_module,
     partitionable,
     resolve,
     use_kernels,
 )
-from linf_jax.ops.native_cpu import linf_native
+from linf_jax.ops.lp import lp_dist_with
+from linf_jax.ops.native_cpu import linf_native, on_cpu
 from linf_jax.ops.xla import (
     MAX_INT_P,
     bounds_scan,
-    int_root,
     linf_dist_xla,
-    lp_backward_xla,
-    max_abs_diff,
     members_one_by_one,
-    pow_p,
-    scan_blocks,
     static_number,
 )
 
@@ -66,8 +60,8 @@ Array = jax.Array
 __all__ = [
     "FAMILIES", "KERNELS_ENV", "KERNEL_CHOICES", "KernelChoice", "active", "conv_bounds",
     "conv_dist", "dist", "extract_patches", "grouped_bounds", "grouped_dist", "kernel_backend",
-    "kernel_request", "kernels_line", "linf_dist", "linf_dist_bounds", "lp_dist", "native_ok",
-    "on_cpu", "partitionable", "resolve", "use_kernels",
+    "kernel_request", "kernels_line", "linf_dist", "linf_dist_bounds", "lp_decay_direction",
+    "lp_dist", "native_ok", "on_cpu", "partitionable", "resolve", "use_kernels",
 ]
 
 
@@ -88,71 +82,6 @@ def linf_dist(x: Array, w: Array) -> Array:
     return linf_dist_xla(x, w)
 
 
-def _row_max(x: Array, w: Array) -> Array:
-    """``max_i |x_bi - w_oi|`` (no gradient: the ℓp passes' scale), native where it can."""
-    if native_ok(x, w, family="lp"):
-        return on_cpu(native.linf_max, max_abs_diff, x, w)
-    return max_abs_diff(x, w)
-
-
-def _lp_forward(x, w, p, k):
-    m = _row_max(x, w)
-    inv_m = 1.0 / jnp.where(m > 0, m, 1.0)
-
-    def step(carry, xj, wj, _):  # the scale 1/m rides in the carry, tiled with the weight rows
-        s, im = carry
-        return s + pow_p(jnp.abs(xj - wj) * im, p, k), im
-
-    def xla_sum(x, w, inv_m):
-        return scan_blocks(step, (jnp.zeros_like(inv_m), inv_m), x, w)[0]
-
-    if native_ok(x, w, family="lp"):
-        s = on_cpu(lambda x, w, im: native.lp_sum(x, w, im, p, k), xla_sum, x, w, inv_m)
-    else:
-        s = xla_sum(x, w, inv_m)
-    root = int_root(s, k) if k is not None else jnp.exp(jnp.log(s) / p)
-    # s ≥ 1 wherever m > 0 (the max term contributes 1); where m == 0 the distance is 0.
-    return jnp.where(m > 0, m * root, 0.0)
-
-
-def _lp_backward(x, w, y, g, p, k):
-    """∂x[b,i] = Σ_o g·G, ∂w[o,i] = -Σ_b g·G with G = sign(d)(|d|/y)^(p-1), chunked over o and,
-    for wide inputs, tiled over i: every coordinate's G needs only its own d and y, so input
-    tiles are independent, and each chunk's ``[B, oc, tile]`` temporaries stay bounded
-    (``ops.xla.LP_BWD_ELEMENTS``) however wide the input is."""
-    if native_ok(x, w, family="lp"):
-        return on_cpu(lambda x, w, y, g: native.lp_bwd(x, w, 1.0 / jnp.where(y > 0, y, 1.0), g,
-                                                       p, k),
-                      lambda x, w, y, g: lp_backward_xla(x, w, y, g, p, k), x, w, y, g)
-    return lp_backward_xla(x, w, y, g, p, k)
-
-
-def _one_by_one_unless_native(fn, x, w):
-    """``fn`` as is for the native kernels (they take vmapped axes as leading dimensions and
-    loop over them inside one call), else :func:`members_one_by_one`."""
-    return fn if native_ok(x, w, family="lp") else members_one_by_one(fn)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _lp_dist(x, w, p, k):
-    return _one_by_one_unless_native(functools.partial(_lp_forward, k=k), x, w)(x, w, p)
-
-
-def _lp_fwd(x, w, p, k):
-    y = _one_by_one_unless_native(functools.partial(_lp_forward, k=k), x, w)(x, w, p)
-    return y, (x, w, y, p)
-
-
-def _lp_bwd(k, res, g):
-    x, w, y, p = res
-    # under vmap on the CPU, one member after the other: batched, the chunk temporaries grow
-    # K-fold and fall out of cache (see ops.xla.members_one_by_one)
-    gx, gw = _one_by_one_unless_native(functools.partial(_lp_backward, k=k), x, w)(x, w, y, g, p)
-    return gx, gw, jnp.zeros_like(p)
-
-_lp_dist.defvjp(_lp_fwd, _lp_bwd)
-
-
 def lp_dist(x: Array, w: Array, p) -> Array:
     """``y[b, o] = ||x[b] - w[o]||_p`` for finite ``p ≥ 1`` (stable form, docs/METHOD.md §2).
 
@@ -166,15 +95,16 @@ def lp_dist(x: Array, w: Array, p) -> Array:
         return kernels.pallas_lp_dist(x, w, p, interpret=interpret)
     x, w = jnp.asarray(x), jnp.asarray(w)  # see linf_dist
     dtype = jnp.result_type(x, w)
+    use_native = native_ok(x, w, family="lp")
     ps = static_number(p)
     if ps is not None:
         k = int(ps) if ps.is_integer() and 1 <= ps <= MAX_INT_P else None
-        return _lp_dist(x, w, jnp.asarray(ps, dtype), k)
+        return lp_dist_with(x, w, jnp.asarray(ps, dtype), k, use_native)
     p = jnp.asarray(p, dtype)
     return lax.cond(
         p == MAX_INT_P,
-        lambda x, w, p: _lp_dist(x, w, p, MAX_INT_P),
-        lambda x, w, p: _lp_dist(x, w, p, None),
+        lambda x, w, p: lp_dist_with(x, w, p, MAX_INT_P, use_native),
+        lambda x, w, p: lp_dist_with(x, w, p, None, use_native),
         x, w, p,
     )
 
@@ -306,3 +236,12 @@ def conv_bounds(lower: Array, upper: Array, w: Array, *, stride: int = 1, paddin
     b, h, wd, f = pl.shape
     lo, hi = grouped_bounds(pl.reshape(-1, f), pu.reshape(-1, f), w.reshape(out, -1), groups)
     return lo.reshape(b, h, wd, out), hi.reshape(b, h, wd, out)
+
+
+def lp_decay_direction(w: Array, p) -> Array:
+    """``(|w|/‖w‖_p)^(p−2) · w`` per row (first axis = output neuron), the direction of the ℓp
+    weight decay (:mod:`linf_jax.optim`, docs/METHOD.md §6); p a Python number ``>= 2`` or
+    ``inf``, or a traced scalar. The native kernel where the ``decay`` pass runs native
+    (:func:`linf_jax.ops.decay.lp_decay_direction_with`)."""
+    rows = w.reshape(w.shape[0], -1)
+    return lp_decay_direction_with(w, p, native_ok(rows, family="decay"))

@@ -10,8 +10,9 @@ native build and the calibration happen there, the first time they are needed); 
 its choice at its start, traces its programs under it (:func:`use_kernels` takes the value),
 writes :meth:`KernelChoice.record` to its ``meta.json`` and prints :meth:`KernelChoice.line`,
 which builds and times nothing. All choices compute the same function (docs/METHOD.md §2).
-:func:`on_cpu` puts a native call in ``jax.lax.platform_dependent`` so a program traced on a CPU
-host carries the XLA code for the GPU or TPU it is lowered for.
+Every native call sits in ``jax.lax.platform_dependent``
+(:func:`linf_jax.ops.native_cpu.on_cpu`), so a program traced on a CPU host carries the XLA
+code for the GPU or TPU it is lowered for.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import threading
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from linf_jax import calibration, native
 from linf_jax.config import KERNEL_CHOICES
@@ -84,18 +84,17 @@ class KernelChoice:
 
     def line(self) -> str:
         """One line for the command lines: which kernels run, and why (builds nothing)."""
-        by_impl: dict[str, list[str]] = {}
-        for family, impl in self.passes:
-            by_impl.setdefault(impl, []).append(family)
-        names = {"native": "native kernels", "xla": "XLA code", "pallas": "Pallas"}
-        if len(by_impl) == 1:
-            what = {"native": f"native CPU ({self.native_isa})", "xla": f"XLA ({self.platform})",
-                    "pallas": f"Pallas ({self.platform})"}[next(iter(by_impl))]
-        else:
-            what = "; ".join(f"{names[i]} for {', '.join(fs)}" for i, fs in by_impl.items())
-            if self.native_isa:
-                what += f" (native CPU build {self.native_isa})"
-        return f"kernels: {what}; {self.reason}" if self.reason else f"kernels: {what}"
+        backend = self.backend
+        if backend == "pallas":
+            return f"kernels: Pallas ({self.platform})"
+        if backend == "native":
+            if self.requested == "native":
+                return f"kernels: native CPU ({self.native_isa})"
+            which = calibration.summary({f: impl == "native" for f, impl in self.passes})
+            return f"kernels: {which} (native CPU build {self.native_isa}; {self.reason})"
+        if self.platform == "cpu" and self.requested != "xla":
+            return f"kernels: XLA (cpu; {self.reason})"
+        return f"kernels: XLA ({self.platform})"
 
 
 def _normalized(choice: str | None) -> str:
@@ -225,14 +224,6 @@ def native_ok(*arrays, family: str) -> bool:
     """Whether pass ``family`` runs the native kernels on these operands (float32) under the
     choice in force."""
     return all(a.dtype == jnp.float32 for a in arrays) and active().runs(family) == "native"
-
-
-def on_cpu(cpu_fn, other_fn, *args):
-    """``cpu_fn(*args)`` in the program lowered for the CPU, ``other_fn(*args)`` for every other
-    platform (``jax.lax.platform_dependent``). The native kernels are CPU custom calls: a program
-    traced on a CPU host and lowered (or exported) for a GPU or TPU must carry the XLA code
-    there. Lowered for the CPU alone, only ``cpu_fn`` is compiled."""
-    return lax.platform_dependent(*args, cpu=cpu_fn, default=other_fn)
 
 
 def pallas_module():

@@ -1,0 +1,50 @@
+"""One split of a data set on the host (:class:`Dataset`) and the facts of the stock data sets.
+
+The readers (:mod:`linf_jax.data_sources`, :mod:`linf_jax.data_arrays`) build a :class:`Dataset`
+and :mod:`linf_jax.data` loads and transforms them; both import this module, which imports
+neither of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+AUGMENTATIONS = ("none", "mnist", "cifar")  # Dataset.augment: the data set's crop/flip kind
+# The crop padding of each data set kind (the v1 code's: MNIST-like 1, CIFAR-like 4).
+DEFAULT_PADDING = {"none": 0, "mnist": 1, "cifar": 4}
+
+# Computed once from all 1,797 scikit-learn digits, pixel units (value / 16).
+DIGITS_MEAN = 0.30526029
+DIGITS_STD = 0.37604922
+DIGITS_NUM_TRAIN = 1437  # the remaining 360 are 'test'
+
+MNIST_MEAN, MNIST_STD = (0.1307,), 0.3081
+
+# name -> (mean per channel, scalar std, augmentation).
+KNOWN_TFDS = {
+    "mnist": (MNIST_MEAN, MNIST_STD, "mnist"),
+    "fashion_mnist": ((0.2860,), 0.3520, "mnist"),
+    "cifar10": ((0.4914, 0.4822, 0.4465), 0.2009, "cifar"),
+    "cifar100": ((0.5071, 0.4867, 0.4408), 0.2667, "cifar"),
+}
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """One split of a data set, on the host."""
+
+    images: np.ndarray  # [N, H, W, C], uint8 (0..255) or float32 in [0, 1] pixel units
+    labels: np.ndarray  # [N] int32
+    num_classes: int
+    mean: tuple[float, ...]  # per-channel mean, pixel units
+    std: float  # ONE scalar std per data set
+    name: str  # the source string
+    augment: str  # 'none' | 'mnist' | 'cifar'
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.images.shape[1:])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
