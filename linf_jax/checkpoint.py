@@ -62,7 +62,9 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, force: bool 
     step = int(state.step)
     if step in mngr.all_steps():
         return False
-    saved = mngr.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+    # PyTreeSave/PyTreeRestore (Orbax's standard handler is built on it and writes the same
+    # files): one handler for saving and for the partial restores of restore_checkpoint.
+    saved = mngr.save(step, args=ocp.args.PyTreeSave(flax.serialization.to_state_dict(state)),
                       force=force)
     mngr.wait_until_finished()
     return bool(saved)
@@ -72,13 +74,34 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, target: TrainState,
                        step: int | None = None) -> TrainState:
     """Restores the latest complete step (or ``step``) into the structure of ``target``."""
     step = mngr.latest_step() if step is None else step
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                            flax.serialization.to_state_dict(target))
+    full = jax.tree.map(ocp.utils.to_shape_dtype_struct, flax.serialization.to_state_dict(target))
+    abstract = _without_empty(full)
     try:
-        restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-        return flax.serialization.from_state_dict(target, restored)
+        # A partial restore: a checkpoint of an earlier version, whose optimiser state also kept
+        # step counters of its own (now the train state's step is the only one), restores too.
+        restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True))
+        return flax.serialization.from_state_dict(target, _with_empty(restored, full))
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore: truncated, missing, other shapes
         raise _unrestorable(mngr, step, err) from None
+
+
+def _without_empty(tree):
+    """``tree`` without its empty dicts (the state dicts of stateless Optax transforms), which
+    Orbax cannot match against a checkpoint that holds something there (:func:`_with_empty`
+    puts them back)."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: _without_empty(v) for k, v in tree.items()}
+    return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+
+
+def _with_empty(tree, template):
+    """``tree`` with the empty dicts of ``template`` that :func:`_without_empty` left out."""
+    if not isinstance(template, dict):
+        return tree
+    return {k: _with_empty(tree[k], v) if k in tree else v for k, v in template.items()}
 
 
 def _unrestorable(mngr: ocp.CheckpointManager, step: int, err: BaseException) -> CheckpointError:

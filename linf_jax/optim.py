@@ -22,18 +22,15 @@ Which rule a leaf gets is read from a label tree, :func:`param_labels` (``'linf_
 ``'logit_scale'`` or ``'other'`` per leaf, from the leaf's name), as optax's ``mask`` and
 ``multi_transform`` select leaves; the transformations only map labels to rules (``DECAY``, the
 lr per label). The labels are built from the parameter paths when ``update`` is traced, so the
-optimiser state holds arrays only and keeps the structure of the plain chain (checkpoints of
-earlier runs resume).
+optimiser state holds arrays only. The decay and the lr keep no state: the train state's step
+is the one counter of a run, and the caller passes the step and its p to ``update``.
 
 The EMA is :func:`optax.incremental_update` applied to parameters and batch statistics alike.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
-import jax.numpy as jnp
 import optax
 
 from linf_jax.ops import lp_decay_direction
@@ -66,10 +63,6 @@ def _labels_of(labels, tree):
     return labels(tree) if callable(labels) else labels
 
 
-class DecayState(NamedTuple):
-    count: jax.Array
-
-
 # label -> the term whose wd-multiple is added to a leaf's update; a label not here (the logit
 # scale) is not decayed.
 DECAY = {
@@ -78,83 +71,78 @@ DECAY = {
 }
 
 
-def lp_weight_decay(weight_decay: float, p_of_count, labels=param_labels
+def lp_weight_decay(weight_decay: float, labels=param_labels
                     ) -> optax.GradientTransformationExtraArgs:
-    """Adds ``wd · ∇(½‖w‖_p²)`` (row-wise, ``p = p_of_count(count)``) to the updates of the leaves
-    labelled ``'linf_weight'`` and ``wd · θ`` to those labelled ``'other'``; the logit scale is
-    not decayed (``DECAY``, module docstring); ``weight_decay = 0`` leaves the updates as they
-    are. ``labels``: the label tree, or a function of the parameters giving it (default
+    """Adds ``wd · ∇(½‖w‖_p²)`` (row-wise) to the updates of the leaves labelled
+    ``'linf_weight'`` and ``wd · θ`` to those labelled ``'other'``; the logit scale is not
+    decayed (``DECAY``, module docstring); ``weight_decay = 0`` leaves the updates as they are.
+    ``labels``: the label tree, or a function of the parameters giving it (default
     :func:`param_labels`).
 
-    ``tx.update(..., phase_p=p)`` (an Optax extra argument, passed through ``optax.chain``) may
-    give that p as a Python number when the caller knows it statically: the train step does in
-    its 'start' and 'inf' phases, where ``p_of_count(count)`` is the constant p_start or ∞. It
-    selects the specialised code of :func:`lp_decay_direction` (no exp/log, no ``lax.cond``); it
-    must equal ``p_of_count(count)``, which is used when ``phase_p`` is None or traced."""
+    The p is the step's, given by the caller: ``tx.update(..., p=p)`` (an Optax extra argument,
+    passed through ``optax.chain``). A Python number (the train step's 'start' and 'inf'
+    phases) selects the specialised code of :func:`linf_jax.ops.lp_decay_direction` (no
+    exp/log, no ``lax.cond``); a traced scalar (the ramp) the general one. Stateless: the train
+    state's step is the one counter a run keeps."""
 
-    def init_fn(params):
-        del params
-        return DecayState(count=jnp.zeros((), jnp.int32))
-
-    def update_fn(updates, state, params=None, *, phase_p=None, **extra_args):
+    def update_fn(updates, state, params=None, *, p=None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError("lp_weight_decay needs the parameters: tx.update(g, s, params)")
-        new_state = DecayState(count=optax.safe_increment(state.count))
         if weight_decay == 0:
-            return updates, new_state
-        p = phase_p if isinstance(phase_p, (int, float)) else p_of_count(state.count)
+            return updates, state
+        if params is None or p is None:
+            raise ValueError("lp_weight_decay needs the parameters and the step's p: "
+                             "tx.update(g, s, params, p=p, step=step)")
 
         def one(label, u, w):
             if label not in DECAY:
                 return u
             return u + weight_decay * DECAY[label](w, p)
 
-        return jax.tree.map(one, _labels_of(labels, params), updates, params), new_state
+        return jax.tree.map(one, _labels_of(labels, params), updates, params), state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
 def scale_by_learning_rate(schedule: Schedule, logit_scale_lr: float | None = None,
-                           labels=param_labels) -> optax.GradientTransformation:
-    """Multiplies the updates by ``−lr0 · schedule.lr_factor(count)``: ``lr0 = schedule.lr``
-    for every leaf but the one labelled ``'logit_scale'``, which has ``logit_scale_lr`` (None:
+                           labels=param_labels) -> optax.GradientTransformationExtraArgs:
+    """Multiplies the updates by ``−lr0 · schedule.lr_factor(step)``, ``step`` the train state's
+    step given by the caller (``tx.update(..., step=step)``): ``lr0 = schedule.lr`` for every
+    leaf but the one labelled ``'logit_scale'``, which has ``logit_scale_lr`` (None:
     ``schedule.lr``), on the same schedule (the v2 code's two parameter groups). ``labels``: the
-    label tree, or a function of the updates giving it (default :func:`param_labels`). The
-    state is optax's ``ScaleByScheduleState``, as ``optax.scale_by_schedule``'s."""
+    label tree, or a function of the updates giving it (default :func:`param_labels`).
+    Stateless, like :func:`lp_weight_decay`."""
 
-    def init_fn(params):
-        del params
-        return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
-
-    def update_fn(updates, state, params=None):
-        del params
-        factor = schedule.lr_factor(state.count)
+    def update_fn(updates, state, params=None, *, step=None, **extra_args):
+        del params, extra_args
+        if step is None:
+            raise ValueError("scale_by_learning_rate needs the step: "
+                             "tx.update(g, s, params, p=p, step=step)")
+        factor = schedule.lr_factor(step)
         lr = -schedule.lr * factor
         rates = {LOGIT_SCALE: lr if logit_scale_lr is None else -logit_scale_lr * factor}
 
         def one(label, u):
             return (rates.get(label, lr) * u).astype(u.dtype)
 
-        new = jax.tree.map(one, _labels_of(labels, updates), updates)
-        return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+        return jax.tree.map(one, _labels_of(labels, updates), updates), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
 def make_optimizer(schedule: Schedule, weight_decay: float, adam_eps: float = 1e-10,
-                   p_of_count=None, logit_scale_lr: float | None = None
-                   ) -> optax.GradientTransformation:
-    """Adam(β = (0.9, 0.99), eps = 1e-10) with the ℓp-aware decoupled decay and the lr schedule.
+                   logit_scale_lr: float | None = None
+                   ) -> optax.GradientTransformationExtraArgs:
+    """Adam(β = (0.9, 0.99), eps = 1e-10) with the ℓp-aware decoupled decay and the lr schedule;
+    ``tx.update(grads, opt_state, params, p=p, step=step)`` with the step's p and the train
+    state's step, the one counter of a run (Adam keeps its own count for its bias correction).
 
     With eps = 1e-10 Adam's first steps are nearly ``lr · sign(g)``, so rounding differences in
     tiny gradients (another device count, another summation order) become differences of order
-    lr in the parameters; a larger ``adam_eps`` makes the update smooth in g. ``p_of_count(count)``
-    is the p of the ℓp decay (default ``schedule.p``: the p of the step being taken).
+    lr in the parameters; a larger ``adam_eps`` makes the update smooth in g.
     ``logit_scale_lr``: the base lr of the logit scale (None: ``schedule.lr``)."""
     return optax.chain(
         optax.scale_by_adam(b1=0.9, b2=0.99, eps=adam_eps),
-        lp_weight_decay(weight_decay, schedule.p if p_of_count is None else p_of_count),
+        lp_weight_decay(weight_decay),
         scale_by_learning_rate(schedule, logit_scale_lr),
     )
 

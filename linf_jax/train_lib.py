@@ -163,20 +163,20 @@ class MemberStep(NamedTuple):
     update: MemberUpdate
 
 
-def member_update(params, opt_state, ema_params, ema_bs, grads, bs, *, tx, p, alpha
+def member_update(params, opt_state, ema_params, ema_bs, grads, bs, *, tx, step, p, alpha
                   ) -> MemberUpdate:
-    """Adam and the weight decay (Optax), then the EMA of the parameters and of the running
-    means, for one model."""
-    # In the start and inf phases p is a Python number and the ℓp decay is compiled for it; a
-    # traced p (the ramp) is read from the schedule inside the decay (linf_jax.optim).
-    updates, opt_state = tx.update(grads, opt_state, params, phase_p=p)
+    """Adam, the weight decay and the lr of ``step`` (Optax), then the EMA of the parameters and
+    of the running means, for one model."""
+    # In the start and inf phases p is a Python number and the ℓp decay is compiled for it; in
+    # the ramp it is the traced p of the step.
+    updates, opt_state = tx.update(grads, opt_state, params, p=p, step=step)
     params = optax.apply_updates(params, updates)
     return MemberUpdate(params, opt_state, optim.ema_update(ema_params, params, alpha),
                         optim.ema_update(ema_bs, bs, alpha))
 
 
 def member_step(params, batch_stats, opt_state, ema_params, ema_bs, x, y, p, eps, lam, alpha,
-                *, apply_fn, loss_fn, tx) -> MemberStep:
+                *, apply_fn, loss_fn, tx, step) -> MemberStep:
     """The whole step of one model. The single-model step, and mapped over the members the
     independent ensemble's (each member's new state written once, no stacked temporaries)."""
     (loss, (logits, bs)), grads = jax.value_and_grad(
@@ -184,16 +184,7 @@ def member_step(params, batch_stats, opt_state, ema_params, ema_bs, x, y, p, eps
         params, batch_stats, x, y, p, eps, lam)
     return MemberStep(loss, logits, bs, squared_norm(grads),
                       member_update(params, opt_state, ema_params, ema_bs, grads, bs, tx=tx,
-                                    p=p, alpha=alpha))
-
-
-def shared_counters(opt_state):
-    """``(in_axes, opt_state)`` for mapping the optimiser over ensemble members with its integer
-    step counters unbatched: every member takes the same steps, so member 0's counter stands for
-    all. Batched, the counter (and the p the ℓp weight decay derives from it) would turn the
-    decay's ``lax.cond`` on p = ∞ into a select that computes both branches for every weight."""
-    axes = jax.tree.map(lambda a: None if jnp.issubdtype(a.dtype, jnp.integer) else 0, opt_state)
-    return axes, jax.tree.map(lambda a, ax: a if ax == 0 else a[0], opt_state, axes)
+                                    step=step, p=p, alpha=alpha))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +223,7 @@ def train_step(state: TrainState, images, labels, batch_idx, p_phase: str, *, sp
     aug_key = jax.random.fold_in(augment_key(state.rng), step)
     constrain = spec.constrain or (lambda x, y, member_axis: (x, y))
     one_step = functools.partial(member_step, apply_fn=state.apply_fn, loss_fn=spec.loss_fn,
-                                 tx=state.tx)
+                                 tx=state.tx, step=step)
 
     if k is None:
         x, y = constrain(*spec.prepare(images, labels, batch_idx, aug_key), member_axis=False)
@@ -246,20 +237,19 @@ def train_step(state: TrainState, images, labels, batch_idx, p_phase: str, *, sp
                               execution=spec.execution),
             has_aux=True)(state.params, state.batch_stats, x, y, p, eps, lam)
         grad_sq = squared_norm(grads)
-        opt_axes, opt_in = shared_counters(state.opt_state)
-        update = jax.vmap(
-            functools.partial(member_update, tx=state.tx, p=p, alpha=alpha),
-            in_axes=(0, opt_axes, 0, 0, 0, 0))(
-            state.params, opt_in, state.ema_params, state.ema_batch_stats, grads, bs)
+        # p and the step are the same for every member: closed over, not batched, so the ℓp
+        # decay's lax.cond on p = ∞ stays a cond instead of a select computing both branches
+        update = jax.vmap(functools.partial(member_update, tx=state.tx, step=step, p=p,
+                                            alpha=alpha))(
+            state.params, state.opt_state, state.ema_params, state.ema_batch_stats, grads, bs)
     else:  # independent: the single-model step mapped over the members
         member_keys = jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(jnp.arange(k))
         x, y = constrain(*jax.vmap(spec.prepare, in_axes=(None, None, 0, 0))(
             images, labels, batch_idx, member_keys), member_axis=True)
-        opt_axes, opt_in = (shared_counters(state.opt_state) if spec.execution == "batched"
-                            else (0, state.opt_state))
         loss, logits, bs, grad_sq, update = ensemble_lib.members_map(
-            one_step, (0, 0, opt_axes, 0, 0, 0, 0, None, None, None, None), spec.execution)(
-            state.params, state.batch_stats, opt_in, state.ema_params, state.ema_batch_stats,
+            one_step, (0, 0, 0, 0, 0, 0, 0, None, None, None, None), spec.execution)(
+            state.params, state.batch_stats, state.opt_state, state.ema_params,
+            state.ema_batch_stats,
             x, y, p, eps, lam, alpha)
         loss, grad_sq = loss.mean(), grad_sq.sum()
     new_state = state.replace(

@@ -168,9 +168,9 @@ def test_lp_decay_direction_rejects_p_below_two():
 
 
 @pytest.mark.parametrize("phase_p", [8.0, math.inf])
-def test_decay_p_hint_gives_the_same_update(phase_p):
-    """``tx.update(..., phase_p=p)`` (the train step's start / inf phases) selects the
-    specialised decay code; the update equals the one from the schedule's traced p."""
+def test_decay_with_a_python_number_p_gives_the_same_update(phase_p):
+    """``tx.update(..., p=8.0 or inf)`` (the train step's start / inf phases) selects the
+    specialised decay code; the update equals the one with the schedule's traced p."""
     rng = np.random.default_rng(5)
     s = make()
     step_at = 3 if phase_p == 8.0 else EPOCHS[3] * SPE + 2
@@ -181,9 +181,10 @@ def test_decay_p_hint_gives_the_same_update(phase_p):
     tx = optim.make_optimizer(s, 5e-2)
     state = jax.tree.map(lambda a: jnp.full_like(a, step_at) if a.dtype == jnp.int32 else a,
                          tx.init(params))
-    plain, _ = jax.jit(tx.update)(grads, state, params)
-    hinted, _ = jax.jit(lambda g, st, pr: tx.update(g, st, pr, phase_p=phase_p))(
-        grads, state, params)
+    plain, _ = jax.jit(lambda g, st, pr, t: tx.update(g, st, pr, p=s.p(t), step=t))(
+        grads, state, params, step_at)
+    hinted, _ = jax.jit(lambda g, st, pr, t: tx.update(g, st, pr, p=phase_p, step=t))(
+        grads, state, params, step_at)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(hinted), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9)
 
@@ -199,9 +200,9 @@ def test_optimizer_step_matches_reference():
     grads = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), params)
     tx = optim.make_optimizer(s, 5e-3)
     state = tx.init(params)
-    # advance the step counters to step_at with zero gradients on a copy (no decay effect on ref)
+    # Adam's count at step_at (its bias correction); the lr and the decay read the step given
     state = jax.tree.map(lambda a: jnp.full_like(a, step_at) if a.dtype == jnp.int32 else a, state)
-    updates, _ = tx.update(grads, state, params)
+    updates, _ = tx.update(grads, state, params, p=s.p(step_at), step=step_at)
     adam = optax.scale_by_adam(b1=0.9, b2=0.99, eps=1e-10)
     ast = jax.tree.map(lambda a: jnp.full_like(a, step_at) if a.dtype == jnp.int32 else a,
                        adam.init(params))
@@ -330,7 +331,7 @@ def test_v2_optimizer_is_plain_adam_with_its_own_scale_lr():
     step_at = 123
     state = jax.tree.map(lambda a: jnp.full_like(a, step_at) if a.dtype == jnp.int32 else a,
                          tx.init(params))
-    updates, _ = tx.update(grads, state, params)
+    updates, _ = tx.update(grads, state, params, p=s.p(step_at), step=step_at)
     adam = optax.scale_by_adam(b1=0.9, b2=0.99, eps=1e-10)
     ast = jax.tree.map(lambda a: jnp.full_like(a, step_at) if a.dtype == jnp.int32 else a,
                        adam.init(params))
@@ -348,7 +349,7 @@ def test_v2_optimizer_is_plain_adam_with_its_own_scale_lr():
     tx1 = optim.make_optimizer(make(), 5e-3)
     st1 = tx1.init(params)
     zero = jax.tree.map(jnp.zeros_like, params)
-    up1, _ = tx1.update(zero, st1, params)
+    up1, _ = tx1.update(zero, st1, params, p=8.0, step=0)
     assert f(up1["logit_scale"]) == 0.0 and bool((up1["layer"]["bias"] != 0).all())
 
 
@@ -419,8 +420,9 @@ def _np_adam_decay_lr(params, grads, s, steps, wd, logit_scale_lr):
 @pytest.mark.parametrize("wd,logit_scale_lr", [(5e-3, None), (5e-3, 0.006), (0.0, 0.006)])
 def test_optimizer_steps_match_float64_numpy_reference(phase, wd, logit_scale_lr):
     """Four steps of ``make_optimizer`` on ℓ∞-dist weights (dense and conv), a bias, a head
-    kernel and the logit scale, with ``phase_p`` as the train step passes it in each p phase,
-    against a float64 NumPy Adam + ℓp decay + per-label lr."""
+    kernel and the logit scale, with p and the step as the train step passes them in each p
+    phase (a Python number in the start and inf phases, traced in the ramp), against a float64
+    NumPy Adam + ℓp decay + per-label lr."""
     rng = np.random.default_rng(11)
     s = make()
     start = {"start": 3, "ramp": EPOCHS[1] * SPE + 9, "inf": EPOCHS[3] * SPE + 2}[phase]
@@ -447,10 +449,11 @@ def test_optimizer_steps_match_float64_numpy_reference(phase, wd, logit_scale_lr
     params = nest(flat)
     state = jax.tree.map(lambda a: jnp.full_like(a, start) if a.dtype == jnp.int32 else a,
                          tx.init(params))
-    update = jax.jit(lambda g, st, pr: tx.update(g, st, pr, phase_p=phase_p))
+    update = jax.jit(lambda g, st, pr, t: tx.update(
+        g, st, pr, p=s.p(t) if phase_p is None else phase_p, step=t))
     got = []
-    for g in grads:
-        u, state = update(nest(g), state, params)
+    for t, g in zip(steps, grads, strict=True):
+        u, state = update(nest(g), state, params, t)
         params = optax.apply_updates(params, u)
         got.append(u)
     want, theta = _np_adam_decay_lr(flat, grads, s, steps, wd, logit_scale_lr)
@@ -469,8 +472,8 @@ def _at(tree, key):
 
 def test_leaves_are_selected_by_the_label_tree():
     """``param_labels`` labels a model's leaves from their names; the decay and the lr read only
-    that tree (a given tree works as well as the function), and the optimiser state is the plain
-    chain's (Adam, decay count, lr count), so checkpoints keep their structure."""
+    that tree (a given tree works as well as the function); the decay and the lr keep no state
+    (the train state's step is the one counter: Adam's own count aside, the state is empty)."""
     from linf_jax.models import build_model
 
     model = build_model(dict(name="linf_dist_net_mlp", depth=2, width=8, head_hidden=4), 3)
@@ -484,21 +487,26 @@ def test_leaves_are_selected_by_the_label_tree():
                     "['logit_scale']": "logit_scale"}
     s = make()
     zero = jax.tree.map(jnp.zeros_like, params)
-    decay = optim.lp_weight_decay(0.1, s.p)
-    by_fn, _ = decay.update(zero, decay.init(params), params)
-    by_tree, _ = optim.lp_weight_decay(0.1, s.p, labels=labels).update(
-        zero, decay.init(params), params)
+    decay = optim.lp_weight_decay(0.1)
+    by_fn, _ = decay.update(zero, decay.init(params), params, p=8.0)
+    by_tree, _ = optim.lp_weight_decay(0.1, labels=labels).update(
+        zero, decay.init(params), params, p=8.0)
     for a, b in zip(jax.tree.leaves(by_fn), jax.tree.leaves(by_tree), strict=True):
         np.testing.assert_array_equal(a, b)
     # relabel everything 'logit_scale': no leaf is decayed, every leaf gets the scale's lr
     scale = jax.tree.map(lambda _: "logit_scale", labels)
-    kept, _ = optim.lp_weight_decay(0.1, s.p, labels=scale).update(
-        zero, decay.init(params), params)
+    kept, _ = optim.lp_weight_decay(0.1, labels=scale).update(
+        zero, decay.init(params), params, p=8.0)
     assert all(not np.asarray(a).any() for a in jax.tree.leaves(kept))
     ones = jax.tree.map(jnp.ones_like, params)
     lr = optim.scale_by_learning_rate(s, 0.5, labels=scale)
-    scaled, _ = lr.update(ones, lr.init(params))
-    assert all(np.allclose(a, -0.5 * f(s.lr_factor(0))) for a in jax.tree.leaves(scaled))
+    at = EPOCHS[1] * SPE + 5  # inside the cosine
+    scaled, _ = lr.update(ones, lr.init(params), step=at)
+    assert all(np.allclose(a, -0.5 * f(s.lr_factor(at))) for a in jax.tree.leaves(scaled))
+    assert f(s.lr_factor(at)) < 1
     state = optim.make_optimizer(s, 5e-3).init(params)
-    assert [type(x).__name__ for x in state] == ["ScaleByAdamState", "DecayState",
-                                                 "ScaleByScheduleState"]
+    assert [type(x).__name__ for x in state] == ["ScaleByAdamState", "EmptyState", "EmptyState"]
+    with pytest.raises(ValueError, match="needs the step"):
+        lr.update(ones, lr.init(params))
+    with pytest.raises(ValueError, match="the step's p"):
+        decay.update(zero, decay.init(params), params)

@@ -1,0 +1,133 @@
+"""The package's structure: an import graph without circles, command lines outside the library,
+flags defined only when a command runs."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+from conftest import REPO
+
+PACKAGE = pathlib.Path(REPO) / "linf_jax"
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: the linf_jax modules it imports}``, from the source: every import statement,
+    at the top or inside a function (a deferred import still ties two modules together)."""
+    modules = _modules()
+
+    def owner(name: str) -> str | None:  # linf_jax.ops.xla.scan_blocks -> linf_jax.ops.xla
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {m: set() for m in modules}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                names = [f"{base}.{a.name}" for a in node.names]
+            for name in names:
+                target = owner(name) if name.startswith("linf_jax") else None
+                if target and target != module:
+                    graph[module].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_check_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_linf_jax_module_imports_one_that_imports_it_back():
+    graph = import_graph()
+    assert "linf_jax.ops.dispatch" in graph["linf_jax.ops"]  # the graph is read
+    assert cycles(graph) == []
+
+
+def test_the_library_never_imports_the_command_lines():
+    """Entry points live in linf_jax.cli; no library module imports it (the command lines
+    import the library, never the reverse)."""
+    graph = import_graph()
+    library = [m for m in graph if not m.startswith("linf_jax.cli")]
+    assert len(library) > 20
+    offenders = {m: sorted(t for t in graph[m] if t.startswith("linf_jax.cli"))
+                 for m in library}
+    assert {m: t for m, t in offenders.items() if t} == {}
+
+
+def test_library_modules_do_not_print():
+    """The library logs; only the command lines print."""
+    offenders = []
+    for module, path in _modules().items():
+        if module.startswith("linf_jax.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "print"):
+                offenders.append(f"{module}:{node.lineno}")
+    assert offenders == []
+
+
+def test_importing_every_command_line_defines_no_flag():
+    """Importing the command-line modules together defines no absl flag (each command defines
+    its flags when it runs), so two of them never collide on a name such as --workdir."""
+    code = ("from absl import flags\n"
+            "import linf_jax.cli.train, linf_jax.cli.certify, linf_jax.cli.plot, "
+            "linf_jax.cli.schedule\n"
+            "ours = {m: [f.name for f in fs] for m, fs in "
+            "flags.FLAGS.flags_by_module_dict().items() if 'linf_jax' in m}\n"
+            "assert not ours and 'workdir' not in flags.FLAGS, ours\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
