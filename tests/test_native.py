@@ -3,9 +3,14 @@ against the XLA kernels of linf_jax.ops: values, first arg-max on ties, gradient
 tiny shapes, NaN/inf semantics, and the dispatch that picks them.
 
 Skipped only where the machine has no C++ compiler; where one exists the kernels must build.
+The build and the calibration are tested through objects made from the inputs each test wants
+(CPU flags, machine, cache folder, mode, timing), installed as the process-wide defaults that
+linf_jax.ops consults where the dispatch is under test (the ``install`` fixture).
 """
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,12 +23,32 @@ from conftest import REPO
 
 from linf_jax import calibration, native, ops
 
-pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler")
+pytestmark = pytest.mark.skipif(native.find_compiler() is None, reason="no C++ compiler")
 
 INF = float("inf")
 # (B, n, out): ragged everywhere (B % 4, n % 16, out % 2 != 0), tiny, one row, and a size that
 # spreads over several weight chunks and thread jobs.
 SHAPES = [(5, 37, 131), (3, 16, 7), (1, 1, 1), (2, 5, 1), (9, 300, 260), (70, 1030, 130)]
+
+
+@pytest.fixture
+def install():
+    """``install(build, calibration)``: makes them the process-wide native build and calibration
+    (:func:`linf_jax.native.default`, :func:`linf_jax.calibration.default`) that the dispatch of
+    linf_jax.ops consults, for this test; the previous ones come back afterwards."""
+    saved = []
+
+    def install(build, cal):
+        saved.append((native.set_default(build), calibration.set_default(cal)))
+
+    yield install
+    for build, cal in reversed(saved):
+        native.set_default(build)
+        calibration.set_default(cal)
+
+
+def _records(caplog, logger):
+    return [r.getMessage() for r in caplog.records if r.name == logger]
 
 
 def test_builds_here():
@@ -211,10 +236,13 @@ def test_dispatch_uses_the_custom_call_only_for_float32_native():
     assert "custom_call" not in hlo("xla", grad, x, w)
 
 
-def test_unavailable_native_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(native._state, "ok", False)
-    monkeypatch.setitem(native._state, "reason", "RuntimeError: no C++ compiler found")
-    monkeypatch.setattr(calibration, "_state", {})  # decided again, now without a library
+def test_unavailable_native_is_a_clear_error(monkeypatch, install):
+    build = native.NativeBuild.from_environment(compiler=None)  # no C++ compiler found
+    with pytest.warns(RuntimeWarning, match="native CPU kernels are unavailable"):
+        assert not build.available()
+    assert build.unavailable_reason().startswith("RuntimeError: no C++ compiler found")
+    assert build.library_path() is None
+    install(build, calibration.Calibration.from_environment(build))  # decided without a library
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
     assert ops.kernel_backend() == "xla"  # the default falls back quietly
     monkeypatch.setenv(ops.KERNELS_ENV, "native")
@@ -222,25 +250,31 @@ def test_unavailable_native_is_a_clear_error(monkeypatch):
         ops.kernel_backend()
 
 
-def test_cache_is_keyed_and_rebuilt_atomically(tmp_path, monkeypatch, capsys):
-    """A fresh cache directory gets one library named by its key; building again reuses it."""
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    # -O0: the keying and the atomic write are under test, not the optimiser (4x faster build)
-    monkeypatch.setattr(native, "FLAGS", tuple("-O0" if f == "-O3" else f for f in native.FLAGS))
-    cxx = native._compiler()
-    first = native._build(cxx)
-    assert first.parent == tmp_path and first.name.startswith(f"linf_cpu-{native.isa()}-")
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 1 and out[0].startswith("linf_jax: building the native CPU kernels"), out
+def test_cache_is_keyed_and_rebuilt_atomically(tmp_path, caplog, capsys):
+    """A fresh cache directory gets one library named by its key, announced in one log record
+    (a library prints nothing); building again reuses it, as does another build object with the
+    same inputs."""
+    # -O0: the keying and the atomic write are under test, not the optimiser (a faster build)
+    flags = tuple("-O0" if f == "-O3" else f for f in native.FLAGS)
+    build = native.NativeBuild.from_environment(cache_dir=tmp_path, flags=flags)
+    caplog.set_level(logging.INFO, logger="linf_jax.native")
+    first = build.build()
+    assert first.parent == tmp_path and first.name.startswith(f"linf_cpu-{build.isa()}-")
+    lines = _records(caplog, "linf_jax.native")
+    assert len(lines) == 1 and lines[0].startswith("building the native CPU kernels"), lines
+    assert capsys.readouterr().out == ""
+    caplog.clear()
     mtime = first.stat().st_mtime_ns
-    assert native._build(cxx) == first and first.stat().st_mtime_ns == mtime
-    assert capsys.readouterr().out == ""  # cached: no build, no line
+    assert build.build() == first and first.stat().st_mtime_ns == mtime
+    again = native.NativeBuild.from_environment(cache_dir=tmp_path, flags=flags)
+    assert again.build() == first and first.stat().st_mtime_ns == mtime
+    assert _records(caplog, "linf_jax.native") == []  # cached: no build, no line
     # no temporary files left; the lock file that serialises builders across processes stays
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [first.name, first.with_suffix(".lock").name])
 
 
-def test_concurrent_builders_compile_once(tmp_path, monkeypatch):
+def test_concurrent_builders_compile_once(tmp_path):
     """Builders that start together (the processes of a local multi-host run, the workers of a
     test session) take turns through the lock file: one compiles, the others wait and load
     its library. Threads stand in for processes (each opens the lock file, so the lock binds
@@ -248,23 +282,21 @@ def test_concurrent_builders_compile_once(tmp_path, monkeypatch):
     import threading
     import time
 
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
     calls, inside, overlap = [], [0], []
 
-    def fake_compile(cxx, target):
-        inside[0] += 1
-        overlap.append(inside[0] > 1)
-        calls.append(target)
-        time.sleep(0.3)
-        target.write_bytes(b"library")
-        inside[0] -= 1
+    class SlowFake(native.NativeBuild):
+        def compile(self, target):
+            inside[0] += 1
+            overlap.append(inside[0] > 1)
+            calls.append(target)
+            time.sleep(0.3)
+            target.write_bytes(b"library")
+            inside[0] -= 1
 
-    monkeypatch.setattr(native, "_compile", fake_compile)
-    cxx = native._compiler()
     results = [None] * 4
 
-    def build(i):
-        results[i] = native._build(cxx)
+    def build(i, kind=SlowFake):  # each "process" makes its own build object
+        results[i] = kind.from_environment(cache_dir=tmp_path).build()
 
     threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]
     for t in threads:
@@ -274,14 +306,15 @@ def test_concurrent_builders_compile_once(tmp_path, monkeypatch):
     assert len(calls) == 1 and not any(overlap), (calls, overlap)
     assert len(set(results)) == 1 and results[0].read_bytes() == b"library"
 
-    # Unlocked (file_lock a no-op, as where fcntl is missing) the same race compiles more than
+    # Unlocked (the lock a no-op, as where fcntl is missing) the same race compiles more than
     # once: the test can fail.
-    import contextlib
+    class Unlocked(SlowFake):
+        def lock(self, path):
+            return contextlib.nullcontext()
 
-    monkeypatch.setattr(native, "file_lock", lambda path: contextlib.nullcontext())
     results[0].unlink()
     calls.clear()
-    threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=build, args=(i, Unlocked)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -289,7 +322,7 @@ def test_concurrent_builders_compile_once(tmp_path, monkeypatch):
     assert len(calls) > 1
 
 
-def test_partitionable_keeps_custom_calls_out_unless_asked(monkeypatch):
+def test_partitionable_keeps_custom_calls_out_unless_asked(monkeypatch, tmp_path, install):
     """Multi-device programs are traced through ops.partitionable: the default native choice
     becomes XLA there (XLA's SPMD partitioner would all-gather a custom call's operands);
     an explicit LINF_JAX_KERNELS=native is kept."""
@@ -299,8 +332,11 @@ def test_partitionable_keeps_custom_calls_out_unless_asked(monkeypatch):
         return jax.jit(lambda *a: fn(*a)).lower(x, w).as_text()
 
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
-    monkeypatch.setattr(calibration, "_state", {
-        "decisions": dict.fromkeys(calibration.FAMILIES, True), "how": "measured"})
+    faster = {f: {"native_ms": 1.0, "xla_ms": 2.0} for f in calibration.FAMILIES}
+    install(native.default(), calibration.Calibration(
+        native.default(), "on", tmp_path / "lib.calibration.json", measure=lambda: faster))
+    assert calibration.decisions() == dict.fromkeys(calibration.FAMILIES, True)
+    assert calibration.how_decided() == "measured"
     assert "linf_jax_linf_max" in text(ops.linf_dist)
     assert "custom_call" not in text(ops.partitionable(ops.linf_dist))
     assert ops.kernel_backend() == "native"  # restored afterwards
@@ -474,29 +510,31 @@ AVX512_FLAGS = AVX2_FLAGS + " avx512f avx512dq avx512cd avx512bw avx512vl"
     ("x86_64", "flags\t\t: fpu sse sse2", "generic", False),
     ("aarch64", "Features\t: fp asimd evtstrm", "neon", False),
 ])
-def test_instruction_set_rule_without_calibration(monkeypatch, machine, flags, want_isa,
-                                                  want_default):
+def test_instruction_set_rule_without_calibration(monkeypatch, tmp_path, install, machine, flags,
+                                                  want_isa, want_default):
     """``LINF_JAX_CALIBRATION=off``, ``LINF_JAX_KERNELS`` unset: native where the CPU has
     AVX-512 (the kind the kernels were tuned and measured on), the XLA code on AVX2-only, ARM
     and baseline CPUs — decided before anything is built — and the command lines' kernels line
     says which and why."""
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
-    monkeypatch.delenv(native.ISA_ENV, raising=False)
-    monkeypatch.setenv(calibration.CALIBRATION_ENV, "off")
-    monkeypatch.setattr(calibration, "_state", {})
-    monkeypatch.setattr(native, "_cpu_flags", lambda: flags)
-    monkeypatch.setattr(native.platform, "machine", lambda: machine)
+    built = []
+
+    class Spy(native.NativeBuild):  # records whether anything asks for the build
+        def available(self):
+            built.append(1)
+            return True
+
+    build = Spy(flags, machine, tmp_path, requested_isa="", compiler=native.find_compiler())
+    install(build, calibration.Calibration(build, mode="off"))
     assert native.isa() == want_isa
     assert native.preferred()[0] is want_default
-    built = []
-    monkeypatch.setattr(native, "available", lambda: built.append(1) or True)
     if want_default:
         assert ops.kernel_backend() == "native"
         assert ops.kernels_line() == ("kernels: native kernels for linf, lp, bounds, decay "
                                       "(native CPU build avx512; instruction-set rule)")
     else:
         assert ops.kernel_backend() == "xla"
-        assert not built  # no build, no 10-45 s wait, on a CPU where native is not the default
+        assert not built  # no build, and no wait for one, on a CPU where native is not the default
         line = ops.kernels_line()
         assert line.startswith("kernels: XLA (cpu;") and f"variant is {want_isa}" in line, line
         assert "AVX-512" in line and "LINF_JAX_KERNELS=native" in line, line
@@ -505,7 +543,8 @@ def test_instruction_set_rule_without_calibration(monkeypatch, machine, flags, w
 
 
 @pytest.mark.parametrize("builds", [True, False])
-def test_calibration_native_takes_every_pass_native_where_the_kernels_build(monkeypatch, builds):
+def test_calibration_native_takes_every_pass_native_where_the_kernels_build(monkeypatch, tmp_path,
+                                                                           install, builds):
     """``LINF_JAX_CALIBRATION=native`` (the test suite's setting): no timing and no
     instruction-set rule — every pass native on an AVX2-only CPU too, as the kernels line says;
     where the kernels cannot be built, the XLA code and the reason. Sharded programs still get
@@ -514,13 +553,18 @@ def test_calibration_native_takes_every_pass_native_where_the_kernels_build(monk
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
     monkeypatch.delenv(native.ISA_ENV, raising=False)
     monkeypatch.setenv(calibration.CALIBRATION_ENV, "Native")
-    monkeypatch.setattr(calibration, "_state", {})
-    monkeypatch.setattr(native, "_cpu_flags", lambda: AVX2_FLAGS)
-    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(native, "available", lambda: builds)
-    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found")
+
+    class Fixed(native.NativeBuild):  # builds, or not, without running a compiler
+        def available(self):
+            return builds
+
+        def unavailable_reason(self):
+            return None if builds else "no C++ compiler found"
+
+    build = Fixed.from_environment(cpu_flags=AVX2_FLAGS, machine="x86_64", cache_dir=tmp_path)
     timed = []
-    monkeypatch.setattr(calibration, "measure", lambda *a, **k: timed.append(1) or {})
+    install(build, calibration.Calibration.from_environment(
+        build, measure=lambda *a, **k: timed.append(1) or {}))
     assert native.preferred()[0] is False  # the rule alone would take the XLA code here
     if builds:
         assert calibration.decisions() == dict.fromkeys(calibration.FAMILIES, True)
@@ -535,30 +579,36 @@ def test_calibration_native_takes_every_pass_native_where_the_kernels_build(monk
         assert ops.kernels_line() == ("kernels: XLA (cpu; the native kernels are unavailable: "
                                       "no C++ compiler found)")
     assert not timed
-    monkeypatch.setattr(calibration, "_state", {})
     monkeypatch.setenv(calibration.CALIBRATION_ENV, "fast")
-    with pytest.raises(ValueError, match="LINF_JAX_CALIBRATION='fast' is not one of 'on', "
-                                         "'off', 'native' \\(or unset\\)"):
-        calibration.decisions()
+    install(build, calibration.Calibration.from_environment(build))
+    for decided in (calibration.decisions, calibration.calibration_mode):
+        with pytest.raises(ValueError, match="LINF_JAX_CALIBRATION='fast' is not one of 'on', "
+                                             "'off', 'native' \\(or unset\\)"):
+            decided()
 
 
 def test_isa_choice_is_checked(monkeypatch):
-    monkeypatch.setattr(native, "_cpu_flags", lambda: AVX2_FLAGS)
-    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    """LINF_JAX_NATIVE_ISA, as a build from the environment reads it, on an AVX2-only x86 CPU."""
+
+    def build():
+        return native.NativeBuild.from_environment(cpu_flags=AVX2_FLAGS, machine="x86_64")
+
     monkeypatch.setenv(native.ISA_ENV, "avx512")  # this CPU cannot run it
     with pytest.raises(ValueError, match="LINF_JAX_NATIVE_ISA=avx512: this CPU cannot run it"):
-        native.isa()
-    assert native.preferred()[0] is False
+        build().isa()
+    assert build().preferred()[0] is False
     monkeypatch.setenv(native.ISA_ENV, "sse9")
     with pytest.raises(ValueError, match="'sse9' is not allowed: one of native, avx512"):
-        native.isa()
+        build().isa()
     monkeypatch.setenv(native.ISA_ENV, "AVX2")
-    assert native.isa() == "avx2"
-    assert native._march() == ("-march=x86-64-v3", "-DLINF_VW=8", "-DLINF_TB=2", "-DLINF_TO=2")
+    assert build().isa() == "avx2" and build().requested_isa() == "avx2"
+    assert build().march() == ("-march=x86-64-v3", "-DLINF_VW=8", "-DLINF_TB=2", "-DLINF_TO=2")
     monkeypatch.setenv(native.ISA_ENV, "generic")
-    assert native.isa() == "generic"
-    assert native._march() == ("-DLINF_VW=4", "-DLINF_TB=2", "-DLINF_TO=2")
-    assert native.preferred() == (False, native.preferred()[1])
+    assert build().isa() == "generic"
+    assert build().march() == ("-DLINF_VW=4", "-DLINF_TB=2", "-DLINF_TO=2")
+    assert build().preferred() == (False, build().preferred()[1])
+    monkeypatch.delenv(native.ISA_ENV)
+    assert build().march() == ("-march=native", "-DLINF_VW=8", "-DLINF_TB=2", "-DLINF_TO=2")
 
 
 # Tests of values, arg-max, ties, NaN/inf, gradients, ℓp and bounds that are rerun, in a
@@ -568,9 +618,9 @@ VARIANT_TESTS = ("values_index_and_gradients or ties_take_the_first or nan_and_i
 
 
 def _runnable_variants():
+    here = native.NativeBuild.from_environment()
     out = ["generic"]
-    if native.platform.machine().lower() in ("x86_64", "amd64") and native._cpu_has("avx2",
-                                                                                      "fma"):
+    if here.machine.lower() in ("x86_64", "amd64") and here.cpu_has("avx2", "fma"):
         out.append("avx2")
     return out
 
@@ -639,17 +689,15 @@ def test_calibration_measures_every_family_here():
 
 
 @pytest.mark.skipif(not native.available(), reason="no native build on this machine")
-def test_first_calibration_inside_a_trace_times_concrete_arrays(monkeypatch, tmp_path):
+def test_first_calibration_inside_a_trace_times_concrete_arrays(monkeypatch, tmp_path, install):
     """The first kernel a program uses is often traced (``jax.jit``, ``jax.eval_shape``): the
     calibration that this triggers must still time concrete arrays (a compiled executable
     refuses tracers), and the traced program goes on with the decision."""
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
-    monkeypatch.delenv(calibration.CALIBRATION_ENV, raising=False)
-    monkeypatch.setattr(calibration, "_state", {})
-    monkeypatch.setattr(calibration, "_path", lambda: tmp_path / "lib.calibration.json")
-    real_measure = calibration.measure  # the real timing, one small round (the trace is tested)
-    monkeypatch.setattr(calibration, "measure",
-                        lambda rounds=1: real_measure(rounds=1, batch=16, features=48))
+    # the real timing, one small round (the trace is tested)
+    install(native.default(), calibration.Calibration(
+        native.default(), "on", tmp_path / "lib.calibration.json",
+        measure=lambda: calibration.measure(rounds=1, batch=16, features=48)))
     x, w, _ = _rand(1, 4, 20, 3)
     out = jax.eval_shape(lambda x, w: ops.linf_dist(x, w), x, w)
     assert out.shape == (4, 3)
@@ -657,14 +705,14 @@ def test_first_calibration_inside_a_trace_times_concrete_arrays(monkeypatch, tmp
     assert set(calibration.decisions()) == set(calibration.FAMILIES)
 
 
-def test_processes_that_start_together_calibrate_once(monkeypatch, tmp_path):
+def test_processes_that_start_together_calibrate_once(tmp_path):
     """Calibrations that start together take turns through a lock file beside the cache: one
     measures (so no timing runs against another's load), the others read its decisions.
     Threads stand in for processes (each opens the lock file itself)."""
     import threading
     import time
 
-    monkeypatch.setattr(calibration, "_path", lambda: tmp_path / "lib.calibration.json")
+    path = tmp_path / "lib.calibration.json"
     calls, inside, overlap = [], [0], []
 
     def measure(rounds=calibration.ROUNDS):
@@ -676,11 +724,10 @@ def test_processes_that_start_together_calibrate_once(monkeypatch, tmp_path):
         return {f: {"native_ms": 1.0, "xla_ms": 2.0 if f == "linf" else 0.5}
                 for f in calibration.FAMILIES}
 
-    monkeypatch.setattr(calibration, "measure", measure)
     got = [None] * 4
 
-    def run(i):
-        got[i] = calibration._calibrated()
+    def run(i):  # each "process" makes its own calibration
+        got[i] = calibration.Calibration(native.default(), "on", path, measure).calibrate()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
@@ -692,15 +739,14 @@ def test_processes_that_start_together_calibrate_once(monkeypatch, tmp_path):
     assert all(d == {"linf": True, "lp": False, "bounds": False, "decay": False} for d, _ in got)
 
 
-def test_calibration_decides_per_family_caches_and_dispatches(monkeypatch, tmp_path, capsys):
+def test_calibration_decides_per_family_caches_and_dispatches(monkeypatch, tmp_path, caplog,
+                                                              capsys, install):
     """Measured faster native for ℓ∞ and the bounds, slower for ℓp and the decay: auto takes the
     native kernels for the first two only; the decision is written once, read back, announced
-    in one line and named by the kernels line; an explicit native choice overrides it."""
+    in one log record (a library prints nothing) and named by the kernels line; an explicit
+    native choice overrides it."""
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
-    monkeypatch.delenv(calibration.CALIBRATION_ENV, raising=False)
-    monkeypatch.setattr(calibration, "_state", {})
     path = tmp_path / "lib.calibration.json"
-    monkeypatch.setattr(calibration, "_path", lambda: path)
     fake = {"linf": (1.0, 2.0), "lp": (3.0, 2.0), "bounds": (1.0, 5.0), "decay": (2.0, 1.0)}
     calls = []
 
@@ -708,16 +754,23 @@ def test_calibration_decides_per_family_caches_and_dispatches(monkeypatch, tmp_p
         calls.append(rounds)
         return {f: {"native_ms": a, "xla_ms": b} for f, (a, b) in fake.items()}
 
-    monkeypatch.setattr(calibration, "measure", measure)
+    def fresh():  # the process-wide calibration, as a new process makes it
+        install(native.default(), calibration.Calibration(native.default(), "on", path, measure))
+
+    caplog.set_level(logging.INFO, logger="linf_jax.calibration")
+    fresh()
     want = {"linf": True, "lp": False, "bounds": True, "decay": False}
     assert calibration.decisions() == want and calibration.how_decided() == "measured"
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and "timing the native CPU kernels" in out[0], out
-    assert "native kernels for linf, bounds; XLA code for lp, decay" in out[1]
+    lines = _records(caplog, "linf_jax.calibration")
+    assert len(lines) == 2 and lines[0].startswith("timing the native CPU kernels"), lines
+    assert ("native kernels for linf, bounds; XLA code for lp, decay (measured; cached in "
+            f"{path})") == lines[1]
+    assert capsys.readouterr().out == ""
     assert json.loads(path.read_text())["decisions"] == want
-    monkeypatch.setattr(calibration, "_state", {})
+    caplog.clear()
+    fresh()
     assert calibration.decisions() == want and calibration.how_decided() == "cached"
-    assert calls == [calibration.ROUNDS] and capsys.readouterr().out == ""
+    assert calls == [calibration.ROUNDS] and _records(caplog, "linf_jax.calibration") == []
     assert ops.kernel_backend() == "native"
     assert ops.kernels_line() == ("kernels: native kernels for linf, bounds; XLA code for lp, "
                                   "decay (native CPU build " + native.isa()

@@ -182,7 +182,7 @@ def test_the_run_traces_under_its_kernels_and_records_them(monkeypatch, tmp_path
 def _cpu_flags():
     from linf_jax import native
 
-    return set(native._cpu_flags().split())
+    return set(native.cpu_flags().split())
 
 
 @pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="needs an x86 CPU with AVX2")
