@@ -109,10 +109,10 @@ def build_step(model, schedule, p, traced_p: bool):
     def step(params, batch_stats, opt_state, x, y, p):
         (loss, bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch_stats, x, y, p)
-        # The ℓp decay at the p of this step (as in training, where the optimiser's count
-        # gives the schedule's p; at p = ∞ its exp/log branch is skipped).
-        tx = make_optimizer(schedule, weight_decay=5e-3, p_of_count=lambda _: p)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        # The ℓp decay at the p of this step, as the train step passes it (at p = ∞ its exp/log
+        # branch is skipped); the lr of step 0.
+        tx = make_optimizer(schedule, weight_decay=5e-3)
+        updates, opt_state = tx.update(grads, opt_state, params, p=p, step=0)
         return optax.apply_updates(params, updates), bs, opt_state, loss
 
     if traced_p:

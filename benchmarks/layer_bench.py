@@ -124,14 +124,11 @@ def runnable_variants(spec: str) -> list[str]:
     names = list(native.ISA_CHOICES[1:]) if spec == "all" else spec.split(",")
     out = []
     for name in names:
-        os.environ[native.ISA_ENV] = name
         try:
-            native.isa()
+            native.NativeBuild.from_environment(requested_isa=name).isa()
             out.append(name)
         except ValueError as err:
             print(f"variant {name}: skipped ({err})")
-        finally:
-            del os.environ[native.ISA_ENV]
     return out
 
 

@@ -58,12 +58,14 @@ ROUNDS = 7
 
 
 def _cases(batch: int = 256, features: int = 512):
-    """``{family: (fn, args)}``: jitted-to-be functions of each pass family and their inputs
-    (``batch`` rows of ``features`` inputs into as many neurons)."""
+    """``{family: (fn, args)}``: each pass family as a function of ``use_native`` (the
+    implementations themselves, not :func:`linf_jax.ops.dispatch`'s choice, which is what this
+    module decides) and its inputs (``batch`` rows of ``features`` inputs into as many
+    neurons)."""
     import jax
     import jax.numpy as jnp
 
-    from linf_jax import ops, optim
+    from linf_jax.ops import decay, lp, native_cpu, xla
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, features)), jnp.float32)
@@ -74,15 +76,30 @@ def _cases(batch: int = 256, features: int = 512):
     def grad_of(dist):
         return jax.grad(lambda x, w: (dist(x, w) * g).sum(), argnums=(0, 1))
 
-    def lp_both(x, w):
-        return grad_of(lambda x, w: ops.lp_dist(x, w, 8.0))(x, w), \
-            grad_of(lambda x, w: ops.lp_dist(x, w, 37.5))(x, w)
+    def linf(use_native):
+        if use_native:
+            return grad_of(lambda x, w: native_cpu.on_cpu(native_cpu.linf_native,
+                                                          xla.linf_dist_xla, x, w))
+        return grad_of(xla.linf_dist_xla)
+
+    def lp_both(use_native):  # p = 8 (repeated squaring) and a general p
+        p8, p_general = jnp.float32(8.0), jnp.float32(37.5)
+        return lambda x, w: (
+            grad_of(lambda x, w: lp.lp_dist_with(x, w, p8, 8, use_native))(x, w),
+            grad_of(lambda x, w: lp.lp_dist_with(x, w, p_general, None, use_native))(x, w))
+
+    def bounds(use_native):
+        if use_native:
+            return lambda lo, hi, w: native_cpu.on_cpu(native.linf_bounds, xla.bounds_scan,
+                                                       lo, hi, w)
+        return xla.bounds_scan
 
     return {
-        "linf": (grad_of(ops.linf_dist), (x, w)),
+        "linf": (linf, (x, w)),
         "lp": (lp_both, (x, w)),
-        "bounds": (ops.linf_dist_bounds, (x - 0.1, x + 0.1, w)),
-        "decay": (lambda w: optim.lp_decay_direction(w, 8.0), (wd,)),
+        "bounds": (bounds, (x - 0.1, x + 0.1, w)),
+        "decay": (lambda use_native: lambda w: decay.lp_decay_direction_with(w, 8.0, use_native),
+                  (wd,)),
     }
 
 
@@ -92,14 +109,11 @@ def measure(rounds: int = ROUNDS, batch: int = 256, features: int = 512) -> dict
     inputs into 512 neurons) unless ``batch`` and ``features`` say otherwise."""
     import jax
 
-    from linf_jax import ops
-
     out = {}
-    for family, (fn, args) in _cases(batch, features).items():
+    for family, (make, args) in _cases(batch, features).items():
         compiled = {}
         for choice in ("native", "xla"):
-            with ops.use_kernels(choice):
-                compiled[choice] = jax.jit(lambda *a, fn=fn: fn(*a)).lower(*args).compile()
+            compiled[choice] = jax.jit(make(choice == "native")).lower(*args).compile()
             jax.block_until_ready(compiled[choice](*args))  # warm-up
         best = {"native": float("inf"), "xla": float("inf")}
         for _ in range(rounds):
@@ -109,7 +123,6 @@ def measure(rounds: int = ROUNDS, batch: int = 256, features: int = 512) -> dict
                 best[choice] = min(best[choice], time.perf_counter() - t0)
         out[family] = {"native_ms": 1e3 * best["native"], "xla_ms": 1e3 * best["xla"]}
     return out
-
 
 
 def _write_atomic(path: Path, payload: dict) -> None:
