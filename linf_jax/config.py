@@ -192,7 +192,7 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def members(config) -> int | None:
+def num_members(config) -> int | None:
     """The ensemble size K of a run, or None for a single model (no member axis)."""
     k = int(config.ensemble.size)
     return None if k == 1 else k

@@ -17,7 +17,7 @@ import optax
 
 from linf_jax import data as data_lib
 from linf_jax import losses, ops, optim, parallel
-from linf_jax.config import ConfigError, first_line, members
+from linf_jax.config import ConfigError, first_line, num_members
 from linf_jax.schedules import Schedule
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def make_mesh(config):
     """The device mesh of a run (``config.parallel.num_devices``, ``config.ensemble.shard``);
     the batch size must split evenly over its ``data`` axis."""
     try:
-        mesh = parallel.make_mesh(config.parallel.num_devices, members(config),
+        mesh = parallel.make_mesh(config.parallel.num_devices, num_members(config),
                                   bool(config.ensemble.shard))
     except ValueError as err:
         raise ConfigError(f"config.{err}") from None

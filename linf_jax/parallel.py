@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 DATA, MEMBERS = "data", "members"
 
 
-def make_mesh(num_devices: int = 0, members: int | None = None, shard_members: bool = False
+def make_mesh(num_devices: int = 0, num_members: int | None = None, shard_members: bool = False
               ) -> Mesh:
     """A ``(members, data)`` mesh over ``num_devices`` devices (0: all devices)."""
     devices = jax.devices()
@@ -34,7 +34,7 @@ def make_mesh(num_devices: int = 0, members: int | None = None, shard_members: b
     if not 1 <= n <= len(devices):
         raise ValueError(f"parallel.num_devices={num_devices} is not allowed: 0 (all) or 1.."
                          f"{len(devices)} on this machine")
-    m = math.gcd(members, n) if (shard_members and members) else 1
+    m = math.gcd(num_members, n) if (shard_members and num_members) else 1
     grid = np.asarray(devices[:n], dtype=object).reshape(m, n // m)
     return Mesh(grid, (MEMBERS, DATA))
 
@@ -43,13 +43,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def state_shardings(abstract_state, mesh: Mesh, members: int | None):
+def state_shardings(abstract_state, mesh: Mesh, num_members: int | None):
     """Per-leaf shardings: leaves with the leading member axis go on ``members`` (size 1 unless
     sharded), everything else is replicated."""
-    shard = members is not None and mesh.shape[MEMBERS] > 1
+    shard = num_members is not None and mesh.shape[MEMBERS] > 1
 
     def one(leaf):
-        if shard and leaf.ndim >= 1 and leaf.shape[0] == members:
+        if shard and leaf.ndim >= 1 and leaf.shape[0] == num_members:
             return NamedSharding(mesh, P(MEMBERS))
         return replicated(mesh)
 

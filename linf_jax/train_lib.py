@@ -41,7 +41,7 @@ import optax
 
 from linf_jax import ensemble as ensemble_lib
 from linf_jax import experiment, ops, optim, parallel
-from linf_jax.config import members
+from linf_jax.config import num_members
 from linf_jax.experiment import augment_key
 from linf_jax.schedules import INF, Schedule
 
@@ -77,7 +77,7 @@ def init_variables(config, model: nn.Module, input_shape, key) -> tuple[Any, Any
         variables = model.init(key, dummy, p=INF, train=False)
         return variables["params"], variables.get("batch_stats", {})
 
-    k = members(config)
+    k = num_members(config)
     return init_one(key) if k is None else jax.vmap(init_one)(jax.random.split(key, k))
 
 
@@ -88,7 +88,7 @@ def create_train_state(config, model: nn.Module, input_shape, tx, mesh=None) -> 
     With a ``mesh`` the state is created directly with the shardings of
     :func:`linf_jax.parallel.state_shardings` (member axis on ``members``, the rest replicated).
     """
-    k = members(config)
+    k = num_members(config)
     rng = jax.random.PRNGKey(config.seed)
 
     def init(rng):
@@ -271,7 +271,7 @@ def step_spec(config, schedule: Schedule, meta: dict, constrain: Callable | None
                                                training=True)
     return StepSpec(schedule=schedule, loss_fn=experiment.make_loss_fn(config),
                     prepare=experiment.make_prepare_fn(config, meta),
-                    pixel_std=float(meta["std"]), num_members=members(config),
+                    pixel_std=float(meta["std"]), num_members=num_members(config),
                     mode=config.ensemble.mode, execution=execution, constrain=constrain)
 
 

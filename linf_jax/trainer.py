@@ -284,7 +284,7 @@ def _loop(run: _Run, state: TrainState, mngr, writer: MetricWriter, progress: bo
     n = len(run.train_ds.labels)
     total = schedule.total_steps
     start = int(state.step)
-    order_k = config_lib.members(config) if config.ensemble.mode == "independent" else None
+    order_k = config_lib.num_members(config) if config.ensemble.mode == "independent" else None
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     t0 = time.time()
 
@@ -359,7 +359,7 @@ def _evaluate_at_end(run: _Run, state: TrainState, writer: MetricWriter, progres
     with ops.use_kernels(run.kernels):
         results = evaluation.evaluate(
             run.model, ckpt.variables_for(state, "ema"), test_ds, run.meta, run.config.eval,
-            members=config_lib.members(run.config), progress=progress,
+            members=config_lib.num_members(run.config), progress=progress,
             key=jax.random.fold_in(state.rng, 3))
     results["weights"] = "ema"
     if jax.process_index() == 0:
