@@ -17,11 +17,11 @@ if REPO not in sys.path:
 # loads the executable XLA compiled for the identical program, flags and devices, so no result
 # changes, only the time. The size limit turns on JAX's file lock, which makes the workers'
 # reads and writes of an entry atomic; it also has every write list and stat the whole cache
-# folder (JAX's LRU eviction), ~60 us per entry, so the cost of the writes grows with the square
-# of the entries. Only programs that took at least 0.2 s to compile are written: in a tiny
-# train.py run 7 of the 18 programs, 6.6 of its 7.3 s of compilation. Caching every program
-# left 2,226 entries after one cold run of the suite (2,052 of them under 1 s); a write then
-# took 0.135 s to list the folder, an estimated ~150 s of CPU over the run.
+# folder (JAX's LRU eviction), so the cost of the writes grows with the square of the entries.
+# Only programs that took at least 0.2 s to compile are written: in a tiny train.py run they
+# are a minority of the programs but most of the compilation time, and caching every program
+# made the folder so large that listing it on each write became a noticeable part of the
+# suite's CPU time (BENCHMARKS.md, "Test suite time").
 # LINF_JAX_TEST_XLA_CACHE=0 turns the cache off.
 if os.environ.get("LINF_JAX_TEST_XLA_CACHE", "1") != "0":
     _user = os.getuid() if hasattr(os, "getuid") else "user"
@@ -41,13 +41,13 @@ os.environ.setdefault(
 # wherever they build (LINF_JAX_CALIBRATION=native; linf_jax/calibration.py), on every CPU kind,
 # instead of a timing taken while the suite loads both cores. The suite is dominated by
 # compiling many small programs that then run for milliseconds, and a program with the native
-# custom calls compiles faster than one with the XLA code's unrolled scans: on a
-# 2-core Xeon with the AVX-512 path disabled (AVX2 simulation), a tiny train.py run took 22.5 s
-# of CPU native and 36.8 s with the XLA code, and the whole suite 30 min with the XLA code. The
-# XLA code is still tested wherever it runs for users: against float64 and the native kernels
-# (test_ops, test_kernels, test_native), in sharded and multi-host programs (which always take
-# it), in exports, and end to end on an AVX2 CPU with the instruction-set rule (test_train). The
-# calibration itself is tested on its own (tests/test_native.py clears this variable there).
+# custom calls compiles much faster than one with the XLA code's unrolled scans, so where the
+# instruction-set rule picks the XLA code (an AVX2-only CPU) the whole suite takes far longer
+# (BENCHMARKS.md, "Test suite time"). The XLA code is still tested wherever it runs for users:
+# against float64 and the native kernels (test_ops, test_kernels, test_native), in sharded and
+# multi-host programs (which always take it), in exports, and end to end on an AVX2 CPU with the
+# instruction-set rule (test_train). The calibration itself is tested on its own
+# (tests/test_native.py clears this variable there).
 os.environ.setdefault("LINF_JAX_CALIBRATION", "native")
 
 # XLA spends most of the suite's time compiling small programs that then run for milliseconds.
@@ -72,7 +72,8 @@ FUSION_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
 
 def _jaxlib_knows(flag: str) -> bool:
-    """Whether jaxlib's XLA library contains the flag's name (read through mmap: ~10 ms)."""
+    """Whether jaxlib's XLA library contains the flag's name (searched through mmap, without
+    reading the libraries into memory)."""
     import glob
     import importlib.util
     import mmap
@@ -96,8 +97,8 @@ if os.environ.get("LINF_JAX_TEST_FAST_COMPILE", "1") != "0":
         os.environ["XLA_FLAGS"] = " ".join([_flags, *_missing]).strip()
 
 # The test processes get the allocator settings train.py and certify.py start with
-# (linf_jax/host.py: XLA's buffers kept off mmap). Back to back, test_schedules_losses_optim.py
-# and test_models.py took 68.4 and 68.2 s of CPU with them, 71.5 and 73.6 s without.
+# (linf_jax/host.py: XLA's buffers kept off mmap), which make the in-process tests somewhat
+# cheaper (BENCHMARKS.md, "Test suite time").
 from linf_jax import host  # noqa: E402 - after the environment above
 
 host.tune_allocator()
