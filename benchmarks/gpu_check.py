@@ -1,7 +1,6 @@
 """One short GPU run: are the Pallas kernels right there, how fast are they, which tiles are best.
 
-Prepared for the first session that is lent a GPU (none has been so far, BENCHMARKS.md). In one
-process it
+Prepared for the first run on a GPU (none is recorded yet: BENCHMARKS.md). In one process it
 
 1. checks the Pallas kernels against the XLA code of ``linf_jax.ops`` and a float64 NumPy
    reference on small ragged shapes: values and gradients for p = ∞, 8, 2.5 and 100, and the
@@ -12,7 +11,7 @@ process it
    with Pallas at its default and its best tiles (subprocesses);
 4. prints the tables BENCHMARKS.md needs, and one last line ``GPU CHECK: PASS`` or ``FAIL``.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py            # on the GPU machine (a few minutes)
+    PYTHONPATH=. python benchmarks/gpu_check.py            # on the GPU machine
     PYTHONPATH=. python benchmarks/gpu_check.py --smoke    # tiny, any machine (Pallas interpreted)
 
 Run with ``--smoke`` on a CPU it checks itself (tests/test_benchmarks.py): the kernels run in

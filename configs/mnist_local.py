@@ -12,7 +12,8 @@ paper preset: a 4 × 256 ℓ∞-dist Net instead of 5 × 5120, 50 epochs instead
 and ε_train ramped from 0 over the first 8 epochs (the official script keeps it constant from
 the first step) — the setting the figures of RESULTS.md were measured with. As in v1: ε_train
 0.45 pixels, hinge mix 0.75, lr 0.02, weight decay 5e-3, zero-padded crops by 1 pixel; PGD-20
-in the end-of-run evaluation. A 2-core CPU trains a single model in about two minutes.
+in the end-of-run evaluation. Small enough for a single model to train on a 2-core CPU (its
+time: RESULTS.md).
 """
 
 import os

@@ -6,7 +6,7 @@ Public API (see README.md): the ops (:func:`dist`, :func:`linf_dist`, :func:`lp_
 
 Every name is imported from its module on first use (PEP 562), so that ``import linf_jax`` and
 the command lines' flag and config checks import neither JAX nor Flax: ``train.py`` reports a
-bad config field in a fraction of a second instead of after two seconds of imports.
+bad config field without first paying for those imports (BENCHMARKS.md).
 """
 
 import importlib

@@ -53,9 +53,9 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
     Parsed from the file scikit-learn ships as its ``load_digits`` parses it (comma-separated,
     64 pixels then the label per row), because importing scikit-learn (and the SciPy modules it
-    imports) takes ~1 s of CPU, in every train.py and certify.py process on the digits; the
-    values are scikit-learn's own (tests/test_data.py compares them). Where the file is not
-    found (another layout of scikit-learn), ``sklearn.datasets.load_digits``."""
+    imports) is a noticeable cost in every train.py and certify.py process on the digits
+    (BENCHMARKS.md); the values are scikit-learn's own (tests/test_data.py compares them). Where
+    the file is not found (another layout of scikit-learn), ``sklearn.datasets.load_digits``."""
     path = _digits_file()
     if path is None:
         from sklearn.datasets import load_digits

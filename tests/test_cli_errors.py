@@ -297,9 +297,9 @@ def test_good_command_still_works(env, tmp_path):
 
 
 def test_config_mistakes_are_reported_before_jax_is_imported(tmp_path):
-    """A bad config field ends train.py before JAX or Flax is imported (a fraction of a second,
-    not the ~2 s of those imports), and ``import linf_jax`` imports neither until a name of the
-    package is used."""
+    """A bad config field ends train.py before JAX or Flax is imported, so that it costs none of
+    those imports' time (BENCHMARKS.md), and ``import linf_jax`` imports neither until a name of
+    the package is used."""
     code = (
         "import runpy, sys\n"
         f"sys.argv = ['train.py', '--workdir={tmp_path}/run', '--config.train.eps_train=-1']\n"

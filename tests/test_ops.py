@@ -292,7 +292,7 @@ def test_linf_dist_bounds_gradient_and_vmap_match_float64():
         lower, upper = ops.linf_dist_bounds(lo, hi, w)
         return (g * upper).sum() + (g * lower).sum()
 
-    # Jitted once each (op-by-op dispatch of the blocked loops took ~35 s here).
+    # Jitted once each: dispatched op by op, the blocked loops make this test slow (BENCHMARKS.md).
     grad_f = jax.jit(jax.grad(f, argnums=(0, 1, 2)))
     grads = jax.jit(jax.vmap(jax.grad(f, argnums=(0, 1, 2))))(lo, hi, w, gs)
     values = jax.jit(jax.vmap(ops.linf_dist_bounds))(lo, hi, w)

@@ -80,9 +80,9 @@ ISA_CHOICES = ("native", "avx512", "avx2", "generic")
 _MARCH = {"avx512": ("-march=x86-64-v4",), "avx2": ("-march=x86-64-v3",), "generic": ()}
 # (lanes per vector, input rows and weight rows per register tile) per instruction set, passed to
 # the sources as LINF_VW / LINF_TB / LINF_TO (common.h). AVX-512: 32 registers of 16 floats hold
-# 4x2 tiles; AVX2 has 16 registers of 8 floats, where 16-lane 4x2 tiles spill; 8 lanes and 2x2
-# tiles are the fastest of the AVX2 tiles tried (BENCHMARKS.md). NEON (32 registers of 4) and the
-# SSE2 baseline (16 of 4): 4 lanes.
+# 4x2 tiles; AVX2 has 16 registers of 8 floats, where 16-lane 4x2 tiles spill and run many
+# times slower than 8 lanes and 2x2 tiles, which fit (BENCHMARKS.md). NEON (32 registers of 4)
+# and the SSE2 baseline (16 of 4): 4 lanes.
 _TILES = {"avx512": (16, 4, 2), "avx2": (8, 2, 2), "neon": (4, 4, 2), "generic": (4, 2, 2)}
 _AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
 _AVX2 = ("avx2", "fma")

@@ -27,8 +27,8 @@ from jax import lax
 
 Array = jax.Array
 
-# Input coordinates per unrolled scan step: the fastest block size measured on the CPU (smaller
-# blocks are markedly slower); the input dimension is zero-padded to a multiple of it.
+# Input coordinates per unrolled scan step: smaller blocks were measured much slower on the CPU
+# (BENCHMARKS.md); the input dimension is zero-padded to a multiple of it.
 _BLOCK = 16
 _OUT_TILE = 128  # weight rows per tile: keeps the (B, tile) carry (and arg-max) in cache
 OUT_CHUNK = 16  # outputs per chunk in the ℓp backward pass
