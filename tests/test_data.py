@@ -19,8 +19,9 @@ from linf_jax import data, dataset
 from linf_jax.errors import DataError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The MNIST test split as IDX files: $LINF_JAX_MNIST_DIR, else the project machines' copy beside
-# the checkout; tests that need it skip when it is absent.
+# The MNIST test split as IDX files: the folder $LINF_JAX_MNIST_DIR names, else a folder named
+# shared/data/mnist beside the checkout, where this project's CI keeps the real MNIST test set;
+# tests that need it skip when it is absent.
 MNIST_DIR = os.environ.get("LINF_JAX_MNIST_DIR",
                            os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
 HAVE_TF = importlib.util.find_spec("tensorflow") is not None
