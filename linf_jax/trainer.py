@@ -232,8 +232,8 @@ def _build(config, workdir: str, kernels: ops.KernelChoice) -> tuple[_Run, Train
 
 def _train_and_evaluate(config, workdir, progress, evaluate_at_end, max_steps, kernels
                         ) -> TrainResult:
+    run, state = _build(config, workdir, kernels)  # a bad model or data: nothing written yet
     os.makedirs(workdir, exist_ok=True)
-    run, state = _build(config, workdir, kernels)
     main_process = jax.process_index() == 0  # multi-host: process 0 writes the run's files
     lock = ckpt.WorkdirLock(workdir)
     if main_process:

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, tiny_config
 
 from linf_jax import config as config_lib
-from linf_jax import trainer
+from linf_jax import experiment, trainer
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -369,7 +369,7 @@ def _api_cases():
          lambda e: config_lib.validate_config(tiny_config(**{"train.eps_train": 1.5})),
          config_lib.ConfigError, ["train.eps_train", "1.5", "[0, 1]"]),
         ("api-config-depth-negative",
-         lambda e: config_lib.validate_config(tiny_config(**{"model.depth": -2})),
+         lambda e: experiment.build_model(tiny_config(**{"model.depth": -2}), 10),
          config_lib.ConfigError, ["model.depth", "-2", "positive integer"]),
         ("api-config-eval-eps-above-1",
          lambda e: config_lib.validate_config(tiny_config(**{"eval.eps": (0.1, 2.0)})),

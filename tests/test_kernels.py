@@ -175,3 +175,23 @@ def test_dispatch_env_pallas_routes_layers_through_the_kernels(monkeypatch):
     assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.dist(x, w, 8.0))(x))
     got = _value_and_grads(fn, x, w, g)
     _assert_close(got, want)
+
+
+def test_a_new_kernel_choice_is_never_served_an_earlier_trace():
+    """``ops.dist`` with a traced p (the ramp) traced under the native kernels, then under the
+    XLA code: the second program has no native custom call (a cached trace of a cond branch
+    would carry the first choice's kernels into it)."""
+    from linf_jax import native
+
+    if not native.available():
+        pytest.skip("no native kernels to tell apart from the XLA code")
+    x, w, _ = _inputs(seed=13, b=3, n=10, out=4)
+
+    def program(choice):
+        with ops.use_kernels(choice):
+            fn = jax.grad(lambda x, w, p: ops.dist(x, w, p).sum(), argnums=(0, 1))
+            return jax.jit(fn).lower(x, w, jnp.float32(37.5)).as_text()
+
+    assert "linf_jax_lp" in program("native")
+    assert "linf_jax_" not in program("xla")
+    assert "linf_jax_lp" in program("native")

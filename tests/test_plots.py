@@ -1,4 +1,4 @@
-"""Plots (issue 7): ``python -m linf_jax.plots curve|training|radii`` and the Python functions.
+"""Plots (issue 7): ``linf-plot curve|training|radii`` and the Python functions.
 
 Inputs are synthetic but shaped like the real files: certify JSONs whose ``results`` agree with
 their ``radii`` (as :func:`linf_jax.certify.evaluate_dataset` writes them) and a metrics.jsonl of
@@ -20,6 +20,7 @@ from conftest import REPO
 
 from linf_jax import certify as certify_lib
 from linf_jax import plots
+from linf_jax.cli import plot as plot_cli
 from linf_jax.schedules import Schedule
 
 EPS = (0.05, 0.1, 0.2)
@@ -250,7 +251,7 @@ def test_cli_bad_input_in_process(case, files, tmp_path, capsys):
     }[case]
     try:
         with pytest.raises(SystemExit) as info:
-            plots.main(args)
+            plot_cli.main(args)
     finally:
         logging.disable(logging.NOTSET)  # linf_jax.cli.fail silences logging for its exit
     assert info.value.code == 2

@@ -118,7 +118,11 @@ def dist(x: Array, w: Array, p) -> Array:
     if ps is not None:
         return linf_dist(x, w) if ps == float("inf") else lp_dist(x, w, ps)
     p = jnp.asarray(p, jnp.result_type(x, w))
-    return lax.cond(jnp.isinf(p), lambda x, w, p: linf_dist(x, w), lp_dist, x, w, p)
+    # Fresh lambdas as the branches: JAX caches a branch's trace by the function, and a
+    # module-level function's cached trace would keep the kernels of the choice it was first
+    # traced under.
+    return lax.cond(jnp.isinf(p), lambda x, w, p: linf_dist(x, w),
+                    lambda x, w, p: lp_dist(x, w, p), x, w, p)
 
 
 def linf_dist_bounds(lower: Array, upper: Array, w: Array) -> tuple[Array, Array]:
