@@ -262,9 +262,12 @@ def main_entry(main, flags_module: str | None = None) -> None:
     show_library_messages()
     module = sys.modules.get(flags_module) if flags_module else None
     if module is not None and module is not sys.modules["__main__"]:
-        from absl import flags  # a console script: --helpshort lists the command's flags
+        # a console script or train.py/certify.py: --helpshort lists the command's flags (absl
+        # shows the key flags of the program, sys.argv[0])
+        from absl import flags
 
-        flags.adopt_module_key_flags(module)
+        for flag in flags.FLAGS.get_flags_for_module(module.__name__):
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     try:
         app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:
