@@ -131,3 +131,13 @@ def test_importing_every_command_line_defines_no_flag():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_helpshort_lists_the_commands_flags():
+    """Flags defined when a command runs are still the program's key flags: ``--helpshort``
+    of ``python train.py`` and ``python -m linf_jax.cli.certify`` lists them."""
+    for cmd, flag in (([sys.executable, "train.py"], "--workdir"),
+                      ([sys.executable, "-m", "linf_jax.cli.certify"], "--all_checkpoints")):
+        proc = subprocess.run([*cmd, "--helpshort"], capture_output=True, text=True,
+                              timeout=120, cwd=REPO)
+        assert proc.returncode == 0 and f"  {flag}" in proc.stdout, proc.stdout[-2000:]
