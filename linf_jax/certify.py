@@ -10,9 +10,10 @@ Two certificates. The interval certificate (``margins_fn``: exact interval bound
 rule ``margin > 2ε`` is sound only for a model whose logits are 1-Lipschitz in ℓ∞ — a pure
 ℓ∞-dist net or an ensemble of them (:func:`linf_jax.models.is_1_lipschitz`); callers say so with
 ``lipschitz=True``, and for any other model no Lipschitz figure is computed (``None`` in the
-JSON). Certified radii likewise: the Lipschitz radius ``(margin − tol)/2`` for 1-Lipschitz
-models, else :func:`interval_radius`, a bisection on ε whose answer is always a radius at which
-the interval certificate was actually verified.
+JSON). Certified radii likewise (:func:`model_radius`, the one rule every caller uses): the
+Lipschitz radius ``(margin − tol)/2`` for 1-Lipschitz models, else :func:`interval_radius`, a
+bisection on ε whose answer is always a radius at which the interval certificate was actually
+verified.
 
 Soundness under float32: a certificate must survive rounding. Every certificate here demands a
 safety margin ``tol`` beyond the exact condition (``margin > 2ε + tol`` for the Lipschitz rule,
@@ -64,6 +65,15 @@ def interval_certified(margins: Array, labels: Array, tol: float = DEFAULT_TOL) 
     return others.max(axis=1) < -tol
 
 
+def interval_certified_at(margins_fn: Callable[[Array, Array, Array], Array], x: Array,
+                          labels: Array, eps, lo, hi, tol: float = DEFAULT_TOL) -> Array:
+    """The interval certificate at radius ``eps`` (normalised units; a scalar, or one per
+    example shaped to broadcast against ``x``): :func:`interval_certified` of the margins over
+    :func:`input_box`. Says nothing of whether ``x`` is classified correctly."""
+    b_lo, b_hi = input_box(x, eps, lo, hi)
+    return interval_certified(margins_fn(b_lo, b_hi, labels), labels, tol)
+
+
 def interval_radius(margins_fn: Callable[[Array, Array, Array], Array], x: Array,
                     labels: Array, lo, hi, tol: float = DEFAULT_TOL, steps: int = 20) -> Array:
     """Per-example ℓ∞ radius (normalised units) certified by the interval certificate, by
@@ -76,8 +86,7 @@ def interval_radius(margins_fn: Callable[[Array, Array, Array], Array], x: Array
     bshape = (-1,) + (1,) * (x.ndim - 1)
 
     def certified_at(eps):  # eps [B]
-        b_lo, b_hi = input_box(x, eps.reshape(bshape), lo, hi)
-        return interval_certified(margins_fn(b_lo, b_hi, labels), labels, tol)
+        return interval_certified_at(margins_fn, x, labels, eps.reshape(bshape), lo, hi, tol)
 
     top = jnp.max(jnp.asarray(hi, jnp.float32) - jnp.asarray(lo, jnp.float32))
     good = jnp.zeros(labels.shape, jnp.float32)
@@ -93,6 +102,37 @@ def interval_radius(margins_fn: Callable[[Array, Array, Array], Array], x: Array
     good, _ = jax.lax.fori_loop(0, steps, step, (good, bad))
     full = certified_at(jnp.full(labels.shape, top, jnp.float32))  # the whole input range
     return jnp.where(full, top, jnp.where(ok_at_zero, good, 0.0))
+
+
+def model_radius(logits_fn: Callable[[Array], Array],
+                 margins_fn: Callable[[Array, Array, Array], Array] | None, x: Array,
+                 labels: Array | None, lo, hi, *, lipschitz: bool, tol: float = DEFAULT_TOL,
+                 logits: Array | None = None) -> Array:
+    """The per-example certified ℓ∞ radius of a model, in normalised units (multiply by the
+    data's std for pixels): the one rule behind :meth:`linf_jax.Classifier.certified_radius`,
+    the radii of :func:`evaluate_dataset` and those of an exported program
+    (:mod:`linf_jax.export`).
+
+    ``x`` is the normalised input, ``lo``/``hi`` the image box in network units
+    (:func:`linf_jax.data.pixel_bounds`). With ``lipschitz`` (the logits are 1-Lipschitz in ℓ∞,
+    :func:`linf_jax.models.is_1_lipschitz`) the Lipschitz radius :func:`certified_radius`; else
+    the interval certificate's :func:`interval_radius`, 0 where ``labels`` is not the argmax of
+    the logits. ``labels=None``: against the predicted class (the argmax). ``logits``:
+    ``logits_fn(x)`` if the caller has it already (computed once). ``margins_fn`` is not
+    called, and may be None, with ``lipschitz``."""
+    logits = logits_fn(x) if logits is None else logits
+    predicted = labels is None
+    if predicted:
+        labels = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if lipschitz:
+        return certified_radius(logits, labels, tol)
+    if margins_fn is None:
+        raise ValueError("a model that is not 1-Lipschitz needs margins_fn (interval bounds): "
+                         "the Lipschitz radius would not be sound for it")
+    radius = interval_radius(margins_fn, x, labels, lo, hi, tol)
+    if predicted:  # the argmax is the label: nothing to zero
+        return radius
+    return jnp.where(logits.argmax(-1) == labels, radius, 0.0)
 
 
 def pgd_attack(
@@ -155,10 +195,9 @@ def evaluate_batch(
     """Per-example results for one batch, every ε (normalised units) at once.
 
     ``lipschitz``: whether ``logits_fn`` is 1-Lipschitz in ℓ∞ (a pure net or an ensemble of
-    them). Returns ``correct [B]``, ``radius [B]`` (normalised; the Lipschitz radius if
-    ``lipschitz``, else :func:`interval_radius`), and ``[len(eps), B]`` masks ``certified``
-    (interval certificate; the Lipschitz rule if ``margins_fn`` is None), ``pgd_robust`` and,
-    only if ``lipschitz``, ``lipschitz_certified``.
+    them). Returns ``correct [B]``, ``radius [B]`` (normalised, :func:`model_radius`), and
+    ``[len(eps), B]`` masks ``certified`` (interval certificate; the Lipschitz rule if
+    ``margins_fn`` is None), ``pgd_robust`` and, only if ``lipschitz``, ``lipschitz_certified``.
     """
     if not lipschitz and margins_fn is None:
         raise ValueError("a model that is not 1-Lipschitz needs margins_fn (interval bounds): "
@@ -169,8 +208,7 @@ def evaluate_batch(
     for i, eps in enumerate(eps_list):
         lip_i = lipschitz_certified(logits, labels, eps, tol) & correct if lipschitz else None
         if margins_fn is not None:
-            b_lo, b_hi = input_box(x, eps, lo, hi)
-            cert_i = interval_certified(margins_fn(b_lo, b_hi, labels), labels, tol) & correct
+            cert_i = interval_certified_at(margins_fn, x, labels, eps, lo, hi, tol) & correct
         else:
             cert_i = lip_i
         if pgd_steps > 0 and pgd_restarts > 0:
@@ -182,13 +220,10 @@ def evaluate_batch(
         cert.append(cert_i)
         lip.append(lip_i)
         robust.append(robust_i)
-    if lipschitz:
-        radius = certified_radius(logits, labels, tol)
-    else:
-        radius = jnp.where(correct, interval_radius(margins_fn, x, labels, lo, hi, tol), 0.0)
     out = {
         "correct": correct,
-        "radius": radius,
+        "radius": model_radius(logits_fn, margins_fn, x, labels, lo, hi, lipschitz=lipschitz,
+                               tol=tol, logits=logits),
         "certified": jnp.stack(cert),
         "pgd_robust": jnp.stack(robust),
     }
@@ -310,8 +345,3 @@ def evaluate_dataset(
         summary["per_example"] = {k: np.asarray(v) for k, v in cat.items() if k != "radius"}
     return summary
 
-
-if __name__ == "__main__":  # python -m linf_jax.certify: the certify command line
-    from linf_jax.certify_cli import command
-
-    command()
