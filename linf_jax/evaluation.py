@@ -18,27 +18,30 @@ from linf_jax.models import is_1_lipschitz
 @dataclasses.dataclass(frozen=True)
 class ApplyFn:
     """``model.apply(variables, *args, method=method)``, averaged over the members for an
-    ensemble (``members`` K, :func:`linf_jax.ensemble.apply`). Hashable and equal for equal
+    ensemble (``num_members`` K, None for a single model; :func:`linf_jax.ensemble.apply`).
+    Hashable and equal for equal
     models (Flax modules compare by their fields), so that a jitted program taking it is traced
     once per architecture."""
 
     model: nn.Module
     method: str | None = None
-    members: int | None = None
+    num_members: int | None = None
     execution: str = "auto"
 
     def __call__(self, variables, *args):
         kwargs = {} if self.method is None else {"method": self.method}
-        if self.members is None:
+        if self.num_members is None:
             return self.model.apply(variables, *args, **kwargs)
         return ensemble_lib.apply(self.model, variables, *args, execution=self.execution,
                                   **kwargs)
 
 
-def make_eval_fns(model: nn.Module, variables, members: int | None, execution: str = "auto"):
+def make_eval_fns(model: nn.Module, variables, num_members: int | None,
+                  execution: str = "auto"):
     """``(logits_fn, margins_fn)`` in normalised units: ``logits_fn(x)`` and
-    ``margins_fn(lo, hi, y)``; for an ensemble both average over the members in one call
-    (:func:`linf_jax.ensemble.members_map`, ``execution``).
+    ``margins_fn(lo, hi, y)``; for an ensemble (``num_members`` K; None for a single model)
+    both average over the members in one call (:func:`linf_jax.ensemble.members_map`,
+    ``execution``).
 
     Both are :class:`jax.tree_util.Partial` objects whose pytree leaves are the weights: the
     programs of :func:`linf_jax.certify.evaluate_dataset` and :class:`linf_jax.Classifier` take
@@ -46,16 +49,23 @@ def make_eval_fns(model: nn.Module, variables, members: int | None, execution: s
     into it (a closure over the weights would be). One compilation then serves every checkpoint
     and both the raw and the EMA weights of an architecture, and XLA's persistent cache serves
     other processes."""
-    return (Partial(ApplyFn(model, None, members, execution), variables),
-            Partial(ApplyFn(model, "certify_margins", members, execution), variables))
+    return (Partial(ApplyFn(model, None, num_members, execution), variables),
+            Partial(ApplyFn(model, "certify_margins", num_members, execution), variables))
 
 
 def evaluate(model: nn.Module, variables, ds: data_lib.Dataset, meta: dict, eval_config,
-             members: int | None = None, progress: bool = True, key=None) -> dict:
+             num_members: int | None = None, progress: bool = True, key=None, *,
+             members: int | None = None) -> dict:
     """Clean, PGD and certified accuracy (interval, and the Lipschitz rule for 1-Lipschitz
     models only) for every ε in ``eval_config.eps`` (pixels), plus per-example certified radii
-    (pixels)."""
-    logits_fn, margins_fn = make_eval_fns(model, variables, members)
+    (pixels). ``num_members``: K for a stacked ensemble, None for a single model
+    (``members``: its former name, still accepted)."""
+    if members is not None:
+        if num_members is not None and num_members != members:
+            raise TypeError(f"evaluate(): num_members={num_members} and members={members} "
+                            "disagree; pass num_members only")
+        num_members = members
+    logits_fn, margins_fn = make_eval_fns(model, variables, num_members)
     eps_pixels = [float(e) for e in (eval_config.eps if isinstance(eval_config.eps, (list, tuple))
                                      else (eval_config.eps,))]
     return certify_lib.evaluate_dataset(
