@@ -34,30 +34,74 @@ class InputError(ValueError):
 class Classifier:
     """A trained model (or a stacked ensemble) with its data normalisation.
 
-    Inputs are pixels in [0, 1], ``(N, H, W, C)``; ε is in pixels. ``members`` is None for a
-    single model, else K and the variables carry a leading member axis.
+    The methods take pixels in [0, 1], ``(N, H, W, C)``, and ε in pixels, and check them.
+    :meth:`normalize`, ``logits_fn``, ``margins_fn`` and ``pixel_box`` are the model in network
+    units, unchecked, for a user's own programs (an attack, an export;
+    :func:`linf_jax.certify.model_radius` takes them): ``logits_fn(normalize(x))`` is ``clf(x)``
+    without the checks, and a radius in network units times ``std`` is one in pixels.
+
+    Attributes:
+      num_members: None for a single model, else the number of members K (the variables then
+        carry a leading member axis).
+      std: the data's standard deviation (pixels = network units × std).
+      lipschitz: whether the logits are 1-Lipschitz in ℓ∞ (a pure ℓ∞-dist net or an ensemble
+        of them, :func:`linf_jax.models.is_1_lipschitz`): whether the Lipschitz rule is sound.
+      logits_fn: ``xn -> logits [N, C]`` of a normalised input (the member average for an
+        ensemble); a :class:`jax.tree_util.Partial` whose leaves are the weights
+        (:func:`linf_jax.evaluation.make_eval_fns`).
+      margins_fn: ``(lo, hi, labels) -> [N, C]``, upper bounds of ``z_j − z_y`` over the box
+        ``[lo, hi]`` of normalised inputs (the interval certificate's margins).
+      pixel_box: ``(lo, hi)``, the pixel range [0, 1] in network units, per channel
+        (:func:`linf_jax.data.pixel_bounds`): the box every certificate clips the ε-ball to.
     """
 
     def __init__(self, model, variables, meta: dict, weights: str = "ema",
-                 members: int | None = None):
+                 num_members: int | None = None):
         self.model = model
         self.variables = variables
         self.meta = meta
         self.weights = weights
-        self.num_members = members
+        self.num_members = num_members
         self.input_shape = tuple(meta["input_shape"])
         self.num_classes = int(meta["num_classes"])
         self.std = float(meta["std"])
         self._mean = jnp.asarray(meta["mean"], jnp.float32)
-        self._lo, self._hi = data_lib.pixel_bounds(meta["mean"], self.std)
-        self._logits_fn, self._margins_fn = evaluation.make_eval_fns(model, variables, members)
-        self.lipschitz = is_1_lipschitz(model)  # pure nets and ensembles of them
+        self.pixel_box = tuple(data_lib.pixel_bounds(meta["mean"], self.std))
+        self.logits_fn, self.margins_fn = evaluation.make_eval_fns(model, variables, num_members)
+        self.lipschitz = is_1_lipschitz(model)
         # The programs are module-level and take the weights as arguments (inside the Partials
         # of make_eval_fns): classifiers of one architecture share their compilations.
-        self._fns = (self._logits_fn, self._margins_fn, self._mean, self._lo, self._hi)
+        self._fns = (self.logits_fn, self.margins_fn, self._mean, *self.pixel_box)
+
+    def normalize(self, x) -> jax.Array:
+        """Pixels -> the network's input, ``(x − mean) / std`` (:func:`linf_jax.data.normalize`;
+        unchecked, a JAX function of ``x``)."""
+        return data_lib.normalize(x, self._mean, self.std)
+
+    # The former private names, still read by tests/conftest.py (hand_pgd_agrees_with_project_pgd)
+    # and tests/test_train.py; to be removed once they read the public ones above.
+    @property
+    def _normalize(self):
+        return self.normalize
+
+    @property
+    def _logits_fn(self):
+        return self.logits_fn
+
+    @property
+    def _margins_fn(self):
+        return self.margins_fn
+
+    @property
+    def _lo(self):
+        return self.pixel_box[0]
+
+    @property
+    def _hi(self):
+        return self.pixel_box[1]
 
     def _logits(self, x):
-        return _logits_program(self._logits_fn, self._mean, x, std=self.std,
+        return _logits_program(self.logits_fn, self._mean, x, std=self.std,
                                kernels=ops.kernel_request())
 
     def _certify(self, x, y, eps_norm):
@@ -67,9 +111,6 @@ class Classifier:
     def _radius(self, x, y):
         return _radius_program(*self._fns, x, y, std=self.std, lipschitz=self.lipschitz,
                                kernels=ops.kernel_request())
-
-    def _normalize(self, x):
-        return data_lib.normalize(x, self._mean, self.std)
 
     def _check(self, x, y=None):
         """Validates pixels ``x`` (and labels ``y``); raises :class:`InputError` (one line).
@@ -131,7 +172,7 @@ class Classifier:
         """Per-example ℓ∞ radius in pixels that a sound certificate proves: the Lipschitz
         radius for a 1-Lipschitz model (a pure net or an ensemble of them), else the interval
         certificate's by bisection (:func:`linf_jax.certify.interval_radius`, on the safe side);
-        0 for a misclassified example."""
+        0 for a misclassified example (:func:`linf_jax.certify.model_radius`, times ``std``)."""
         x, y = self._check(x, y)
         return self._radius(jnp.asarray(x), jnp.asarray(y, jnp.int32)) * self.std
 
@@ -144,7 +185,7 @@ class Classifier:
         (:func:`linf_jax.certify.evaluate_dataset`)."""
         x, y = self._check(x, y)
         return certify_lib.evaluate_dataset(
-            self._logits_fn, self._margins_fn, x, y, mean=self.meta["mean"], std=self.std,
+            self.logits_fn, self.margins_fn, x, y, mean=self.meta["mean"], std=self.std,
             eps_pixels=list(eps), batch_size=min(batch_size, len(y)), pgd_steps=pgd_steps,
             pgd_restarts=pgd_restarts, progress=progress, lipschitz=self.lipschitz,
             per_example=per_example)
@@ -172,20 +213,14 @@ def _logits_program(logits_fn, mean, x, *, std, kernels):
 @functools.partial(jax.jit, static_argnames=("std", "kernels"))
 def _certify_program(logits_fn, margins_fn, mean, lo, hi, x, y, eps_norm, *, std, kernels):
     xn = data_lib.normalize(x, mean, std)
-    box_lo, box_hi = certify_lib.input_box(xn, eps_norm, lo, hi)
     correct = logits_fn(xn).argmax(-1) == y
-    return certify_lib.interval_certified(margins_fn(box_lo, box_hi, y), y) & correct
+    return certify_lib.interval_certified_at(margins_fn, xn, y, eps_norm, lo, hi) & correct
 
 
 @functools.partial(jax.jit, static_argnames=("std", "lipschitz", "kernels"))
 def _radius_program(logits_fn, margins_fn, mean, lo, hi, x, y, *, std, lipschitz, kernels):
     xn = data_lib.normalize(x, mean, std)
-    logits = logits_fn(xn)
-    if lipschitz:
-        return certify_lib.certified_radius(logits, y)
-    correct = logits.argmax(-1) == y
-    radius = certify_lib.interval_radius(margins_fn, xn, y, lo, hi)
-    return jnp.where(correct, radius, 0.0)
+    return certify_lib.model_radius(logits_fn, margins_fn, xn, y, lo, hi, lipschitz=lipschitz)
 
 
 def load_classifier(workdir: str | os.PathLike | Sequence[str | os.PathLike],
@@ -220,15 +255,14 @@ def load_classifier(workdir: str | os.PathLike | Sequence[str | os.PathLike],
                     f"ensemble member {os.fspath(d)!r}: config.model.{key}={arch.get(key)!r} "
                     f"differs from member 0 ({os.fspath(dirs[0])!r}: {arch0.get(key)!r}); "
                     "allowed: members of one architecture")
-        k = config_lib.members(cfg)
-        if k is None:
+        if config_lib.num_members(cfg) is None:
             variables.append(v)
         else:
             variables.extend(ensemble_lib.unstack(v))
     if len(variables) == 1:
         return Classifier(model, variables[0], meta, weights)
     stacked = ensemble_lib.stack(variables)
-    return Classifier(model, stacked, meta, weights, members=len(variables))
+    return Classifier(model, stacked, meta, weights, num_members=len(variables))
 
 
 def certify_checkpoints(workdir: str | os.PathLike, x, y, eps=(0.1,), weights=("ema", "raw"),
@@ -239,13 +273,13 @@ def certify_checkpoints(workdir: str | os.PathLike, x, y, eps=(0.1,), weights=("
     :meth:`Classifier.evaluate` on pixels ``x`` / labels ``y``. The report also gives the epochs
     where p starts to ramp and where it becomes ∞ (``p_phases``), for plots of a run's course
     (:func:`linf_jax.plots.plot_over_training`)."""
-    from linf_jax import train_lib
+    from linf_jax import experiment
 
     workdir = os.fspath(workdir)
     config, meta = ckpt.read_run_files(workdir)
     steps = ckpt.checkpoint_steps(workdir)
     spe = int(meta.get("steps_per_epoch") or ckpt.steps_per_epoch_from_metrics(workdir) or 0)
-    schedule = train_lib.make_schedule(config, spe, meta["std"]) if spe else None
+    schedule = experiment.make_schedule(config, spe, meta["std"]) if spe else None
     rows = []
     for step in steps:
         for w in weights:

@@ -8,10 +8,11 @@
 The file holds StableHLO for every requested platform with the weights baked in as
 constants. ``logits`` are ``[N, C]`` (the member average for an ensemble); ``radii`` ``[N]`` is
 the certified ℓ∞ radius in pixels against the *predicted* class, computed as
-:meth:`linf_jax.classifier.Classifier.certified_radius` computes it (the Lipschitz radius for a
-1-Lipschitz model, else the interval certificate's by bisection), with labels = the argmax of
-the logits. The inputs are not checked inside the program: pixels outside [0, 1] give numbers,
-but the certificate assumes the image box [0, 1].
+:meth:`linf_jax.classifier.Classifier.certified_radius` computes it
+(:func:`linf_jax.certify.model_radius`: the Lipschitz radius for a 1-Lipschitz model, else the
+interval certificate's by bisection), with labels = the argmax of the logits. The inputs are
+not checked inside the program: pixels outside [0, 1] give numbers, but the certificate assumes
+the image box [0, 1].
 
 The program is traced with the XLA kernels (:func:`linf_jax.ops.use_kernels`), so it contains
 no custom call: the native CPU kernels are FFI targets that only a process that loaded
@@ -42,13 +43,10 @@ def serving_fn(clf):
     radii in pixels out, against the predicted class (so a misclassification cannot zero it)."""
 
     def fn(x):
-        xn = clf._normalize(x)
-        logits = clf._logits_fn(xn)
-        pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        if clf.lipschitz:
-            radius = certify_lib.certified_radius(logits, pred)
-        else:
-            radius = certify_lib.interval_radius(clf._margins_fn, xn, pred, clf._lo, clf._hi)
+        xn = clf.normalize(x)
+        logits = clf.logits_fn(xn)
+        radius = certify_lib.model_radius(clf.logits_fn, clf.margins_fn, xn, None,
+                                          *clf.pixel_box, lipschitz=clf.lipschitz, logits=logits)
         return logits, radius * jnp.float32(clf.std)
 
     return fn

@@ -283,3 +283,47 @@ def test_weights_are_inputs_of_the_evaluation_programs_not_constants():
     assert len(leaves) == len(jax.tree.leaves(models[0][1])) and len(leaves) > 2
     assert jax.tree.structure(logits_fn) == jax.tree.structure(
         evaluation.make_eval_fns(*models[1], None)[0])  # equal: one trace serves both
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_classifier_public_parts_and_model_radius(kind):
+    """The Classifier's public pieces in network units (``normalize``, ``logits_fn``,
+    ``margins_fn``, ``pixel_box``) rebuild its outputs, and :func:`certify.model_radius` is the
+    radius of ``certified_radius`` (times std) and of ``evaluate_batch``; ``labels=None`` is the
+    radius against the predicted class (as an exported program gives it)."""
+    import ml_collections
+
+    from linf_jax import classifier, data
+
+    model, variables = _model(ml_collections.ConfigDict(CASES[kind]), (8, 6, 6, 1), seed=2)
+    meta = {"input_shape": (6, 6, 1), "num_classes": 4, "mean": (0.3,), "std": 0.25}
+    clf = classifier.Classifier(model, variables, meta, weights="raw")
+    assert clf.num_members is None and clf.lipschitz == (kind == "pure")
+    x = np.random.default_rng(8).uniform(0, 1, size=(24, 6, 6, 1)).astype(np.float32)
+    y = jnp.asarray(np.arange(24) % 4, jnp.int32)
+    xn = clf.normalize(jnp.asarray(x))
+    np.testing.assert_allclose(xn, (x - 0.3) / 0.25, rtol=1e-6, atol=1e-6)
+    logits = clf.logits_fn(xn)
+    np.testing.assert_allclose(logits, clf(x), rtol=1e-5, atol=1e-5)
+    lo, hi = clf.pixel_box
+    want_lo, want_hi = data.pixel_bounds(meta["mean"], meta["std"])
+    np.testing.assert_array_equal(lo, want_lo)
+    np.testing.assert_array_equal(hi, want_hi)
+    radius = jax.jit(lambda xn, y: certify.model_radius(
+        clf.logits_fn, clf.margins_fn, xn, y, lo, hi, lipschitz=clf.lipschitz))(xn, y)
+    np.testing.assert_allclose(np.asarray(radius) * clf.std, clf.certified_radius(x, y),
+                               rtol=1e-6, atol=1e-7)
+    out = certify.evaluate_batch(clf.logits_fn, clf.margins_fn, jax.random.key(0), xn, y, (0.01,),
+                                 lo, hi, pgd_steps=0, lipschitz=clf.lipschitz)
+    np.testing.assert_allclose(out["radius"], radius, rtol=1e-6, atol=1e-7)
+    assert (np.asarray(radius)[np.asarray(logits.argmax(-1) != y)] == 0).all()
+    pred = logits.argmax(-1).astype(jnp.int32)
+    against_pred = certify.model_radius(clf.logits_fn, clf.margins_fn, xn, None, lo, hi,
+                                        lipschitz=clf.lipschitz, logits=logits)
+    np.testing.assert_allclose(against_pred, certify.model_radius(
+        clf.logits_fn, clf.margins_fn, xn, pred, lo, hi, lipschitz=clf.lipschitz),
+        rtol=1e-6, atol=1e-7)
+    assert (np.asarray(against_pred) > 0).any()
+    if not clf.lipschitz:
+        with pytest.raises(ValueError, match="not 1-Lipschitz needs margins_fn"):
+            certify.model_radius(clf.logits_fn, None, xn, y, lo, hi, lipschitz=False)
