@@ -17,19 +17,20 @@ from hypothesis import strategies as st
 
 from linf_jax import config as config_lib
 from linf_jax import data as data_lib
-from linf_jax import ensemble, train_lib, trainer
+from linf_jax import ensemble, experiment, trainer
 from linf_jax.classifier import load_classifier
 from linf_jax.models import build_model
 
 CFG = dict(name="linf_dist_net", depth=3, width=24)
 
 
-def members(k, cfg=CFG, shape=(8, 4, 4, 1)):
+def members(num_members, cfg=CFG, shape=(8, 4, 4, 1)):
+    """``(model, [variables of each member])``: ``num_members`` inits of one architecture."""
     model = build_model(cfg, 5)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     out = []
-    for s in range(k):
+    for s in range(num_members):
         v = model.init(jax.random.key(s), x, p=8.0, train=True)
         _, upd = model.apply(v, x, p=8.0, train=True, mutable=["batch_stats"])
         out.append({**v, **upd})
@@ -281,7 +282,7 @@ def test_joint_and_independent_steps_take_different_gradients(mode):
         return logits, margins
 
     def loss_of(logits, margins, scale):
-        return train_lib.make_loss_fn(cfg)(logits, margins, y, eps, lam, scale)
+        return experiment.make_loss_fn(cfg)(logits, margins, y, eps, lam, scale)
 
     def joint(params):
         logits, margins = jax.vmap(member)(params, state.batch_stats)
