@@ -24,11 +24,8 @@ from linf_jax import config as config_lib
 from linf_jax import data as data_lib
 from linf_jax import ensemble as ensemble_lib
 from linf_jax import evaluation, ops
+from linf_jax.errors import InputError
 from linf_jax.models import is_1_lipschitz
-
-
-class InputError(ValueError):
-    """Inputs that do not fit the classifier (shape, range, labels, non-finite values)."""
 
 
 class Classifier:
@@ -77,28 +74,6 @@ class Classifier:
         """Pixels -> the network's input, ``(x − mean) / std`` (:func:`linf_jax.data.normalize`;
         unchecked, a JAX function of ``x``)."""
         return data_lib.normalize(x, self._mean, self.std)
-
-    # The former private names, still read by tests/conftest.py (hand_pgd_agrees_with_project_pgd)
-    # and tests/test_train.py; to be removed once they read the public ones above.
-    @property
-    def _normalize(self):
-        return self.normalize
-
-    @property
-    def _logits_fn(self):
-        return self.logits_fn
-
-    @property
-    def _margins_fn(self):
-        return self.margins_fn
-
-    @property
-    def _lo(self):
-        return self.pixel_box[0]
-
-    @property
-    def _hi(self):
-        return self.pixel_box[1]
 
     def _logits(self, x):
         return _logits_program(self.logits_fn, self._mean, x, std=self.std,

@@ -45,3 +45,11 @@ class DataError(ValueError):
 
 class EnsembleError(ValueError):
     """Members that cannot be stacked (different architectures or shapes)."""
+
+
+class InputError(ValueError):
+    """Inputs that do not fit the classifier (shape, range, labels, non-finite values)."""
+
+
+class ExportError(ValueError):
+    """Arguments that cannot be exported (platforms, batch), or no serializer."""

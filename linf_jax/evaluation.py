@@ -54,17 +54,10 @@ def make_eval_fns(model: nn.Module, variables, num_members: int | None,
 
 
 def evaluate(model: nn.Module, variables, ds: data_lib.Dataset, meta: dict, eval_config,
-             num_members: int | None = None, progress: bool = True, key=None, *,
-             members: int | None = None) -> dict:
+             num_members: int | None = None, progress: bool = True, key=None) -> dict:
     """Clean, PGD and certified accuracy (interval, and the Lipschitz rule for 1-Lipschitz
     models only) for every ε in ``eval_config.eps`` (pixels), plus per-example certified radii
-    (pixels). ``num_members``: K for a stacked ensemble, None for a single model
-    (``members``: its former name, still accepted)."""
-    if members is not None:
-        if num_members is not None and num_members != members:
-            raise TypeError(f"evaluate(): num_members={num_members} and members={members} "
-                            "disagree; pass num_members only")
-        num_members = members
+    (pixels). ``num_members``: K for a stacked ensemble, None for a single model."""
     logits_fn, margins_fn = make_eval_fns(model, variables, num_members)
     eps_pixels = [float(e) for e in (eval_config.eps if isinstance(eval_config.eps, (list, tuple))
                                      else (eval_config.eps,))]

@@ -16,11 +16,14 @@ the image box [0, 1].
 
 The program is traced with the XLA kernels (:func:`linf_jax.ops.use_kernels`), so it contains
 no custom call: the native CPU kernels are FFI targets that only a process that loaded
-linf-jax has registered.
+linf-jax has registered. Beside the file, ``PATH.json`` (:func:`read_info`) says what it holds:
+the runs, the weights, the number of members, the input shape, the platforms and the kernels
+the program was traced with (:meth:`linf_jax.ops.KernelChoice.record`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -29,13 +32,10 @@ import jax.numpy as jnp
 
 from linf_jax import certify as certify_lib
 from linf_jax import ops
+from linf_jax.errors import ExportError
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-
-
-class ExportError(ValueError):
-    """Arguments that cannot be exported (platforms, batch), or no serializer."""
 
 
 def serving_fn(clf):
@@ -69,11 +69,7 @@ def export(workdir_or_list: str | os.PathLike | Sequence[str | os.PathLike],
     one ensemble, :func:`linf_jax.classifier.load_classifier`) to ``path`` as a serialized
     ``jax.export`` program ``x -> (logits, radii)`` lowered for every one of ``platforms``.
     ``batch=None`` makes the batch dimension symbolic (any N); an int fixes it. Returns the
-    :class:`jax.export.Exported`."""
-    return _export(workdir_or_list, path, weights, platforms, batch)[0]
-
-
-def _export(workdir_or_list, path, weights, platforms, batch):
+    :class:`jax.export.Exported`; ``PATH.json`` describes it (:func:`read_info`)."""
     from linf_jax.classifier import load_classifier
 
     platforms = _platforms(platforms)
@@ -86,7 +82,8 @@ def _export(workdir_or_list, path, weights, platforms, batch):
         (batch, *clf.input_shape))
     spec = jax.ShapeDtypeStruct(shape, jnp.float32)
     # Traced with the XLA kernels: no native CPU custom call ends up in the CPU lowering.
-    with ops.use_kernels("xla"):
+    kernels = ops.resolve("xla", "export")
+    with ops.use_kernels(kernels):
         exported = jax.export.export(jax.jit(serving_fn(clf)), platforms=platforms)(spec)
     try:
         data = exported.serialize()
@@ -96,19 +93,30 @@ def _export(workdir_or_list, path, weights, platforms, batch):
     path = os.fspath(path)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-    return exported, clf
-
-
-def export_main(workdirs, weights: str, path, platforms=DEFAULT_PLATFORMS) -> jax.export.Exported:
-    """``export`` for the command line (certify.py ``--export PATH``): one line on stdout."""
-    exported, clf = _export(workdirs, path, weights, platforms, None)
-    dirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
-    what = ("model" if clf.num_members is None else f"ensemble of {clf.num_members}")
-    runs = ", ".join(os.fspath(d) for d in dirs)
-    dims = ", ".join(map(str, clf.input_shape))
-    print(f"exported {what} ({weights} weights) of {runs} to {os.fspath(path)} (platforms "
-          f"{', '.join(exported.platforms)}, input (N, {dims}) float32 pixels in [0, 1]; "
-          "returns (logits, radii in pixels))", flush=True)
+    runs = ([workdir_or_list] if isinstance(workdir_or_list, (str, os.PathLike))
+            else list(workdir_or_list))
+    info = {"workdirs": [os.fspath(d) for d in runs], "weights": weights,
+            "num_members": clf.num_members, "input_shape": list(clf.input_shape),
+            "batch": batch, "platforms": list(exported.platforms), "kernels": kernels.record(),
+            "returns": "(logits, certified radii in pixels)"}
+    _write_atomic(path, data, "wb")
+    _write_atomic(info_path(path), json.dumps(info, indent=2) + "\n", "w")
     return exported
+
+
+def info_path(path: str | os.PathLike) -> str:
+    """Where :func:`export` describes the program it wrote to ``path``: ``PATH.json``."""
+    return os.fspath(path) + ".json"
+
+
+def read_info(path: str | os.PathLike) -> dict:
+    """What the exported program at ``path`` holds (:func:`export` writes it beside it)."""
+    with open(info_path(path)) as f:
+        return json.load(f)
+
+
+def _write_atomic(path: str, data, mode: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, mode) as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -359,7 +359,7 @@ def _evaluate_at_end(run: _Run, state: TrainState, writer: MetricWriter, progres
     with ops.use_kernels(run.kernels):
         results = evaluation.evaluate(
             run.model, ckpt.variables_for(state, "ema"), test_ds, run.meta, run.config.eval,
-            members=config_lib.num_members(run.config), progress=progress,
+            num_members=config_lib.num_members(run.config), progress=progress,
             key=jax.random.fold_in(state.rng, 3))
     results["weights"] = "ema"
     if jax.process_index() == 0:

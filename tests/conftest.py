@@ -229,8 +229,8 @@ def hand_pgd_agrees_with_project_pgd(clf, x, y, eps: float, steps: int = 20, see
         z = jnp.clip(z + eps / 4 * jnp.sign(grad(z)), lo, hi)
     hand = np.asarray((clf(z).argmax(-1) != y) | (clf(x).argmax(-1) != y))
     eps_n = eps / clf.std
-    _, project = certify_lib.pgd_attack(clf._logits_fn, key, clf._normalize(x), y, eps_n,
-                                        clf._lo, clf._hi, steps=steps, restarts=1)
+    _, project = certify_lib.pgd_attack(clf.logits_fn, key, clf.normalize(x), y, eps_n,
+                                        *clf.pixel_box, steps=steps, restarts=1)
     return hand, np.asarray(project)
 
 

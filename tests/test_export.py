@@ -131,7 +131,7 @@ def test_exported_outputs_match_the_classifier(exported, runs, pixels, kind):
     assert split  # some ε certifies some examples and not others: the comparison says something
 
 
-def test_fixed_batch_export_and_export_main(runs, pixels, tmp_path, capsys):
+def test_fixed_batch_export_and_its_description(runs, pixels, tmp_path):
     import jax
     import jax.numpy as jnp
 
@@ -159,8 +159,13 @@ def test_fixed_batch_export_and_export_main(runs, pixels, tmp_path, capsys):
         export.export(runs["single"], tmp_path / "x.jax", platforms=("gpu",))
     with pytest.raises(export.ExportError, match="batch"):
         export.export(runs["single"], tmp_path / "x.jax", batch=0)
-    export.export_main([runs["ensemble"]], "raw", tmp_path / "e.jax", ("cpu", "cuda"))
-    line = capsys.readouterr().out.strip()
+    from linf_jax.cli.certify import export_line
+
+    export.export([runs["ensemble"]], tmp_path / "e.jax", "raw", ("cpu", "cuda"))
+    info = export.read_info(tmp_path / "e.jax")
+    assert info["kernels"]["passes"] == dict.fromkeys(("linf", "lp", "bounds", "decay"), "xla")
+    assert (info["num_members"], info["weights"], info["platforms"]) == (2, "raw", ["cpu", "cuda"])
+    line = export_line(info, str(tmp_path / "e.jax"))
     assert line.startswith("exported ensemble of 2 (raw weights) of ") and "\n" not in line
     assert line.endswith(f"to {tmp_path / 'e.jax'} (platforms cpu, cuda, input (N, 8, 8, 1) "
                          "float32 pixels in [0, 1]; returns (logits, radii in pixels))")

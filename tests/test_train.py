@@ -241,9 +241,9 @@ def test_classifier_is_a_jax_function(full_run):
         return -jnp.take_along_axis(jax.nn.log_softmax(clf(z)), y[:, None], 1).sum()
 
     g = jax.jit(jax.grad(loss))(x)
-    inner = lambda u: -jnp.take_along_axis(jax.nn.log_softmax(clf._logits_fn(u)), y[:, None],
+    inner = lambda u: -jnp.take_along_axis(jax.nn.log_softmax(clf.logits_fn(u)), y[:, None],
                                            1).sum()
-    want = jax.grad(inner)(clf._normalize(x)) / clf.std
+    want = jax.grad(inner)(clf.normalize(x)) / clf.std
     np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jax.vmap(lambda z: clf(z[None])[0])(x), clf(x), rtol=1e-6,
                                atol=1e-6)

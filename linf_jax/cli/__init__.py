@@ -183,22 +183,14 @@ def check_writable_file(path: str, field: str) -> None:
              "writable folder")
 
 
-# The user-error types of modules that import JAX, by module: (module, class name).
-_HEAVY_USER_ERRORS = (("linf_jax.classifier", "InputError"), ("linf_jax.export", "ExportError"))
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that are a user's mistake (one line, no traceback): those of
-    :mod:`linf_jax.errors`, and of modules already imported (an error of a module never
-    imported cannot have been raised, and importing one would import JAX while a config error
-    is being reported)."""
+    """The exception types that are a user's mistake (one line, no traceback): every type of
+    :mod:`linf_jax.errors`, and the OS's refusals of a path."""
     from linf_jax import errors
 
-    heavy = tuple(getattr(sys.modules[m], name) for m, name in _HEAVY_USER_ERRORS
-                  if m in sys.modules)
     return (errors.ConfigError, errors.CheckpointError, errors.TrainingError, errors.DataError,
-            errors.EnsembleError, *heavy, PermissionError, FileNotFoundError, IsADirectoryError,
-            NotADirectoryError, FileExistsError)
+            errors.EnsembleError, errors.InputError, errors.ExportError, PermissionError,
+            FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 def run_guarded(fn, *args, **kwargs):

@@ -119,14 +119,25 @@ def check_data(meta: dict, ds, source: str) -> None:
              f" (the model has {num_classes} classes)")
 
 
+def export_line(info: dict, path: str) -> str:
+    """The one line ``--export`` prints: what was written where (:func:`linf_jax.export.read_info`
+    says it)."""
+    k = info["num_members"]
+    what = "model" if k is None else f"ensemble of {k}"
+    dims = ", ".join(map(str, info["input_shape"]))
+    return (f"exported {what} ({info['weights']} weights) of {', '.join(info['workdirs'])} to "
+            f"{path} (platforms {', '.join(info['platforms'])}, input (N, {dims}) float32 "
+            "pixels in [0, 1]; returns (logits, radii in pixels))")
+
+
 def run(fl) -> dict:
     if fl.export.value:
-        from linf_jax import cli
-        from linf_jax.export import export_main
+        from linf_jax import cli, export
 
         _require_workdir(fl)
         cli.check_writable_file(fl.export.value, "--export")
-        export_main(fl.workdir.value, fl.weights.value, fl.export.value)
+        export.export(fl.workdir.value, fl.export.value, weights=fl.weights.value)
+        print(export_line(export.read_info(fl.export.value), fl.export.value), flush=True)
         return {}
     eps, output = check_flags(fl)
 
