@@ -243,13 +243,15 @@ def as_partial(fn: Callable) -> Partial:
                                              "tol", "lipschitz", "kernels"))
 def _evaluate_program(logits_fn, margins_fn, mean, lo, hi, x_raw, y, key, *, std, eps_norm,
                       pgd_steps, pgd_restarts, tol, lipschitz, kernels):
-    """One batch of :func:`evaluate_dataset`, pixels in (``kernels``: only a key of the
-    compilation cache, :func:`linf_jax.ops.kernel_request`)."""
+    """One batch of :func:`evaluate_dataset`, pixels in, traced under ``kernels``
+    (:func:`linf_jax.ops.kernel_request` where it is called)."""
     from linf_jax import data as data_lib
+    from linf_jax import ops
 
-    x = data_lib.normalize(data_lib.as_pixels(x_raw), mean, std)
-    return evaluate_batch(logits_fn, margins_fn, key, x, y, eps_norm, lo, hi, pgd_steps,
-                          pgd_restarts, tol, lipschitz)
+    with ops.use_kernels(kernels or None):
+        x = data_lib.normalize(data_lib.as_pixels(x_raw), mean, std)
+        return evaluate_batch(logits_fn, margins_fn, key, x, y, eps_norm, lo, hi, pgd_steps,
+                              pgd_restarts, tol, lipschitz)
 
 
 def evaluate_dataset(

@@ -181,21 +181,24 @@ class Classifier:
 
 @functools.partial(jax.jit, static_argnames=("std", "kernels"))
 def _logits_program(logits_fn, mean, x, *, std, kernels):
-    # kernels: only a key of the compilation cache (linf_jax.ops.kernel_request)
-    return logits_fn(data_lib.normalize(x, mean, std))
+    with ops.use_kernels(kernels or None):  # the choice in force where it is called
+        return logits_fn(data_lib.normalize(x, mean, std))
 
 
 @functools.partial(jax.jit, static_argnames=("std", "kernels"))
 def _certify_program(logits_fn, margins_fn, mean, lo, hi, x, y, eps_norm, *, std, kernels):
-    xn = data_lib.normalize(x, mean, std)
-    correct = logits_fn(xn).argmax(-1) == y
-    return certify_lib.interval_certified_at(margins_fn, xn, y, eps_norm, lo, hi) & correct
+    with ops.use_kernels(kernels or None):
+        xn = data_lib.normalize(x, mean, std)
+        correct = logits_fn(xn).argmax(-1) == y
+        return certify_lib.interval_certified_at(margins_fn, xn, y, eps_norm, lo, hi) & correct
 
 
 @functools.partial(jax.jit, static_argnames=("std", "lipschitz", "kernels"))
 def _radius_program(logits_fn, margins_fn, mean, lo, hi, x, y, *, std, lipschitz, kernels):
-    xn = data_lib.normalize(x, mean, std)
-    return certify_lib.model_radius(logits_fn, margins_fn, xn, y, lo, hi, lipschitz=lipschitz)
+    with ops.use_kernels(kernels or None):
+        xn = data_lib.normalize(x, mean, std)
+        return certify_lib.model_radius(logits_fn, margins_fn, xn, y, lo, hi,
+                                        lipschitz=lipschitz)
 
 
 def load_classifier(workdir: str | os.PathLike | Sequence[str | os.PathLike],
@@ -205,8 +208,7 @@ def load_classifier(workdir: str | os.PathLike | Sequence[str | os.PathLike],
     damaged latest checkpoint is refused in one line naming the newest step that restores).
     Members trained separately must share one architecture
     and one data normalisation)."""
-    if weights not in ("ema", "raw"):
-        raise InputError(f"weights={weights!r} is not allowed: one of ('ema', 'raw')")
+    config_lib.check_weights(weights)
     dirs = [workdir] if isinstance(workdir, (str, os.PathLike)) else list(workdir)
     if not dirs:
         raise InputError("workdir: at least one run directory is needed")
@@ -240,7 +242,7 @@ def load_classifier(workdir: str | os.PathLike | Sequence[str | os.PathLike],
     return Classifier(model, stacked, meta, weights, num_members=len(variables))
 
 
-def certify_checkpoints(workdir: str | os.PathLike, x, y, eps=(0.1,), weights=("ema", "raw"),
+def certify_checkpoints(workdir: str | os.PathLike, x, y, eps=(0.1,), weights=config_lib.WEIGHTS,
                         pgd_steps: int = 0, pgd_restarts: int = 1, batch_size: int = 500,
                         progress: bool = False) -> dict:
     """Certifies every checkpoint a run keeps, with each of ``weights`` (EMA and raw): one row
