@@ -40,6 +40,8 @@ def test_wheel_installs_commands_that_train_and_certify_a_preset(installed):
     exported = _run([bin_dir / "linf-certify", "--workdir", work / "r", "--export",
                      work / "r.jax"], work)
     assert exported.returncode == 0 and "exported" in exported.stdout, exported.stderr[-2000:]
+    info = json.loads((work / "r.jax.json").read_text())
+    assert info["kernels"]["requested"] == "xla" and info["platforms"] == ["cpu", "cuda", "tpu"]
     import jax
     import numpy as np
 
@@ -60,3 +62,7 @@ def test_presets_by_name_and_module_entry_points(installed):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "mnist_03" in bad.stderr
     certify = _run([bin_dir / "python", "-m", "linf_jax.cli.certify"], work)  # the command line
     assert certify.returncode == 2 and "--workdir is required" in certify.stderr, certify
+    # without --config the preview reads the default preset of the installed package
+    schedule = _run([bin_dir / "linf-schedule"], work)
+    assert schedule.returncode == 0, schedule.stderr[-2000:]
+    assert schedule.stdout.startswith("schedule v1, epochs (0, 40, 40, 160, 180)"), schedule.stdout
