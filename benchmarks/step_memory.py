@@ -44,7 +44,7 @@ def step_footprint(cfg, shape, donate: bool) -> tuple[int, int, int]:
     labels = jax.ShapeDtypeStruct((1000,), jnp.int32)
     idx = jax.ShapeDtypeStruct((cfg.train.batch_size,), jnp.int32)
     step = train_lib.make_train_step(cfg, schedule, meta, donate=donate)
-    m = step.lower(state, images, labels, idx, p_mode="inf").compile().memory_analysis()
+    m = step.lower(state, images, labels, idx, p_phase="inf").compile().memory_analysis()
     footprint = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                  - m.alias_size_in_bytes)
     state_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state))

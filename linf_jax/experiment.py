@@ -174,8 +174,7 @@ def kernels(config) -> ops.KernelChoice:
     """The run's :class:`linf_jax.ops.KernelChoice`: ``config.kernels`` unless it is ``auto``,
     then ``LINF_JAX_KERNELS`` where set, else ``auto`` (resolved now: the native build and the
     calibration run here the first time they are needed)."""
-    choice = config.get("kernels", "auto")
     try:
-        return ops.resolve(None if choice == "auto" else choice, "config.kernels")
+        return ops.resolve(config.get("kernels", "auto"), "config.kernels")
     except ValueError as err:  # LINF_JAX_KERNELS, LINF_JAX_NATIVE_ISA, native on a GPU
         raise ConfigError(first_line(err)) from None

@@ -28,6 +28,7 @@ docs/METHOD.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -304,7 +305,8 @@ def make_train_step(config, schedule: Schedule, meta: dict, mesh=None, state_sha
         bound = ops.partitionable(bound)
 
     def step_fn(state, images, labels, batch_idx, p_phase):
-        with ops.use_kernels(kernels):
+        # None: the choice in force where the step is first traced (an outer use_kernels)
+        with contextlib.nullcontext() if kernels is None else ops.use_kernels(kernels):
             return bound(state, images, labels, batch_idx, p_phase)
 
     donate_argnums = (0,) if donate else ()

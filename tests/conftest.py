@@ -38,7 +38,7 @@ os.environ.setdefault(
                                    f"linf_jax_test_native-{getattr(os, 'getuid', lambda: 0)()}"))
 
 # Which kernels "auto" runs is fixed in the test session: the native kernels for every pass,
-# wherever they build (LINF_JAX_CALIBRATION=native; linf_jax/calibration.py), on every CPU kind,
+# wherever they build (LINF_JAX_CALIBRATION=native; linf_jax/ops/calibration.py), on every CPU kind,
 # instead of a timing taken while the suite loads both cores. The suite is dominated by
 # compiling many small programs that then run for milliseconds, and a program with the native
 # custom calls compiles much faster than one with the XLA code's unrolled scans, so where the

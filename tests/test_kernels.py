@@ -127,11 +127,12 @@ def test_blocks_must_be_powers_of_two():
 
 def test_dispatch_on_cpu(monkeypatch):
     """Unset: the native kernels where measured faster (and they build), never Pallas; ``auto``
-    means the same as unset, on the CPU and on a GPU; ``use_kernels`` overrides the variable;
-    unknown names fail with the choices."""
+    means the same as unset, on the CPU and on a GPU, and defers to the variable wherever it is
+    written; an explicit ``use_kernels`` choice overrides the variable; unknown names fail with
+    the choices."""
 
     assert jax.default_backend() == "cpu"
-    from linf_jax import calibration
+    from linf_jax.ops import calibration
 
     cpu_default = "native" if any(calibration.decisions().values()) else "xla"
     monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
@@ -142,8 +143,11 @@ def test_dispatch_on_cpu(monkeypatch):
         assert "pallas_call" not in jaxpr
     monkeypatch.setenv(ops.KERNELS_ENV, "xla")
     assert ops.kernel_backend() == "xla"
-    with ops.use_kernels("auto"):
-        assert ops.kernel_backend() == cpu_default
+    with ops.use_kernels("auto"):  # auto: the variable's choice, as in config.kernels
+        assert ops.kernel_backend() == "xla"
+    if ops.native.available():
+        with ops.use_kernels("native"):  # an explicit choice wins over the variable
+            assert ops.kernel_backend() == "native"
     assert ops.kernel_backend() == "xla"
     monkeypatch.setenv(ops.KERNELS_ENV, "auto")  # auto: what unset gives, on every platform
     assert ops.kernel_backend() == cpu_default

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from linf_jax import calibration, native, ops
+from linf_jax import native, ops
+from linf_jax.ops import calibration
 
 pytestmark = pytest.mark.skipif(native.find_compiler() is None, reason="no C++ compiler")
 
@@ -34,7 +35,7 @@ SHAPES = [(5, 37, 131), (3, 16, 7), (1, 1, 1), (2, 5, 1), (9, 300, 260), (70, 10
 @pytest.fixture
 def install():
     """``install(build, calibration)``: makes them the process-wide native build and calibration
-    (:func:`linf_jax.native.default`, :func:`linf_jax.calibration.default`) that the dispatch of
+    (:func:`linf_jax.native.default`, :func:`linf_jax.ops.calibration.default`) that the dispatch of
     linf_jax.ops consults, for this test; the previous ones come back afterwards."""
     saved = []
 
@@ -757,11 +758,11 @@ def test_calibration_decides_per_family_caches_and_dispatches(monkeypatch, tmp_p
     def fresh():  # the process-wide calibration, as a new process makes it
         install(native.default(), calibration.Calibration(native.default(), "on", path, measure))
 
-    caplog.set_level(logging.INFO, logger="linf_jax.calibration")
+    caplog.set_level(logging.INFO, logger="linf_jax.ops.calibration")
     fresh()
     want = {"linf": True, "lp": False, "bounds": True, "decay": False}
     assert calibration.decisions() == want and calibration.how_decided() == "measured"
-    lines = _records(caplog, "linf_jax.calibration")
+    lines = _records(caplog, "linf_jax.ops.calibration")
     assert len(lines) == 2 and lines[0].startswith("timing the native CPU kernels"), lines
     assert ("native kernels for linf, bounds; XLA code for lp, decay (measured; cached in "
             f"{path})") == lines[1]
@@ -770,7 +771,7 @@ def test_calibration_decides_per_family_caches_and_dispatches(monkeypatch, tmp_p
     caplog.clear()
     fresh()
     assert calibration.decisions() == want and calibration.how_decided() == "cached"
-    assert calls == [calibration.ROUNDS] and _records(caplog, "linf_jax.calibration") == []
+    assert calls == [calibration.ROUNDS] and _records(caplog, "linf_jax.ops.calibration") == []
     assert ops.kernel_backend() == "native"
     assert ops.kernels_line() == ("kernels: native kernels for linf, bounds; XLA code for lp, "
                                   "decay (native CPU build " + native.isa()

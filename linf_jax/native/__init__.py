@@ -36,7 +36,7 @@ tiles fill AVX-512's 32 registers; AVX2 has 16 registers of 8 floats, where thos
 spill, so its variant uses 8 lanes and 2x2 tiles. The kernels are tuned on AVX-512 CPUs, and how
 a variant compares with the XLA code depends on the machine (BENCHMARKS.md). So whether
 ``LINF_JAX_KERNELS`` unset or ``auto`` uses them is measured per pass on the machine itself
-(:mod:`linf_jax.calibration`); :func:`preferred` is the fixed rule used instead with
+(:mod:`linf_jax.ops.calibration`); :func:`preferred` is the fixed rule used instead with
 ``LINF_JAX_CALIBRATION=off``: native only where the variant is ``avx512``.
 
 Writes are atomic (temporary file, then rename), and concurrent processes on one machine (the

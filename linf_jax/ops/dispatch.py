@@ -1,12 +1,13 @@
 """Which kernels the distance layers run: a :class:`KernelChoice`, resolved once and recorded.
 
-The request is ``config.kernels`` (a run), :func:`use_kernels` (code traced inside it) or
-``LINF_JAX_KERNELS`` (the process default), in that order of precedence; each is one of
-``auto`` (or unset), ``native``, ``xla``, ``pallas``, and ``auto`` means the same wherever it is
-written: on the CPU the native kernels for the pass families measured faster on this machine
-(:mod:`linf_jax.calibration`), the XLA code elsewhere. :func:`resolve` turns a request into a
-:class:`KernelChoice` — which implementation each pass family runs, and why — once (the
-native build and the calibration happen there, the first time they are needed); a run resolves
+The request is ``config.kernels`` (a run) or :func:`use_kernels` (code traced inside it), and
+``LINF_JAX_KERNELS`` (the process default); each is one of ``auto`` (or unset), ``native``,
+``xla``, ``pallas``. ``auto`` means the same wherever it is written: ``LINF_JAX_KERNELS`` when
+that names a choice, else on the CPU the native kernels for the pass families measured faster
+on this machine (:mod:`linf_jax.ops.calibration`) and the XLA code elsewhere. :func:`resolve`
+turns a request into a :class:`KernelChoice` — which implementation each pass family runs, and
+why — once (the native build and the calibration happen there, the first time they are
+needed); a run resolves
 its choice at its start, traces its programs under it (:func:`use_kernels` takes the value),
 writes :meth:`KernelChoice.record` to its ``meta.json`` and prints :meth:`KernelChoice.line`,
 which builds and times nothing. All choices compute the same function (docs/METHOD.md §2).
@@ -26,8 +27,9 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from linf_jax import calibration, native
+from linf_jax import native
 from linf_jax.config import KERNEL_CHOICES
+from linf_jax.ops import calibration
 
 KERNELS_ENV = "LINF_JAX_KERNELS"
 #: The pass families whose implementation is chosen separately (calibration.FAMILIES).
@@ -113,16 +115,17 @@ def kernel_request() -> str | KernelChoice:
 
 
 def resolve(choice: str | None = None, source: str | None = None) -> KernelChoice:
-    """The :class:`KernelChoice` of a request (``None``: ``LINF_JAX_KERNELS``, else ``auto``) on
-    the default backend. Builds the native kernels and runs the calibration where ``auto`` needs
-    them (each once per process, cached by :mod:`linf_jax.native` and
-    :mod:`linf_jax.calibration`); a bad request, or one this platform cannot run, is a one-line
-    ``ValueError``."""
-    if choice is None:
+    """The :class:`KernelChoice` of a request (``None`` or ``'auto'``: ``LINF_JAX_KERNELS`` when
+    it names a choice, else the automatic one) on the default backend. Builds the native kernels
+    and runs the calibration where ``auto`` needs them (each once per process, cached by
+    :mod:`linf_jax.native` and :mod:`linf_jax.ops.calibration`); a bad request, or one this
+    platform cannot run, is a one-line ``ValueError``."""
+    source = source or ("default" if choice is None else "use_kernels")
+    if _normalized(choice) == "auto":
         env = os.environ.get(KERNELS_ENV, "").strip().lower()
-        choice, source = (env, KERNELS_ENV) if env else ("auto", source or "default")
+        if env and env != "auto":
+            choice, source = env, KERNELS_ENV
     requested = _normalized(choice)
-    source = source or "use_kernels"
     if requested not in KERNEL_CHOICES:
         where = KERNELS_ENV if source == KERNELS_ENV else "kernels"
         raise ValueError(f"{where}={choice!r} is not one of "

@@ -1,6 +1,6 @@
 """The ℓp distance once the kernel choice is made: the stable form's passes with the native
 CPU kernels or the XLA code, chosen by an argument (:func:`linf_jax.ops.lp_dist` makes the
-choice; :mod:`linf_jax.calibration` times both).
+choice; :mod:`linf_jax.ops.calibration` times both).
 
 ``m · (Σ (|d|/m)^p)^(1/p)`` with ``m = max|d|``: one max pass, one sum pass, and the analytic
 backward pass ``∂y/∂d = sign(d)·(|d|/y)^(p−1)`` (docs/METHOD.md §2).

@@ -16,7 +16,7 @@ families where they were faster:
 Runs alternate between the two implementations and keep each one's fastest, so that a busy
 machine slows both alike. The decision is cached next to the native library
 (``*.calibration.json``: the times, the decisions, the CPU), announced in one INFO record of
-the ``linf_jax.calibration`` logger, and overridable: ``LINF_JAX_KERNELS=native`` or ``xla``
+the ``linf_jax.ops.calibration`` logger, and overridable: ``LINF_JAX_KERNELS=native`` or ``xla``
 forces one for every pass, and ``LINF_JAX_CALIBRATION=off`` skips the timing and uses the
 instruction-set rule of :func:`linf_jax.native.preferred` (native on AVX-512 CPUs only);
 ``LINF_JAX_CALIBRATION=native`` skips it and takes the native kernels for every pass wherever
