@@ -112,8 +112,8 @@ def bench_certify(cfg, meta, test_x, test_y, k: int, repeats: int, eps_pixels: f
 
 
 def at_step(state, step: int):
-    """The state as if ``step`` steps had been taken: the train step's counter and the
-    optimiser's (whose count drives the ℓp weight decay's p and the learning rate)."""
+    """The state as if ``step`` steps had been taken: the train step's counter (which drives p,
+    the ℓp decay and the learning rate) and Adam's count (its bias correction)."""
     opt_state = jax.tree.map(
         lambda a: jnp.full_like(a, step) if jnp.issubdtype(a.dtype, jnp.integer) else a,
         state.opt_state)
@@ -125,7 +125,7 @@ def bench_train(cfg, meta, images, labels, k: int, repeats: int, p_mode: str):
     cfg.train.epochs = (0, 1, 1, 2, 3)
     spe = len(labels) // cfg.train.batch_size
     schedule = experiment.make_schedule(cfg, spe, meta["std"])
-    tx = train_lib.optim.make_optimizer(schedule, cfg.train.weight_decay)
+    tx = experiment.make_optimizer(cfg, schedule)
     model = build_model(cfg.model, meta["num_classes"])
     shape = tuple(meta["input_shape"])
     bs = cfg.train.batch_size

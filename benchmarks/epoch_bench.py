@@ -176,7 +176,8 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=5120)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--backend", choices=["native", "xla", "pallas", "auto"], default=None,
-                    help="force LINF_JAX_KERNELS (default: Pallas on GPU, XLA elsewhere)")
+                    help="force LINF_JAX_KERNELS (default: the library's choice: native "
+                         "kernels where measured faster on a CPU, the XLA code on GPU/TPU)")
     ap.add_argument("--p", type=float, nargs="+", default=[8.0, 100.0, INF])
     ap.add_argument("--rate-size", type=int, default=None,
                     help="elements of the elementwise-rate probe (default 2^20 CPU, 2^26 GPU)")

@@ -76,13 +76,22 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, target: TrainState,
     step = mngr.latest_step() if step is None else step
     full = jax.tree.map(ocp.utils.to_shape_dtype_struct, flax.serialization.to_state_dict(target))
     abstract = _without_empty(full)
+    # A partial restore: a checkpoint of an earlier version, whose optimiser state also kept step
+    # counters of its own (now the train state's step is the only one), restores too.
+    restored = _partial_restore(mngr, step, abstract)
     try:
-        # A partial restore: a checkpoint of an earlier version, whose optimiser state also kept
-        # step counters of its own (now the train state's step is the only one), restores too.
-        restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
+        return flax.serialization.from_state_dict(target, _with_empty(restored, full))
+    except (ValueError, KeyError, TypeError) as err:  # another structure than the target's
+        raise _unrestorable(mngr, step, err) from None
+
+
+def _partial_restore(mngr: ocp.CheckpointManager, step: int, abstract):
+    """The leaves of ``abstract`` (shapes, dtypes, shardings) from checkpoint ``step``; the
+    checkpoint may hold more. What Orbax or TensorStore cannot read is one CheckpointError."""
+    try:
+        return mngr.restore(step, args=ocp.args.PyTreeRestore(
             item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True))
-        return flax.serialization.from_state_dict(target, _with_empty(restored, full))
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore: truncated, missing, other shapes
         raise _unrestorable(mngr, step, err) from None
 
@@ -390,12 +399,7 @@ def load_variables(workdir: str, weights: str = "ema", step: int | None = None):
     abstract = _on_this_device({keys[0]: params, keys[1]: batch_stats})
 
     def restore(mngr, s):
-        try:
-            return mngr.restore(s, args=ocp.args.PyTreeRestore(
-                item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                partial_restore=True))
-        except Exception as err:  # noqa: BLE001 - orbax/tensorstore: truncated, missing, shapes
-            raise _unrestorable(mngr, s, err) from None
+        return _partial_restore(mngr, s, abstract)
 
     chosen, restored = _restore_step(workdir, ckpt_dir, step, restore)
     params, bs = restored[keys[0]], restored[keys[1]]

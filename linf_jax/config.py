@@ -42,6 +42,12 @@ EPOCHS_MEANING = {
     "v2": "lr cosine over [0, T]; p ramp ps -> pe, inf from pe (if p_end >= 100); eps ramp "
           "es -> ee (constant when ee <= es); lambda with p",
 }
+#: config.train.crop_mode (linf_jax.data.crop_flip).
+CROP_MODES = ("zeros", "edge")
+#: config.ensemble.execution (linf_jax.ensemble.resolve_execution).
+EXECUTIONS = ("auto", "batched", "sequential")
+#: Which weights of a run are evaluated, certified or exported: the EMA or the raw parameters.
+WEIGHTS = ("ema", "raw")
 
 
 def epochs_named(family: str, epochs) -> dict[str, int]:
@@ -52,12 +58,6 @@ def epochs_named(family: str, epochs) -> dict[str, int]:
 def epochs_text(family: str) -> str:
     """``'(e0, e1, e2, e3, T)'``: how ``family`` reads train.epochs."""
     return f"({', '.join(EPOCH_NAMES[family])})"
-#: config.train.crop_mode (linf_jax.data.crop_flip).
-CROP_MODES = ("zeros", "edge")
-#: config.ensemble.execution (linf_jax.ensemble.resolve_execution).
-EXECUTIONS = ("auto", "batched", "sequential")
-#: Which weights of a run are evaluated, certified or exported: the EMA or the raw parameters.
-WEIGHTS = ("ema", "raw")
 
 
 def check_weights(weights) -> None:

@@ -53,3 +53,7 @@ class InputError(ValueError):
 
 class ExportError(ValueError):
     """Arguments that cannot be exported (platforms, batch), or no serializer."""
+
+
+class PlotInputError(ValueError):
+    """Input that cannot be plotted; the message is one line naming the argument and value."""

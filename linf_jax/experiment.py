@@ -1,5 +1,9 @@
 """What a config makes: the objects a run builds from its (validated) config, in one place.
 
+An epoch is ``ceil(N / batch_size)`` steps over a permutation of the training split (the last
+batch partial, as PyTorch's DataLoader; ``train.drop_last`` drops it), in an order drawn from
+``(seed, epoch)`` (and the member, for independent ensembles).
+
 The schedule, the optimiser, the loss, the batch preparation (augmentation and normalisation),
 the epoch's batches and data order, the device mesh, the model and the kernel choice. The
 training step (:mod:`linf_jax.train_lib`) and the loop (:mod:`linf_jax.trainer`) take these
@@ -19,8 +23,6 @@ from linf_jax import data as data_lib
 from linf_jax import losses, ops, optim, parallel
 from linf_jax.config import ConfigError, first_line, num_members
 from linf_jax.schedules import Schedule
-
-# ----------------------------------------------------------------------------------------------
 
 
 def make_schedule(config, steps_per_epoch: int, std: float) -> Schedule:

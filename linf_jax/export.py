@@ -96,7 +96,7 @@ def export(workdir_or_list: str | os.PathLike | Sequence[str | os.PathLike],
     runs = ([workdir_or_list] if isinstance(workdir_or_list, (str, os.PathLike))
             else list(workdir_or_list))
     info = {"workdirs": [os.fspath(d) for d in runs], "weights": weights,
-            "num_members": clf.num_members, "input_shape": list(clf.input_shape),
+            "members": clf.num_members or 1, "input_shape": list(clf.input_shape),
             "batch": batch, "platforms": list(exported.platforms), "kernels": kernels.record(),
             "returns": "(logits, certified radii in pixels)"}
     _write_atomic(path, data, "wb")

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from linf_jax.errors import PlotInputError
+
 OUT_EXTENSIONS = (".png", ".pdf", ".svg")
 RESULT_HELP = ("a JSON file written by certify.py (or a run's results.json) with 'results' "
                "(eps, certified_accuracy, pgd_accuracy per ε) and per-example 'radii'")
@@ -31,10 +33,6 @@ METRICS_HELP = "a run folder (train.py --workdir) or its metrics.jsonl"
 TRAINING_KEYS = (("loss", "loss", False), ("accuracy", "clean batch accuracy", False),
                  ("p", "p (∞ drawn at the top)", True), ("eps", "training ε (pixels)", False),
                  ("lr", "learning rate", False))
-
-
-class PlotInputError(ValueError):
-    """Input that cannot be plotted; the message is one line naming the argument and value."""
 
 
 def figure(**kwargs):

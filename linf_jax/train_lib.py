@@ -19,11 +19,9 @@ state (a leading member axis on every leaf, :mod:`linf_jax.ensemble`):
 * ``joint`` (the EMA paper): :func:`member_apply` mapped over the members, ONE loss of the mean
   logits and mean worst-case margins, then the update mapped over the members.
 
-An epoch is ``ceil(N / batch_size)`` steps over a permutation of the training split (the last
-batch partial, as PyTorch's DataLoader; ``train.drop_last`` drops it). Randomness comes only
-from keys derived from ``(seed, step)`` (augmentation) and ``(seed, epoch)`` (data order), so a
-resumed run is bit-identical to an uninterrupted one. The method is described in
-docs/METHOD.md.
+The step's randomness (augmentation) comes from a key derived from ``(seed, step)``, and the data
+order from ``(seed, epoch)`` (:func:`linf_jax.experiment.epoch_order`), so a resumed run is
+bit-identical to an uninterrupted one. The method is described in docs/METHOD.md.
 """
 
 from __future__ import annotations

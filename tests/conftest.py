@@ -162,13 +162,13 @@ class StepSetup:
         import jax
 
         from linf_jax import data as data_lib
-        from linf_jax import experiment, train_lib, trainer
+        from linf_jax import experiment, optim, train_lib, trainer
         from linf_jax.models import build_model
 
         self.ds = data_lib.load("digits", split or cfg.data.train_split)
         self.meta = trainer.dataset_meta(self.ds)
         self.schedule = experiment.make_schedule(cfg, steps_per_epoch, self.meta["std"])
-        self.tx = train_lib.optim.make_optimizer(self.schedule, cfg.train.weight_decay, adam_eps)
+        self.tx = optim.make_optimizer(self.schedule, cfg.train.weight_decay, adam_eps)
         self.model = build_model(cfg.model, self.meta["num_classes"])
         self.state = train_lib.create_train_state(cfg, self.model,
                                                   tuple(self.meta["input_shape"]), self.tx)

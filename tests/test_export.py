@@ -164,7 +164,7 @@ def test_fixed_batch_export_and_its_description(runs, pixels, tmp_path):
     export.export([runs["ensemble"]], tmp_path / "e.jax", "raw", ("cpu", "cuda"))
     info = export.read_info(tmp_path / "e.jax")
     assert info["kernels"]["passes"] == dict.fromkeys(("linf", "lp", "bounds", "decay"), "xla")
-    assert (info["num_members"], info["weights"], info["platforms"]) == (2, "raw", ["cpu", "cuda"])
+    assert (info["members"], info["weights"], info["platforms"]) == (2, "raw", ["cpu", "cuda"])
     line = export_line(info, str(tmp_path / "e.jax"))
     assert line.startswith("exported ensemble of 2 (raw weights) of ") and "\n" not in line
     assert line.endswith(f"to {tmp_path / 'e.jax'} (platforms cpu, cuda, input (N, 8, 8, 1) "

@@ -531,16 +531,16 @@ def test_instruction_set_rule_without_calibration(monkeypatch, tmp_path, install
     assert native.preferred()[0] is want_default
     if want_default:
         assert ops.kernel_backend() == "native"
-        assert ops.kernels_line() == ("kernels: native kernels for linf, lp, bounds, decay "
+        assert ops.active().line() == ("kernels: native kernels for linf, lp, bounds, decay "
                                       "(native CPU build avx512; instruction-set rule)")
     else:
         assert ops.kernel_backend() == "xla"
         assert not built  # no build, and no wait for one, on a CPU where native is not the default
-        line = ops.kernels_line()
+        line = ops.active().line()
         assert line.startswith("kernels: XLA (cpu;") and f"variant is {want_isa}" in line, line
         assert "AVX-512" in line and "LINF_JAX_KERNELS=native" in line, line
     monkeypatch.setenv(ops.KERNELS_ENV, "xla")
-    assert ops.kernels_line() == "kernels: XLA (cpu)"
+    assert ops.active().line() == "kernels: XLA (cpu)"
 
 
 @pytest.mark.parametrize("builds", [True, False])
@@ -570,14 +570,14 @@ def test_calibration_native_takes_every_pass_native_where_the_kernels_build(monk
     if builds:
         assert calibration.decisions() == dict.fromkeys(calibration.FAMILIES, True)
         assert ops.kernel_backend() == "native"
-        assert ops.kernels_line() == ("kernels: native kernels for linf, lp, bounds, decay "
+        assert ops.active().line() == ("kernels: native kernels for linf, lp, bounds, decay "
                                       "(native CPU build avx2; LINF_JAX_CALIBRATION=native)")
         with ops.use_kernels(None):
             assert ops.partitionable(ops.kernel_backend)() == "xla"
     else:
         assert calibration.decisions() == dict.fromkeys(calibration.FAMILIES, False)
         assert ops.kernel_backend() == "xla"
-        assert ops.kernels_line() == ("kernels: XLA (cpu; the native kernels are unavailable: "
+        assert ops.active().line() == ("kernels: XLA (cpu; the native kernels are unavailable: "
                                       "no C++ compiler found)")
     assert not timed
     monkeypatch.setenv(calibration.CALIBRATION_ENV, "fast")
@@ -773,7 +773,7 @@ def test_calibration_decides_per_family_caches_and_dispatches(monkeypatch, tmp_p
     assert calibration.decisions() == want and calibration.how_decided() == "cached"
     assert calls == [calibration.ROUNDS] and _records(caplog, "linf_jax.ops.calibration") == []
     assert ops.kernel_backend() == "native"
-    assert ops.kernels_line() == ("kernels: native kernels for linf, bounds; XLA code for lp, "
+    assert ops.active().line() == ("kernels: native kernels for linf, bounds; XLA code for lp, "
                                   "decay (native CPU build " + native.isa()
                                   + "; measured on this machine)")
     x, w, _ = _rand(1, 4, 20, 3)

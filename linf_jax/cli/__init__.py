@@ -28,19 +28,23 @@ def fail(message: str, code: int = 2) -> None:
     # damaged checkpoint, Orbax's pending asyncio reads are collected once its event loop is
     # closed and reported as "Exception ignored in <coroutine ...>". Anything else still
     # reaches stderr through the default hook.
-    import logging
-
     logging.disable(logging.CRITICAL)
-    sys.unraisablehook = _drop_closed_loop_noise
+    sys.unraisablehook = _without_shutdown_noise(sys.__unraisablehook__)
     raise SystemExit(code)
 
 
-def _drop_closed_loop_noise(unraisable) -> None:
+def _is_shutdown_noise(unraisable) -> bool:
+    """Orbax's asyncio reads of a damaged checkpoint, collected after its event loop closed:
+    an orphaned coroutine, or TensorStore's callback reaching the closed loop."""
     err = unraisable.exc_value
     closed_loop = isinstance(err, RuntimeError) and "Event loop is closed" in str(err)
-    orphan_read = "coroutine" in repr(unraisable.object)  # an async read left behind
-    if not (closed_loop or orphan_read):
-        sys.__unraisablehook__(unraisable)
+    orphan_read = inspect.iscoroutine(unraisable.object) or "coroutine" in repr(unraisable.object)
+    return closed_loop or orphan_read
+
+
+def _without_shutdown_noise(hook):
+    """An unraisable hook that drops :func:`_is_shutdown_noise` and passes the rest to ``hook``."""
+    return lambda unraisable: None if _is_shutdown_noise(unraisable) else hook(unraisable)
 
 
 def resolve_presets(argv, flag: str = "config") -> list[str]:
@@ -97,6 +101,18 @@ def config_override_message(err: BaseException, argv) -> str:
     return f"bad --config override ({first_line(err)}{hint})"
 
 
+def define_config_flag(help_text: str):
+    """``--config`` (a preset name or a config file, default the ``default`` preset) with every
+    ``--config.FIELD`` override; an override naming no field is one line and exit 2."""
+    from ml_collections import config_flags
+
+    try:  # without --config, ml_collections applies the --config.* overrides right here
+        return config_flags.DEFINE_config_file("config", preset_path("default"), help_text,
+                                               lock_config=True)
+    except Exception as err:  # noqa: BLE001 - an override naming no config field
+        fail(config_override_message(err, sys.argv))
+
+
 def load_config(holder, flag_name: str = "config"):
     """The ConfigDict of a ``DEFINE_config_file`` flag, or one line when the file cannot be
     loaded (missing, not Python, no ``get_config()``)."""
@@ -129,15 +145,7 @@ def quiet_logging() -> None:
     # <coroutine ...>" with the same traceback through sys.unraisablehook, and TensorStore's
     # callbacks of the reads still in flight, reaching the asyncio loop that Orbax has closed,
     # print "RuntimeError: Event loop is closed" the same way. Only these two are silenced.
-    default_hook = sys.unraisablehook
-
-    def hook(unraisable):
-        exc = unraisable.exc_value
-        closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-        if not (inspect.iscoroutine(unraisable.object) or closed_loop):
-            default_hook(unraisable)
-
-    sys.unraisablehook = hook
+    sys.unraisablehook = _without_shutdown_noise(sys.unraisablehook)
 
 
 def _nearest_existing(path: str) -> str:
@@ -189,7 +197,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from linf_jax import errors
 
     return (errors.ConfigError, errors.CheckpointError, errors.TrainingError, errors.DataError,
-            errors.EnsembleError, errors.InputError, errors.ExportError, PermissionError,
+            errors.EnsembleError, errors.InputError, errors.ExportError, errors.PlotInputError,
+            PermissionError,
             FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
@@ -201,6 +210,12 @@ def run_guarded(fn, *args, **kwargs):
         if isinstance(err, OSError) and err.filename is not None:
             fail(f"{err.strerror}: {err.filename}")
         fail(first_line(err))
+
+
+def percent(fraction) -> str:
+    """``' 97.50%'``, or ``'n/a: not 1-Lipschitz'`` where the figure is null (the Lipschitz rule
+    of a model that is not 1-Lipschitz, e.g. with an MLP head)."""
+    return "n/a: not 1-Lipschitz" if fraction is None else f"{100 * fraction:6.2f}%"
 
 
 def resolve_kernels():

@@ -122,8 +122,8 @@ def check_data(meta: dict, ds, source: str) -> None:
 def export_line(info: dict, path: str) -> str:
     """The one line ``--export`` prints: what was written where (:func:`linf_jax.export.read_info`
     says it)."""
-    k = info["num_members"]
-    what = "model" if k is None else f"ensemble of {k}"
+    k = info["members"]
+    what = "model" if k == 1 else f"ensemble of {k}"
     dims = ", ".join(map(str, info["input_shape"]))
     return (f"exported {what} ({info['weights']} weights) of {', '.join(info['workdirs'])} to "
             f"{path} (platforms {', '.join(info['platforms'])}, input (N, {dims}) float32 "
@@ -145,7 +145,7 @@ def run(fl) -> dict:
     from linf_jax import data as data_lib
     from linf_jax import ops, plots
     from linf_jax.classifier import load_classifier
-    from linf_jax.cli import resolve_kernels
+    from linf_jax.cli import percent, resolve_kernels
 
     # The run's files and the data first (cheap), the checkpoint(s) last.
     config, meta = ckpt.read_run_files(fl.workdir.value[0])
@@ -175,7 +175,7 @@ def run(fl) -> dict:
           f"{clf.num_members or 1} member(s): clean {100 * result['clean_accuracy']:.2f}%")
     for row in result["results"]:
         print(f"  eps={row['eps']:<6g} certified {100 * row['certified_accuracy']:6.2f}%  "
-              f"(Lipschitz {_percent(row['lipschitz_certified_accuracy'])})  "
+              f"(Lipschitz {percent(row['lipschitz_certified_accuracy'])})  "
               f"PGD {100 * row['pgd_accuracy']:6.2f}%")
     print(f"wrote {output}" + (f" and {fl.plot.value}" if fl.plot.value else ""))
     return result
@@ -208,12 +208,6 @@ def run_all_checkpoints(fl, x, labels, eps, output, source, split) -> dict:
               f"{100 * row['clean_accuracy']:6.2f}%  certified {figures}")
     print(f"wrote {output}" + (f" and {fl.plot.value}" if fl.plot.value else ""))
     return report
-
-
-def _percent(fraction) -> str:
-    """``' 97.50%'``, or ``'   n/a'`` where the figure is null (the Lipschitz rule of a model
-    that is not 1-Lipschitz)."""
-    return "   n/a " if fraction is None else f"{100 * fraction:6.2f}%"
 
 
 def main(argv, fl) -> None:

@@ -19,12 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 import types
-
-# Training-set sizes of the stock TFDS data sets (their 'train' split), so that the preview of a
-# paper preset needs no download.
-TFDS_TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000}
 
 
 def parse_epochs(text: str, total: int) -> list[float]:
@@ -58,18 +53,20 @@ def _train_size_and_std(config) -> tuple[int, float | None]:
     """Training-set size and std for the preview: the stock TFDS sets from a table, anything
     else by loading the training split (DataError, one line, when it cannot be loaded)."""
     from linf_jax import data as data_lib
+    from linf_jax.dataset import KNOWN_TFDS, TFDS_TRAIN_SIZES
+    from linf_jax.errors import first_line
 
     d = config.data
     source = str(d.source)
     if source.startswith("tfds:") and d.train_split == "train":
         name = source[len("tfds:"):].split(":")[0].split("/")[0]
         if name in TFDS_TRAIN_SIZES:
-            return TFDS_TRAIN_SIZES[name], data_lib.KNOWN_TFDS[name][1]
+            return TFDS_TRAIN_SIZES[name], KNOWN_TFDS[name][1]
     try:
         ds = data_lib.load(source, d.train_split, d.get("data_dir"))
     except data_lib.DataError as err:
-        raise data_lib.DataError(f"{str(err).splitlines()[0]}; or pass --steps_per_epoch to "
-                                 "preview without the data") from None
+        raise data_lib.DataError(f"{first_line(err)}; or pass --steps_per_epoch to preview "
+                                 "without the data") from None
     return len(ds.labels), float(ds.std)
 
 
@@ -111,7 +108,8 @@ def main(argv, fl: types.SimpleNamespace) -> None:
     from linf_jax import experiment
 
     cli.run_guarded(config_lib.validate_config, config)
-    total = int(config.train.epochs[4])
+    family = config.train.get("schedule", "v1")
+    total = config_lib.epochs_named(family, config.train.epochs)["T"]
     spe = fl.steps_per_epoch.value
     if spe is not None and spe < 1:
         cli.fail(f"--steps_per_epoch={spe} is not allowed: a positive integer")
@@ -173,17 +171,12 @@ def main(argv, fl: types.SimpleNamespace) -> None:
 def define_flags() -> types.SimpleNamespace:
     """The preview's flags, defined when it runs (never on import)."""
     from absl import flags
-    from ml_collections import config_flags
 
-    from linf_jax.cli import config_override_message, fail, preset_path
+    from linf_jax.cli import define_config_flag
 
     fl = types.SimpleNamespace()
-    try:  # without --config, ml_collections applies the --config.* overrides right here
-        fl.config = config_flags.DEFINE_config_file(
-            "config", preset_path("default"), "Experiment config: a preset name or a Python "
-            "file with get_config(), as for linf-train.", lock_config=True)
-    except Exception as err:  # noqa: BLE001 - an override naming no config field
-        fail(config_override_message(err, sys.argv))
+    fl.config = define_config_flag(
+        "Experiment config: a preset name or a Python file with get_config(), as for linf-train.")
     fl.epochs = flags.DEFINE_string(
         "epochs", None, "Comma-separated epochs to show (349+117/118: a step inside an epoch); "
         "default: the boundaries of train.epochs.")

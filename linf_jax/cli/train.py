@@ -19,23 +19,18 @@ import sys
 import types
 
 from absl import flags
-from ml_collections import config_flags
 
 
 def define_flags() -> types.SimpleNamespace:
     """The command's flags, defined when it runs (never on import): so that importing several
     command modules defines no flag twice."""
-    from linf_jax.cli import config_override_message, fail, preset_path
+    from linf_jax.cli import define_config_flag
 
     fl = types.SimpleNamespace()
-    try:  # without --config, ml_collections applies the --config.* overrides right here
-        fl.config = config_flags.DEFINE_config_file(
-            "config", preset_path("default"), "Experiment config: a preset name (default, "
-            "mnist_03, cifar10_8, ...: the files of configs/) or a Python file with get_config()."
-            " Every field can be overridden (--config.train.lr=0.01); --print_config shows them "
-            "all.", lock_config=True)
-    except Exception as err:  # noqa: BLE001 - an override naming no config field
-        fail(config_override_message(err, sys.argv))
+    fl.config = define_config_flag(
+        "Experiment config: a preset name (default, mnist_03, cifar10_8, ...: the files of "
+        "configs/) or a Python file with get_config(). Every field can be overridden "
+        "(--config.train.lr=0.01); --print_config shows them all.")
     fl.workdir = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config name>).")
     fl.progress = flags.DEFINE_bool("progress", True, "Show a progress bar.")
     fl.print_config = flags.DEFINE_bool(
@@ -103,12 +98,6 @@ def _remove_empty_tree(path: str) -> None:
             return
 
 
-def _percent(fraction) -> str:
-    """``' 97.50%'``, or ``'n/a: not 1-Lipschitz'`` where the figure is null (the Lipschitz rule
-    does not apply to a model with an MLP head)."""
-    return "n/a: not 1-Lipschitz" if fraction is None else f"{100 * fraction:6.2f}%"
-
-
 def main(argv, fl: types.SimpleNamespace) -> None:
     from linf_jax import cli
 
@@ -165,7 +154,7 @@ def main(argv, fl: types.SimpleNamespace) -> None:
     for row in r["results"]:
         print(f"  eps={row['eps']:<6g} PGD-{r['pgd_steps']} {100 * row['pgd_accuracy']:6.2f}%   "
               f"certified {100 * row['certified_accuracy']:6.2f}%   "
-              f"(Lipschitz rule {_percent(row['lipschitz_certified_accuracy'])})")
+              f"(Lipschitz rule {cli.percent(row['lipschitz_certified_accuracy'])})")
 
 
 def command() -> None:

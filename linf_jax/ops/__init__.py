@@ -38,7 +38,6 @@ from linf_jax.ops.dispatch import (
     active,
     kernel_backend,
     kernel_request,
-    kernels_line,
     native_ok,
     pallas_module,
     partitionable,
@@ -60,7 +59,7 @@ Array = jax.Array
 __all__ = [
     "FAMILIES", "KERNELS_ENV", "KERNEL_CHOICES", "KernelChoice", "active", "conv_bounds",
     "conv_dist", "dist", "extract_patches", "grouped_bounds", "grouped_dist", "kernel_backend",
-    "kernel_request", "kernels_line", "linf_dist", "linf_dist_bounds", "lp_decay_direction",
+    "kernel_request", "linf_dist", "linf_dist_bounds", "lp_decay_direction",
     "lp_dist", "native_ok", "on_cpu", "partitionable", "resolve", "use_kernels",
 ]
 

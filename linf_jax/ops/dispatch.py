@@ -190,11 +190,6 @@ def kernel_backend() -> str:
     return active().backend
 
 
-def kernels_line() -> str:
-    """:meth:`KernelChoice.line` of :func:`active`."""
-    return active().line()
-
-
 @contextlib.contextmanager
 def use_kernels(choice: str | KernelChoice | None):
     """Traces the code inside with ``choice``: a resolved :class:`KernelChoice`, or a request

@@ -1,9 +1,9 @@
 """Pallas kernels for the ℓ∞ / ℓp distance layer, behind custom VJPs.
 
 Same signatures and semantics as :mod:`linf_jax.ops`: x ``[B, n]``, w ``[out, n]`` →
-``y [B, out]``, ``y[b, o] = ||x[b] - w[o]||_p``. Which implementation a layer uses is decided
-by :func:`linf_jax.ops.kernel_backend`; these kernels are opt-in (``LINF_JAX_KERNELS=pallas``,
-or ``auto`` on a GPU).
+``y [B, out]``, ``y[b, o] = ||x[b] - w[o]||_p``. Which implementation a layer uses is the
+resolved kernel choice (:func:`linf_jax.ops.resolve`); these kernels run only when asked for
+(``config.kernels`` or ``LINF_JAX_KERNELS`` = ``pallas``).
 
 Kernels (all ``pl.pallas_call`` with BlockSpec tiling; every loop is a ``lax.fori_loop`` whose
 body is unrolled ``unroll`` times by hand, since the Triton lowering refuses ``unroll=``):
@@ -37,13 +37,13 @@ Where the kernels run:
   (BENCHMARKS.md).
 * CPU: ``interpret=True`` only (Pallas refuses to compile kernels for the CPU); that is how the
   tests check them against linf_jax.ops.
-* TPU: not supported; :func:`linf_jax.ops.kernel_backend` never picks Pallas on a TPU, so the
-  XLA code runs there, and forcing ``LINF_JAX_KERNELS=pallas`` on a TPU raises a clear
-  error. The bodies are written for Triton: rank-1 updates that broadcast a 1-D row along the
-  other axis (a lane→sublane relayout for Mosaic), dynamic single-row loads, whole-``n`` strips
-  of x and w as blocks (VMEM-hungry at n = 5120) and a ``(1,)`` p input that Mosaic would want
-  in SMEM. The jaxpr→Mosaic step accepts them (``jax.export`` for 'tpu'); whether Mosaic
-  compiles them, and how fast, is unchecked.
+* TPU: not supported; the automatic choice never picks Pallas, so the XLA code runs there, and
+  asking for ``pallas`` on a TPU raises a clear error. The bodies are written for Triton:
+  rank-1 updates that broadcast a 1-D row along the other axis (a lane→sublane relayout for
+  Mosaic), dynamic single-row loads, whole-``n`` strips of x and w as blocks (VMEM-hungry at
+  n = 5120) and a ``(1,)`` p input that Mosaic would want in SMEM. The jaxpr→Mosaic step
+  accepts them (``jax.export`` for 'tpu'); whether Mosaic compiles them, and how fast, is
+  unchecked.
 """
 
 from __future__ import annotations
