@@ -104,6 +104,13 @@ def interval_radius(margins_fn: Callable[[Array, Array, Array], Array], x: Array
     return jnp.where(full, top, jnp.where(ok_at_zero, good, 0.0))
 
 
+def _require_margins(margins_fn) -> None:
+    """A model that is not 1-Lipschitz is certified by its interval bounds only."""
+    if margins_fn is None:
+        raise ValueError("a model that is not 1-Lipschitz needs margins_fn (interval bounds): "
+                         "the Lipschitz rule would not be sound for it")
+
+
 def model_radius(logits_fn: Callable[[Array], Array],
                  margins_fn: Callable[[Array, Array, Array], Array] | None, x: Array,
                  labels: Array | None, lo, hi, *, lipschitz: bool, tol: float = DEFAULT_TOL,
@@ -126,9 +133,7 @@ def model_radius(logits_fn: Callable[[Array], Array],
         labels = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if lipschitz:
         return certified_radius(logits, labels, tol)
-    if margins_fn is None:
-        raise ValueError("a model that is not 1-Lipschitz needs margins_fn (interval bounds): "
-                         "the Lipschitz radius would not be sound for it")
+    _require_margins(margins_fn)
     radius = interval_radius(margins_fn, x, labels, lo, hi, tol)
     if predicted:  # the argmax is the label: nothing to zero
         return radius
@@ -199,9 +204,8 @@ def evaluate_batch(
     ``[len(eps), B]`` masks ``certified`` (interval certificate; the Lipschitz rule if
     ``margins_fn`` is None), ``pgd_robust`` and, only if ``lipschitz``, ``lipschitz_certified``.
     """
-    if not lipschitz and margins_fn is None:
-        raise ValueError("a model that is not 1-Lipschitz needs margins_fn (interval bounds): "
-                         "the Lipschitz rule would not be sound for it")
+    if not lipschitz:
+        _require_margins(margins_fn)
     logits = logits_fn(x)
     correct = logits.argmax(-1) == labels
     cert, lip, robust = [], [], []
