@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 import os
 
-import ml_collections
-
 from linf_jax.errors import (  # noqa: F401 - the errors a config check raises
     CheckpointError,
     ConfigError,
@@ -66,8 +64,12 @@ def check_weights(weights) -> None:
         raise ConfigError(f"weights={weights!r} is not allowed: one of {WEIGHTS}")
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """The default experiment (configs/default.py): a small net on the 8×8 digits."""
+def base_config():
+    """The default experiment (configs/default.py): a small net on the 8×8 digits, as an
+    ``ml_collections.ConfigDict`` (imported here: the library itself reads any config object
+    with these fields and runs without ml-collections)."""
+    import ml_collections
+
     c = ml_collections.ConfigDict()
     c.seed = 0
     # Which kernels the distance layers run (linf_jax.ops.resolve): 'auto' (LINF_JAX_KERNELS when

@@ -162,3 +162,21 @@ def test_helpshort_lists_the_commands_flags():
         proc = subprocess.run([*cmd, "--helpshort"], capture_output=True, text=True,
                               timeout=120, cwd=REPO)
         assert f"  {flag}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_the_library_imports_without_the_packages_a_bare_accelerator_image_lacks():
+    """The training and certification path imports ml-collections, tensorboardX and
+    tensorflow-datasets only where they are used (the config file, the TensorBoard writer, the
+    TFDS reader): a GPU/TPU image with jax, flax, optax and orbax alone can import it."""
+    code = ("import importlib.abc, sys\n"
+            "ABSENT = ('ml_collections', 'tensorboardX', 'tensorflow_datasets', 'tensorflow')\n"
+            "class Absent(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] in ABSENT:\n"
+            "            raise ImportError(name)\n"
+            "sys.meta_path.insert(0, Absent())\n"
+            "import linf_jax.trainer, linf_jax.classifier, linf_jax.export, linf_jax.ops\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
