@@ -133,13 +133,21 @@ def blocks_label(bl) -> str:
     return f"b{bl.b} out{bl.out} n{bl.n} unroll{bl.unroll} warps{bl.num_warps}"
 
 
-def epoch_times(backend: str, extra: list[str]) -> str:
-    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "epoch_bench.py"),
-           "--backend", backend, "--steps", "3", *extra]
+def epoch_times(backend: str, extra: list[str]) -> tuple[bool, str]:
+    """``(ok, the last lines of its output)`` of benchmarks/epoch_bench.py under ``backend``;
+    ``ok`` is its exit status 0 (a failed run is a failed check, never a result)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (os.path.dirname(here), os.environ.get("PYTHONPATH"))
+                           if p)  # the checkout first, the caller's path kept
+    cmd = [sys.executable, os.path.join(here, "epoch_bench.py"), "--backend", backend,
+           "--steps", "3", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                          env=dict(os.environ, PYTHONPATH=path))
     lines = (proc.stdout + proc.stderr).strip().splitlines()
-    return "\n".join(lines[-8:])
+    tail = "\n".join(lines[-8:])
+    if proc.returncode != 0:
+        return False, f"FAILED (exit {proc.returncode}):\n{tail}"
+    return True, tail
 
 
 def main() -> int:
@@ -183,11 +191,14 @@ def main() -> int:
     for p, (label, ms) in best.items():
         print(f"best Pallas tiles at p = {p:g}: {blocks_label(label)} ({ms:.2f} ms)")
 
+    epochs_ok = True
     if not args.smoke:
         print("\nEpoch of the 6 x 5120 CIFAR-10 model (benchmarks/epoch_bench.py):")
         for name in ("xla", "pallas"):
-            print(f"--- {name}\n{epoch_times(name, [])}")
-    ok = not failures and bool(best)
+            ran, text = epoch_times(name, [])
+            epochs_ok = epochs_ok and ran
+            print(f"--- {name}\n{text}")
+    ok = not failures and bool(best) and epochs_ok
     print("GPU CHECK: " + ("PASS" if ok else "FAIL"))
     return 0 if ok else 1
 
