@@ -7,21 +7,29 @@ Prepared for the first run on a GPU (none is recorded yet: BENCHMARKS.md). In on
    interval bounds of certification (XLA code) against float64;
 2. times forward+backward of one layer at (512, 3072, 5120) with the XLA code and with Pallas
    under a small grid of :class:`linf_jax.ops.pallas.Blocks`, for p = ∞ and p = 8;
-3. times the 6 × 5120 CIFAR-10 epoch of ``benchmarks/epoch_bench.py`` with the XLA code and
-   with Pallas at its default and its best tiles (subprocesses);
-4. prints the tables BENCHMARKS.md needs, and one last line ``GPU CHECK: PASS`` or ``FAIL``.
+3. times the 6 × 5120 CIFAR-10 epoch of ``benchmarks/epoch_bench.py`` (p = 8, a ramp p and
+   p = ∞) with the XLA code, Pallas and ``auto``;
+4. times a K = 5 ensemble in one program against a Python loop over its members, training steps
+   and certification (``benchmarks/ensemble_bench.py``);
+5. prints the tables BENCHMARKS.md needs, writes them as JSON with ``--out``, and ends with one
+   line ``GPU CHECK: PASS`` or ``FAIL``.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py            # on the GPU machine
-    PYTHONPATH=. python benchmarks/gpu_check.py --smoke    # tiny, any machine (Pallas interpreted)
+Each stage can be chosen (``--stages``); stages 3 and 4 run as subprocesses, each under
+``--stage-timeout`` seconds, and a subprocess that fails or runs over is a failed check.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py --out gpu.json          # on the GPU machine
+    PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out r.json    # any machine
 
 Run with ``--smoke`` on a CPU it checks itself (tests/test_benchmarks.py): the kernels run in
-Pallas interpret mode, the shapes are tiny and the epoch timing is skipped.
+Pallas interpret mode, the shapes are tiny, and the epoch and ensemble stages run reduced
+models.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import statistics
 import subprocess
@@ -133,16 +141,21 @@ def blocks_label(bl) -> str:
     return f"b{bl.b} out{bl.out} n{bl.n} unroll{bl.unroll} warps{bl.num_warps}"
 
 
-def epoch_times(backend: str, extra: list[str]) -> tuple[bool, str]:
-    """``(ok, the last lines of its output)`` of benchmarks/epoch_bench.py under ``backend``;
-    ``ok`` is its exit status 0 (a failed run is a failed check, never a result)."""
+def run_script(name: str, args: list[str], timeout: float) -> tuple[bool, str]:
+    """``(ok, the last lines of its output)`` of ``benchmarks/<name>`` run with ``args`` in a
+    subprocess: ``ok`` is exit status 0 within ``timeout`` seconds (a failed or overlong run is
+    a failed check, never a result)."""
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.pathsep.join(p for p in (os.path.dirname(here), os.environ.get("PYTHONPATH"))
                            if p)  # the checkout first, the caller's path kept
-    cmd = [sys.executable, os.path.join(here, "epoch_bench.py"), "--backend", backend,
-           "--steps", "3", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=path))
+    cmd = [sys.executable, os.path.join(here, name), *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, PYTHONPATH=path))
+    except subprocess.TimeoutExpired as err:
+        out = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        tail = "\n".join(out.strip().splitlines()[-8:])
+        return False, f"FAILED (over its {timeout:g} s limit):\n{tail}"
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     tail = "\n".join(lines[-8:])
     if proc.returncode != 0:
@@ -150,55 +163,120 @@ def epoch_times(backend: str, extra: list[str]) -> tuple[bool, str]:
     return True, tail
 
 
+def epoch_times(backend: str, extra: list[str], timeout: float = 600) -> tuple[bool, str]:
+    """benchmarks/epoch_bench.py under ``backend`` (:func:`run_script`)."""
+    return run_script("epoch_bench.py", ["--backend", backend, "--steps", "3", *extra], timeout)
+
+
+STAGES = ("correctness", "tiles", "epochs", "ensemble")
+# The smoke run's epoch and ensemble stages: reduced models on this machine's backend.
+SMOKE_EPOCH = ["--batch", "8", "--width", "32", "--depth", "2", "--p", "8", "--rate-size", "64"]
+SMOKE_ENSEMBLE = ["--sizes", "digits", "--members", "3", "--repeats", "1", "--phases", "start"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true",
-                    help="tiny shapes, one tile, no epoch timing (a self-check on any machine)")
+                    help="tiny shapes and reduced models (a self-check on any machine)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help=f"comma-separated stages to run, of {', '.join(STAGES)}")
+    ap.add_argument("--stage-timeout", type=float, default=150.0,
+                    help="seconds each subprocess stage (one epoch backend, the ensemble) may run")
+    ap.add_argument("--out", help="also write the results as one JSON file")
     args = ap.parse_args()
+    stages = [x.strip() for x in args.stages.split(",") if x.strip()]
+    unknown = [x for x in stages if x not in STAGES]
+    if unknown:
+        print(f"error: --stages={args.stages!r}: {unknown} not allowed; allowed: "
+              f"{', '.join(STAGES)}", file=sys.stderr)
+        return 2
     backend = jax.default_backend()
     interpret = backend == "cpu"
-    print(f"jax {jax.__version__}, backend {backend} ({jax.devices()[0].device_kind}), "
+    device = jax.devices()[0].device_kind
+    print(f"jax {jax.__version__}, backend {backend} ({device}), "
           f"Pallas {'interpret mode' if interpret else 'compiled'}")
     if backend == "cpu" and not args.smoke:
         print("no GPU here: use --smoke for the self-check")
         return 2
+    report = {"jax": jax.__version__, "backend": backend, "device": device,
+              "smoke": args.smoke, "stages": {}}
 
-    shapes = SHAPES[2:] if args.smoke else SHAPES
-    failures = check_correctness(interpret, shapes)
-    print(f"correctness: {len(shapes) * len(PS)} Pallas/XLA/float64 comparisons and "
-          f"{len(shapes)} bounds checks, {len(failures)} failures")
-    for f in failures:
-        print("  FAIL " + f)
+    def stage(name, fn):
+        if name not in stages:
+            return
+        t0 = time.perf_counter()
+        ok, data = fn()
+        report["stages"][name] = {"ok": ok, "seconds": round(time.perf_counter() - t0, 2),
+                                  **data}
 
-    if args.smoke:
-        shape, grid = (8, 32, 16), [distance.Blocks(b=8, out=8, n=16, unroll=2)]
-    else:
-        shape = (512, 3072, 5120)
-        grid = [distance.Blocks(b=b, out=o, n=n, unroll=8, num_warps=wp)
-                for b, o, n, wp in itertools.product((64, 128), (64, 128), (32, 64), (4, 8))]
-    repeats = 1 if args.smoke else args.repeats
-    rows = layer_grid(shape, interpret, grid, repeats)
-    print(f"\nLayer forward+backward at (B, in, out) = {shape}, median of {repeats} (ms):\n")
-    print("| p | kernels | ms | vs XLA |")
-    print("|---|---|---|---|")
-    best = {}
-    for p, label, ms in rows:
-        base = next(m for q, lab, m in rows if q == p and lab == "xla")
-        print(f"| {p:g} | {blocks_label(label)} | {ms:.2f} | {base / ms:.2f}x |")
-        if label != "xla" and (p not in best or ms < best[p][1]):
-            best[p] = (label, ms)
-    for p, (label, ms) in best.items():
-        print(f"best Pallas tiles at p = {p:g}: {blocks_label(label)} ({ms:.2f} ms)")
+    def correctness():
+        shapes = SHAPES[2:] if args.smoke else SHAPES
+        failures = check_correctness(interpret, shapes)
+        print(f"correctness: {len(shapes) * len(PS)} Pallas/XLA/float64 comparisons and "
+              f"{len(shapes)} bounds checks, {len(failures)} failures")
+        for f in failures:
+            print("  FAIL " + f)
+        return not failures, {"failures": failures}
 
-    epochs_ok = True
-    if not args.smoke:
-        print("\nEpoch of the 6 x 5120 CIFAR-10 model (benchmarks/epoch_bench.py):")
-        for name in ("xla", "pallas"):
-            ran, text = epoch_times(name, [])
-            epochs_ok = epochs_ok and ran
+    def tiles():
+        if args.smoke:
+            shape, grid = (8, 32, 16), [distance.Blocks(b=8, out=8, n=16, unroll=2)]
+        else:
+            shape = (512, 3072, 5120)
+            grid = [distance.Blocks(b=b, out=o, n=n, unroll=8, num_warps=wp)
+                    for b, o, n, wp in itertools.product((64, 128), (64, 128), (32, 64),
+                                                         (4, 8))]
+        repeats = 1 if args.smoke else args.repeats
+        rows = layer_grid(shape, interpret, grid, repeats)
+        print(f"\nLayer forward+backward at (B, in, out) = {shape}, median of {repeats} (ms):\n")
+        print("| p | kernels | ms | vs XLA |")
+        print("|---|---|---|---|")
+        best = {}
+        for p, label, ms in rows:
+            base = next(m for q, lab, m in rows if q == p and lab == "xla")
+            print(f"| {p:g} | {blocks_label(label)} | {ms:.2f} | {base / ms:.2f}x |")
+            if label != "xla" and (p not in best or ms < best[p][1]):
+                best[p] = (label, ms)
+        for p, (label, ms) in best.items():
+            print(f"best Pallas tiles at p = {p:g}: {blocks_label(label)} ({ms:.2f} ms)")
+        return bool(best), {
+            "shape": list(shape),
+            "rows": [{"p": str(p), "kernels": blocks_label(label), "ms": ms}
+                     for p, label, ms in rows],
+            "best": {str(p): {"kernels": blocks_label(label), "ms": ms}
+                     for p, (label, ms) in best.items()}}
+
+    def epochs():
+        what = "a reduced model" if args.smoke else "the 6 x 5120 CIFAR-10 model"
+        print(f"\nEpoch of {what} (benchmarks/epoch_bench.py; p = 8, a ramp p, inf):")
+        runs = {}
+        for name in ("xla", "auto") if args.smoke else ("xla", "pallas", "auto"):
+            ran, text = epoch_times(name, SMOKE_EPOCH if args.smoke else [],
+                                    args.stage_timeout)
+            runs[name] = {"ok": ran, "output": text}
             print(f"--- {name}\n{text}")
-    ok = not failures and bool(best) and epochs_ok
+        return all(r["ok"] for r in runs.values()), {"runs": runs}
+
+    def ensemble():
+        print("\nK-member ensemble in one program against a loop over members "
+              "(benchmarks/ensemble_bench.py; training steps and certification):")
+        ran, text = run_script("ensemble_bench.py", SMOKE_ENSEMBLE if args.smoke else [],
+                               args.stage_timeout)
+        print(text)
+        return ran, {"output": text}
+
+    stage("correctness", correctness)
+    stage("tiles", tiles)
+    stage("epochs", epochs)
+    stage("ensemble", ensemble)
+    ok = bool(report["stages"]) and all(st["ok"] for st in report["stages"].values())
+    report["pass"] = ok
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.out}")
     print("GPU CHECK: " + ("PASS" if ok else "FAIL"))
     return 0 if ok else 1
 

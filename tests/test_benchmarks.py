@@ -1,20 +1,48 @@
 """The prepared GPU check runs: ``benchmarks/gpu_check.py --smoke`` on this machine (Pallas in
-interpret mode, tiny shapes) compares the Pallas kernels with the XLA code and float64, times
-one tile, and passes."""
+interpret mode, tiny shapes, reduced models) compares the Pallas kernels with the XLA code and
+float64, times one tile, runs the epoch and ensemble stages as subprocesses, writes its JSON,
+and passes; a stage that fails is a failed check."""
 
+import json
 import os
 import subprocess
 import sys
 
 from conftest import REPO
 
+SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.py")
 
-def test_gpu_check_smoke_passes():
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"),
-                           "--smoke"], capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO))
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+
+
+def test_gpu_check_smoke_passes_and_writes_its_json(tmp_path):
+    out = tmp_path / "r.json"
+    proc = _run("--smoke", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert "correctness: 4 Pallas/XLA/float64 comparisons and 1 bounds checks, 0 failures" in lines
     assert any(line.startswith("best Pallas tiles at p = 8:") for line in lines)
     assert lines[-1] == "GPU CHECK: PASS"
+    report = json.loads(out.read_text())
+    assert report["pass"] is True and report["backend"] == "cpu" and report["smoke"] is True
+    stages = report["stages"]
+    assert list(stages) == ["correctness", "tiles", "epochs", "ensemble"]
+    assert all(st["ok"] and st["seconds"] >= 0 for st in stages.values())
+    assert stages["correctness"]["failures"] == []
+    assert set(stages["epochs"]["runs"]) == {"xla", "auto"}
+    assert "epoch time (xla" in stages["epochs"]["runs"]["xla"]["output"]
+    assert "ratios (loop / one program" in stages["ensemble"]["output"]
+
+
+def test_gpu_check_fails_on_a_stage_that_fails_or_runs_over():
+    """A subprocess stage over its time limit is a failed check (exit 1, FAIL), and an unknown
+    stage is one error line."""
+    proc = _run("--smoke", "--stages", "ensemble", "--stage-timeout", "0.5")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "over its 0.5 s limit" in proc.stdout and proc.stdout.splitlines()[-1] == \
+        "GPU CHECK: FAIL"
+    bad = _run("--smoke", "--stages", "tiles,gpu")
+    assert bad.returncode == 2 and "--stages='tiles,gpu'" in bad.stderr
