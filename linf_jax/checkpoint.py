@@ -218,13 +218,18 @@ def newest_good_step(mngr: ocp.CheckpointManager, restore: Callable[[int], objec
     return None
 
 
-def write_json(path: str, obj) -> None:
-    """Atomic JSON write (temporary file + rename)."""
+def write_atomic(path: str, data: str | bytes | bytearray) -> None:
+    """Writes ``data`` to ``path`` atomically (temporary file + rename): a reader sees the old
+    file or the whole new one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic JSON write (:func:`write_atomic`)."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def variables_for(state: TrainState, weights: str) -> dict:

@@ -70,6 +70,7 @@ def export(workdir_or_list: str | os.PathLike | Sequence[str | os.PathLike],
     ``jax.export`` program ``x -> (logits, radii)`` lowered for every one of ``platforms``.
     ``batch=None`` makes the batch dimension symbolic (any N); an int fixes it. Returns the
     :class:`jax.export.Exported`; ``PATH.json`` describes it (:func:`read_info`)."""
+    from linf_jax import checkpoint as ckpt
     from linf_jax.classifier import load_classifier
 
     platforms = _platforms(platforms)
@@ -99,8 +100,8 @@ def export(workdir_or_list: str | os.PathLike | Sequence[str | os.PathLike],
             "members": clf.num_members or 1, "input_shape": list(clf.input_shape),
             "batch": batch, "platforms": list(exported.platforms), "kernels": kernels.record(),
             "returns": "(logits, certified radii in pixels)"}
-    _write_atomic(path, data, "wb")
-    _write_atomic(info_path(path), json.dumps(info, indent=2) + "\n", "w")
+    ckpt.write_atomic(path, data)
+    ckpt.write_json(info_path(path), info)
     return exported
 
 
@@ -113,10 +114,3 @@ def read_info(path: str | os.PathLike) -> dict:
     """What the exported program at ``path`` holds (:func:`export` writes it beside it)."""
     with open(info_path(path)) as f:
         return json.load(f)
-
-
-def _write_atomic(path: str, data, mode: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -139,6 +139,13 @@ def test_library_modules_do_not_print():
     assert offenders == []
 
 
+def _assert_prints_ok(code: str) -> None:
+    """Runs ``code`` in a fresh Python process (nothing imported yet) and expects ``ok``."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def test_importing_every_command_line_defines_no_flag():
     """Importing the command-line modules together defines no absl flag (each command defines
     its flags when it runs), so two of them never collide on a name such as --workdir."""
@@ -149,9 +156,7 @@ def test_importing_every_command_line_defines_no_flag():
             "flags.FLAGS.flags_by_module_dict().items() if 'linf_jax' in m}\n"
             "assert not ours and 'workdir' not in flags.FLAGS, ours\n"
             "print('ok')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    _assert_prints_ok(code)
 
 
 def test_helpshort_lists_the_commands_flags():
@@ -177,6 +182,4 @@ def test_the_library_imports_without_the_packages_a_bare_accelerator_image_lacks
             "sys.meta_path.insert(0, Absent())\n"
             "import linf_jax.trainer, linf_jax.classifier, linf_jax.export, linf_jax.ops\n"
             "print('ok')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    _assert_prints_ok(code)

@@ -218,16 +218,19 @@ def percent(fraction) -> str:
     return "n/a: not 1-Lipschitz" if fraction is None else f"{100 * fraction:6.2f}%"
 
 
-def resolve_kernels():
-    """The command's :class:`linf_jax.ops.KernelChoice` (``LINF_JAX_KERNELS``, else ``auto``),
-    resolved once and announced in one line; a bad ``LINF_JAX_KERNELS`` or
-    ``LINF_JAX_NATIVE_ISA`` is one line and exit 2."""
-    from linf_jax import ops
+def resolve_kernels(config=None):
+    """The command's :class:`linf_jax.ops.KernelChoice` (``config.kernels`` of a run, else
+    ``LINF_JAX_KERNELS``, else ``auto``), resolved once and announced in one line; a bad
+    ``config.kernels``, ``LINF_JAX_KERNELS`` or ``LINF_JAX_NATIVE_ISA`` is one line and exit 2."""
+    from linf_jax import experiment, ops
 
-    try:
-        kernels = ops.resolve()
-    except ValueError as err:
-        fail(first_line(err))
+    if config is not None:
+        kernels = run_guarded(experiment.kernels, config)
+    else:
+        try:
+            kernels = ops.resolve()
+        except ValueError as err:
+            fail(first_line(err))
     print(kernels.line(), flush=True)
     return kernels
 

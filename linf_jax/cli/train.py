@@ -132,8 +132,7 @@ def main(argv, fl: types.SimpleNamespace) -> None:
     from linf_jax import trainer
 
     cli.run_guarded(ckpt.check_resume, config, workdir)
-    kernels = cli.run_guarded(experiment.kernels, config)  # resolved once, recorded in meta.json
-    print(kernels.line(), flush=True)
+    kernels = cli.resolve_kernels(config)  # resolved once, recorded in meta.json
     created = not os.path.exists(workdir)
     try:
         result = cli.run_guarded(trainer.train_and_evaluate, config, workdir,

@@ -104,14 +104,18 @@ def _normalized(choice: str | None) -> str:
     return text or "auto"
 
 
+def _env_request() -> str:
+    """``LINF_JAX_KERNELS`` as written, lower case ('' if unset)."""
+    return os.environ.get(KERNELS_ENV, "").strip().lower()
+
+
 def kernel_request() -> str | KernelChoice:
     """The choice asked for where this is called: the value or request text given to
     :func:`use_kernels` inside it, else ``LINF_JAX_KERNELS`` ('' if unset). Hashable: programs
     jitted once at module level (the evaluation programs of :mod:`linf_jax.certify` and
     :mod:`linf_jax.classifier`) take it as a static argument and trace under it, so another
     choice traces anew."""
-    choice = getattr(_override, "choice", None)
-    return choice or os.environ.get(KERNELS_ENV, "").strip().lower()
+    return getattr(_override, "choice", None) or _env_request()
 
 
 def resolve(choice: str | None = None, source: str | None = None) -> KernelChoice:
@@ -122,7 +126,7 @@ def resolve(choice: str | None = None, source: str | None = None) -> KernelChoic
     platform cannot run, is a one-line ``ValueError``."""
     source = source or ("default" if choice is None else "use_kernels")
     if _normalized(choice) == "auto":
-        env = os.environ.get(KERNELS_ENV, "").strip().lower()
+        env = _env_request()
         if env and env != "auto":
             choice, source = env, KERNELS_ENV
     requested = _normalized(choice)
