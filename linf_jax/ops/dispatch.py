@@ -3,17 +3,28 @@
 The request is ``config.kernels`` (a run) or :func:`use_kernels` (code traced inside it), and
 ``LINF_JAX_KERNELS`` (the process default); each is one of ``auto`` (or unset), ``native``,
 ``xla``, ``pallas``. ``auto`` means the same wherever it is written: ``LINF_JAX_KERNELS`` when
-that names a choice, else on the CPU the native kernels for the pass families measured faster
-on this machine (:mod:`linf_jax.ops.calibration`) and the XLA code elsewhere. :func:`resolve`
-turns a request into a :class:`KernelChoice` — which implementation each pass family runs, and
-why — once (the native build and the calibration happen there, the first time they are
-needed); a run resolves
-its choice at its start, traces its programs under it (:func:`use_kernels` takes the value),
-writes :meth:`KernelChoice.record` to its ``meta.json`` and prints :meth:`KernelChoice.line`,
-which builds and times nothing. All choices compute the same function (docs/METHOD.md §2).
-Every native call sits in ``jax.lax.platform_dependent``
+that names a choice, else the implementation measured faster on this machine for each pass
+family (:mod:`linf_jax.ops.calibration`):
+
+* on the CPU, the native kernels or the XLA code (:class:`~linf_jax.ops.calibration.Calibration`:
+  timed once per machine and native build);
+* on a GPU or TPU, the Pallas kernels or the XLA code, for the families of
+  :data:`PALLAS_FAMILIES` (:class:`~linf_jax.ops.calibration.DeviceCalibration`: checked
+  against the XLA code and timed once per device kind, JAX version and kernel sources; a kernel
+  that fails or disagrees is not used, with one warning); every other family runs the XLA code
+  there, and so does every family under ``LINF_JAX_CALIBRATION=off`` or ``native``.
+
+:func:`resolve` turns a request into a :class:`KernelChoice` — which implementation each pass
+family runs, and why — once (the native build and the measurements happen there, the first time
+they are needed; later resolutions in the process, and later processes through the decision
+files, reuse them); a run resolves its choice at its start, traces its programs under it
+(:func:`use_kernels` takes the value), writes :meth:`KernelChoice.record` to its ``meta.json``
+and prints :meth:`KernelChoice.line`, which builds and times nothing. All choices compute the
+same function (docs/METHOD.md §2). Every native call sits in ``jax.lax.platform_dependent``
 (:func:`linf_jax.ops.native_cpu.on_cpu`), so a program traced on a CPU host carries the XLA
-code for the GPU or TPU it is lowered for.
+code for the GPU or TPU it is lowered for. Multi-device programs
+(:meth:`KernelChoice.for_partitioned`) run the XLA code for every pass ``auto`` gave to a
+custom call (native or Pallas), which XLA's SPMD partitioner would not split.
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ from linf_jax.ops import calibration
 KERNELS_ENV = "LINF_JAX_KERNELS"
 #: The pass families whose implementation is chosen separately (calibration.FAMILIES).
 FAMILIES = calibration.FAMILIES
-#: The families the Pallas kernels cover; the others run the XLA code under ``pallas``.
+#: The families the Pallas kernels cover: the others run the XLA code under ``pallas``, and
+#: ``auto`` measures only these on a GPU or TPU (any subset of ``("linf", "lp", "bounds")``).
 PALLAS_FAMILIES = ("linf", "lp")
 
 _override = threading.local()
@@ -70,12 +82,13 @@ class KernelChoice:
 
     def for_partitioned(self) -> KernelChoice:
         """The choice for a multi-device program: XLA's SPMD partitioner runs a custom call
-        unpartitioned (it all-gathers the batch onto every device), so the native passes chosen
-        by ``auto`` take the XLA code; an explicit ``native`` is kept."""
-        if self.requested == "native" or self.backend != "native":
+        unpartitioned (it all-gathers the batch onto every device), so the native and Pallas
+        passes chosen by ``auto`` take the XLA code; an explicit ``native`` or ``pallas`` is
+        kept."""
+        if self.requested in ("native", "pallas") or self.backend == "xla":
             return self
         return dataclasses.replace(
-            self, passes=tuple((f, "xla" if i == "native" else i) for f, i in self.passes),
+            self, passes=tuple((f, "xla") for f, _ in self.passes),
             native_isa=None, reason=self.reason + "; XLA code in multi-device programs")
 
     def record(self) -> dict:
@@ -88,14 +101,17 @@ class KernelChoice:
         """One line for the command lines: which kernels run, and why (builds nothing)."""
         backend = self.backend
         if backend == "pallas":
-            return f"kernels: Pallas ({self.platform})"
+            if self.requested == "pallas":
+                return f"kernels: Pallas ({self.platform})"
+            which = calibration.implementations_summary(dict(self.passes))
+            return f"kernels: {which} ({self.platform}; {self.reason})"
         if backend == "native":
             if self.requested == "native":
                 return f"kernels: native CPU ({self.native_isa})"
             which = calibration.summary({f: impl == "native" for f, impl in self.passes})
             return f"kernels: {which} (native CPU build {self.native_isa}; {self.reason})"
-        if self.platform == "cpu" and self.requested != "xla":
-            return f"kernels: XLA (cpu; {self.reason})"
+        if self.requested != "xla" and (self.platform == "cpu" or self.reason):
+            return f"kernels: XLA ({self.platform}; {self.reason})"
         return f"kernels: XLA ({self.platform})"
 
 
@@ -121,9 +137,10 @@ def kernel_request() -> str | KernelChoice:
 def resolve(choice: str | None = None, source: str | None = None) -> KernelChoice:
     """The :class:`KernelChoice` of a request (``None`` or ``'auto'``: ``LINF_JAX_KERNELS`` when
     it names a choice, else the automatic one) on the default backend. Builds the native kernels
-    and runs the calibration where ``auto`` needs them (each once per process, cached by
-    :mod:`linf_jax.native` and :mod:`linf_jax.ops.calibration`); a bad request, or one this
-    platform cannot run, is a one-line ``ValueError``."""
+    and runs the CPU calibration, or checks and times the Pallas kernels on a GPU or TPU, where
+    ``auto`` needs them (each once per process, and cached on disk by :mod:`linf_jax.native`
+    and :mod:`linf_jax.ops.calibration`); a bad request, or one this platform cannot run, is a
+    one-line ``ValueError``."""
     source = source or ("default" if choice is None else "use_kernels")
     if _normalized(choice) == "auto":
         env = _env_request()
@@ -161,8 +178,9 @@ def _resolve(requested: str, source: str, platform: str) -> KernelChoice:
         return KernelChoice(requested, source, platform, every("native"), native.isa(),
                             "as requested")
     if not cpu:
-        return KernelChoice(requested, source, platform, every("xla"),
-                            reason=f"the XLA code on {platform}")
+        decided = calibration.device_decision(platform, PALLAS_FAMILIES)
+        return KernelChoice(requested, source, platform, tuple(decided.passes().items()),
+                            reason=decided.reason)
     decided = calibration.decisions()
     how = calibration.how_decided()
     passes = tuple((f, "native" if decided[f] else "xla") for f in FAMILIES)
