@@ -63,20 +63,23 @@ def unstack(stacked: Any) -> list[Any]:
 
 
 def resolve_execution(execution: str = "auto", sharded: bool = False,
-                      training: bool = False) -> str:
-    """``'batched'`` or ``'sequential'``: how :func:`members_map` runs the member axis.
+                      training: bool = False, platform: str | None = None) -> str:
+    """``'batched'`` or ``'sequential'``: how :func:`members_map` runs the member axis on
+    ``platform`` (None: the default backend).
 
     ``'auto'`` is ``'batched'`` (``jax.vmap``) on accelerators, where one small member leaves the
     device idle, and whenever the member axis is sharded over devices. On the CPU it is what
     was measured fastest there (benchmarks/ensemble_bench.py, BENCHMARKS.md): ``'sequential'``
     for evaluation and certification (batched, the interval bounds' running carries grow K-fold
     and fall out of cache) and ``'batched'`` for training steps (there the sequential program
-    paid for slicing the stacked state in and out, 5-10% at K = 5).
+    paid for slicing the stacked state in and out, 5-10% at K = 5). :func:`members_map` makes
+    the evaluation's choice per lowering platform, so a program traced on a CPU host runs its
+    members batched on a GPU.
     """
     if execution not in EXECUTIONS:
         raise ValueError(f"ensemble.execution={execution!r} is not allowed: one of {EXECUTIONS}")
     if execution == "auto":
-        cpu = jax.default_backend() == "cpu"
+        cpu = (platform or jax.default_backend()) == "cpu"
         return "sequential" if cpu and not sharded and not training else "batched"
     return execution
 
@@ -84,20 +87,23 @@ def resolve_execution(execution: str = "auto", sharded: bool = False,
 def members_map(fn, in_axes=0, execution: str = "auto"):
     """``jax.vmap(fn, in_axes)`` over the member axis, as one traced program either way.
 
-    ``execution`` (see :func:`resolve_execution`): ``'batched'`` is ``jax.vmap``;
-    ``'sequential'`` is ``lax.map`` over the members (a loop inside the compiled program, still
-    jit-able and differentiable), with the same outputs up to float rounding. ``in_axes`` is 0,
-    or a tuple of 0/None per positional argument (None: shared by every member).
+    ``execution``: ``'batched'`` is ``jax.vmap``; ``'sequential'`` is ``lax.map`` over the
+    members (a loop inside the compiled program, still jit-able and differentiable), with the
+    same outputs up to float rounding; ``'auto'`` is the evaluation's choice of
+    :func:`resolve_execution` for the platform the program is lowered for
+    (``lax.platform_dependent``: sequential in a CPU program, batched in a GPU/TPU one). Callers
+    that resolve ``'auto'`` otherwise (training steps, sharded members) pass the result.
+    ``in_axes`` is 0, or a tuple of 0/None per positional argument (None: shared by every
+    member).
     """
-    if resolve_execution(execution) == "batched":
-        return jax.vmap(fn, in_axes=in_axes)
+    if execution not in EXECUTIONS:
+        raise ValueError(f"ensemble.execution={execution!r} is not allowed: one of {EXECUTIONS}")
+    batched = jax.vmap(fn, in_axes=in_axes)
+    if execution == "batched":
+        return batched
 
     def mapped(*args):
-        axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
-        if len(axes) != len(args) or any(a not in (0, None) for a in axes):
-            raise ValueError(f"members_map: in_axes={in_axes!r} must be 0 or a tuple of 0/None "
-                             f"per argument ({len(args)} given)")
-        where = [i for i, a in enumerate(axes) if a == 0]
+        where = _member_args(in_axes, args)
 
         def one(member_args):
             full = list(args)
@@ -107,7 +113,34 @@ def members_map(fn, in_axes=0, execution: str = "auto"):
 
         return lax.map(one, tuple(args[i] for i in where))
 
-    return mapped
+    if execution == "sequential":
+        return mapped
+
+    def per_platform(*args):
+        where = _member_args(in_axes, args)
+
+        def branch(run):
+            def call(*member_args):  # shared arguments stay closed over (static where static)
+                full = list(args)
+                for i, a in zip(where, member_args, strict=True):
+                    full[i] = a
+                return run(*full)
+
+            return call
+
+        return lax.platform_dependent(*(args[i] for i in where), cpu=branch(mapped),
+                                      default=branch(batched))
+
+    return per_platform
+
+
+def _member_args(in_axes, args) -> list[int]:
+    """The positions of the arguments with a member axis."""
+    axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+    if len(axes) != len(args) or any(a not in (0, None) for a in axes):
+        raise ValueError(f"members_map: in_axes={in_axes!r} must be 0 or a tuple of 0/None "
+                         f"per argument ({len(args)} given)")
+    return [i for i, a in enumerate(axes) if a == 0]
 
 
 def vmap_members(fn, stacked: Any, *args, execution: str = "auto", **kwargs):

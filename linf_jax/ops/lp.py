@@ -15,50 +15,31 @@ import jax.numpy as jnp
 
 from linf_jax import native
 from linf_jax.ops.native_cpu import on_cpu
-from linf_jax.ops.xla import (
-    int_root,
-    lp_backward_xla,
-    max_abs_diff,
-    members_one_by_one,
-    pow_p,
-    scan_blocks,
-)
+from linf_jax.ops.xla import int_root, lp_backward_xla, lp_parts_xla, members_one_by_one
 
 Array = jax.Array
 
 
-def _row_max(x: Array, w: Array, use_native: bool) -> Array:
-    """``max_i |x_bi - w_oi|`` (no gradient: the ℓp passes' scale)."""
-    if use_native:
-        return on_cpu(native.linf_max, max_abs_diff, x, w)
-    return max_abs_diff(x, w)
+def _native_parts(x, w, p, k):
+    """``(m, s)`` of the stable form with the native CPU kernels (:func:`lp_parts_xla`)."""
+    m = native.linf_max(x, w)
+    return m, native.lp_sum(x, w, 1.0 / jnp.where(m > 0, m, 1.0), p, k)
 
 
 def _lp_forward(x, w, p, k, use_native):
-    m = _row_max(x, w, use_native)
-    inv_m = 1.0 / jnp.where(m > 0, m, 1.0)
-
-    def step(carry, xj, wj, _):  # the scale 1/m rides in the carry, tiled with the weight rows
-        s, im = carry
-        return s + pow_p(jnp.abs(xj - wj) * im, p, k), im
-
-    def xla_sum(x, w, inv_m):
-        return scan_blocks(step, (jnp.zeros_like(inv_m), inv_m), x, w)[0]
-
     if use_native:
-        s = on_cpu(lambda x, w, im: native.lp_sum(x, w, im, p, k), xla_sum, x, w, inv_m)
+        m, s = on_cpu(lambda x, w, p: _native_parts(x, w, p, k),
+                      lambda x, w, p: lp_parts_xla(x, w, p, k), x, w, p)
     else:
-        s = xla_sum(x, w, inv_m)
+        m, s = lp_parts_xla(x, w, p, k)
     root = int_root(s, k) if k is not None else jnp.exp(jnp.log(s) / p)
     # s ≥ 1 wherever m > 0 (the max term contributes 1); where m == 0 the distance is 0.
     return jnp.where(m > 0, m * root, 0.0)
 
 
 def _lp_backward(x, w, y, g, p, k, use_native):
-    """∂x[b,i] = Σ_o g·G, ∂w[o,i] = -Σ_b g·G with G = sign(d)(|d|/y)^(p-1), chunked over o and,
-    for wide inputs, tiled over i: every coordinate's G needs only its own d and y, so input
-    tiles are independent, and each chunk's ``[B, oc, tile]`` temporaries stay bounded
-    (``ops.xla.LP_BWD_ELEMENTS``) however wide the input is."""
+    """∂x[b,i] = Σ_o g·G, ∂w[o,i] = -Σ_b g·G with G = sign(d)(|d|/y)^(p-1), native or in the XLA
+    code's shape for the platform (:func:`linf_jax.ops.xla.lp_backward_xla`)."""
     if use_native:
         return on_cpu(lambda x, w, y, g: native.lp_bwd(x, w, 1.0 / jnp.where(y > 0, y, 1.0), g,
                                                        p, k),

@@ -1,24 +1,39 @@
-"""The XLA code of the distance kernels: blocked scans and custom VJPs, for every platform.
+"""The XLA code of the distance kernels, shaped for the platform it is lowered for.
 
 What runs on accelerators, and on the CPU where the native kernels are not used
-(:mod:`linf_jax.ops.dispatch`). Pure, jit-able, vmap-able functions; nothing of size
-``B·out·n`` is ever materialised:
+(:mod:`linf_jax.ops.dispatch`). Pure, jit-able, vmap-able functions. Every pass has two
+shapes, and ``lax.platform_dependent`` puts the one of the platform a program is lowered for
+into it, whichever host traced it:
 
-* The forward passes are a ``lax.scan`` over blocks of ``_BLOCK`` input coordinates; each block
-  is unrolled into ``_BLOCK`` elementwise updates of a running reduction of shape ``(B, out)``,
-  which XLA fuses into one loop; weight rows are taken in tiles of ``_OUT_TILE``.
-* ℓ∞ forward under differentiation keeps a running arg-max; the backward pass is two scatter-adds
-  of ``g · sign(d[i*])`` of size ``B × out``.
-* ℓp (with :mod:`linf_jax.ops`'s composite): the sum pass of the stable form, and the analytic
-  backward ``∂y/∂x_i = sign(d_i) (|d_i|/y)^(p-1)`` over chunks of outputs, tiled over wide inputs
-  (docs/METHOD.md §2).
+* **CPU**: a ``lax.scan`` over blocks of ``_BLOCK`` input coordinates; each block is unrolled
+  into ``_BLOCK`` elementwise updates of a running reduction of shape ``(B, tile)``, which XLA
+  fuses into one loop, with the weight rows taken in tiles of ``_OUT_TILE`` so that the carry
+  stays in cache. Many short sequential steps: what a CPU core runs fastest (BENCHMARKS.md).
+* **GPU and TPU**: few wide steps. Each pass is a reduction over a chunk of input coordinates of
+  the ``(B, out, chunk)`` expression ``|x[b, i] − w[o, i]|`` (or its ℓp terms), which XLA
+  fuses into one reduction kernel without writing the expression out; the chunk is as wide as
+  ``ACCEL_ELEMENTS`` allows (``B·out·chunk`` elements), all of n in one step where it fits, so a
+  512 × 5120 → 5120 layer takes 51 steps forward and as many backward instead of 12,840
+  (``benchmarks/loop_count.py``). The ℓp forward is one pass (an online max with the sum
+  rescaled when the max grows); its backward reduces the same chunk twice, into ∂x and ∂w.
+
+Common to both:
+
+* ℓ∞ forward under differentiation keeps a running first arg-max; the backward pass is two
+  scatter-adds of ``g · sign(d[i*])`` of size ``B × out``.
+* ℓp (with :mod:`linf_jax.ops`'s composite): the stable form ``m · (Σ (|d|/m)^p)^(1/p)`` and
+  the analytic backward ``∂y/∂x_i = sign(d_i) (|d_i|/y)^(p-1)`` (docs/METHOD.md §2).
 * Small integer p (≤ 8) uses repeated multiplication instead of ``exp(p·log t)``.
-* Zero padding of the input dimension to a multiple of ``_BLOCK`` is exact for every reduction
-  here (padded coordinates give ``|d| = 0``, which never raises a max and adds 0 to a p-sum).
+* Zero padding of the input dimension is exact for every reduction here (padded coordinates
+  give ``|d| = 0``, which never raises a max, adds 0 to a p-sum and has ``sign(d) = 0``).
+* Under ``vmap`` (ensemble members, groups) the CPU program runs the members one after the
+  other and the GPU/TPU program batches them (:func:`members_one_by_one`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any
 
 import jax
@@ -27,14 +42,60 @@ from jax import lax
 
 Array = jax.Array
 
-# Input coordinates per unrolled scan step: smaller blocks were measured much slower on the CPU
-# (BENCHMARKS.md); the input dimension is zero-padded to a multiple of it.
+# CPU shape. Input coordinates per unrolled scan step: smaller blocks were measured much slower
+# on the CPU (BENCHMARKS.md); the input dimension is zero-padded to a multiple of it.
 _BLOCK = 16
 _OUT_TILE = 128  # weight rows per tile: keeps the (B, tile) carry (and arg-max) in cache
 OUT_CHUNK = 16  # outputs per chunk in the ℓp backward pass
-LP_BWD_ELEMENTS = 1 << 21  # B·chunk·tile elements per ℓp backward step (see _lp_backward)
+LP_BWD_ELEMENTS = 1 << 21  # B·chunk·tile elements per ℓp backward step (see _lp_backward_cpu)
+# GPU/TPU shape: elements B·out·chunk of one step's reduction. XLA fuses the expression into the
+# reduction and never writes it out; were it written out (a backward pass's G, reduced twice,
+# may be) it would take 1 GiB at float32.
+ACCEL_ELEMENTS = 1 << 28
 MAX_INT_P = 8  # integer p up to this use repeated multiplication
 TINY = 1e-30
+
+
+_shape = threading.local()
+
+
+@contextlib.contextmanager
+def traced_in_shape(shape: str):
+    """Traces the XLA code inside in one shape, ``'cpu'`` or ``'accel'``, whatever platform the
+    program is lowered for (no ``platform_dependent`` switch): how the tests run the GPU/TPU
+    shape on the CPU. Programs jitted inside must be traced there, not served from a cache."""
+    if shape not in ("cpu", "accel"):
+        raise ValueError(f"shape={shape!r} is not one of 'cpu', 'accel'")
+    previous = getattr(_shape, "forced", None)
+    _shape.forced = shape
+    try:
+        yield
+    finally:
+        _shape.forced = previous
+
+
+def switch(args, cpu_fn, accel_fn):
+    """``cpu_fn(*args)`` in a program lowered for the CPU, ``accel_fn(*args)`` for a GPU or TPU
+    (``lax.platform_dependent``: the host that traces the program does not matter)."""
+    forced = getattr(_shape, "forced", None)
+    if forced is not None:
+        return (cpu_fn if forced == "cpu" else accel_fn)(*args)
+    return lax.platform_dependent(*args, cpu=cpu_fn, default=accel_fn)
+
+
+def per_platform(cpu_fn, accel_fn):
+    """The function that is ``cpu_fn`` on the CPU and ``accel_fn`` on a GPU or TPU
+    (:func:`switch`)."""
+
+    def fn(*args):
+        return switch(args, cpu_fn, accel_fn)
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# CPU shape: a blocked scan over the input coordinates, tiled over the weight rows
+# --------------------------------------------------------------------------------------------
 
 
 def _blocks(a: Array, block: int = _BLOCK) -> Array:
@@ -53,7 +114,7 @@ def scan_blocks(step, init, x: Array, w: Array, with_index: bool = False):
     ``_BLOCK`` at a time inside one scan step (unrolled), which XLA fuses into a single
     elementwise loop over the carry. Weight rows (and the carry's columns with them) are
     processed in tiles of ``_OUT_TILE`` so that the carry stays in cache; the final carry is
-    returned as ``[B, out]`` arrays.
+    returned as ``[B, out]`` arrays. The CPU shape of the passes.
     """
     xb = _blocks(x)
     starts = jnp.arange(xb.shape[0], dtype=jnp.int32) * _BLOCK
@@ -88,31 +149,130 @@ def scan_blocks(step, init, x: Array, w: Array, with_index: bool = False):
     return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(b, -1)[:, :out], tiles)
 
 
+# --------------------------------------------------------------------------------------------
+# GPU/TPU shape: reductions over wide chunks of input coordinates
+# --------------------------------------------------------------------------------------------
+
+
+#: The row count the chunks are planned for when it is symbolic (an exported program's batch).
+SYMBOLIC_ROWS = 1024
+
+
+def _planned(dim) -> int:
+    try:
+        return int(dim)
+    except Exception:  # a symbolic dimension (jax.export shape polymorphism)
+        return SYMBOLIC_ROWS
+
+
+def chunk_plan(rows, out: int, n: int) -> tuple[int, int]:
+    """``(chunk, steps)``: input coordinates per step and the number of steps of a GPU/TPU pass
+    over ``rows × out`` pairs, the widest balanced chunks of at most ``ACCEL_ELEMENTS``
+    elements (at least one coordinate). A symbolic ``rows`` is planned as ``SYMBOLIC_ROWS``."""
+    chunk = max(1, min(n, ACCEL_ELEMENTS // max(_planned(rows) * out, 1)))
+    steps = -(-n // chunk)
+    return -(-n // steps), steps
+
+
+def _chunks(a: Array, chunk: int, steps: int) -> Array:
+    """``[R, n]`` → ``[steps, R, chunk]``, zero-padded along n."""
+    r, n = a.shape
+    a = jnp.pad(a, ((0, 0), (0, steps * chunk - n))) if steps * chunk != n else a
+    return a.reshape(r, steps, chunk).swapaxes(0, 1)
+
+
+def _unchunk(a: Array, n: int) -> Array:
+    """``[steps, R, chunk]`` → ``[R, n]`` (the padding cut off)."""
+    steps, r, chunk = a.shape
+    return a.swapaxes(0, 1).reshape(r, steps * chunk)[:, :n]
+
+
+def over_chunks(step, init, xs: tuple[Array, ...], w: Array):
+    """``carry, y = step(carry, xcs, wc, start)`` over chunks of the input coordinates: ``xcs``
+    are the chunks ``[R, chunk]`` of the arrays ``xs`` (each ``[R, n]``), ``wc`` the chunk
+    ``[out, chunk]`` of ``w``, ``start`` the chunk's first coordinate. Returns the final carry
+    and the per-chunk outputs ``y`` stacked as ``[steps, ...]`` (None: none). One step, and no
+    loop, when every coordinate fits into one chunk. The GPU/TPU shape of the passes."""
+    n = w.shape[1]
+    chunk, steps = chunk_plan(sum(_planned(x.shape[0]) for x in xs), w.shape[0], n)
+    if steps == 1:
+        carry, y = step(init, xs, w, 0)
+        return carry, jax.tree.map(lambda a: a[None], y)
+    starts = jnp.arange(steps, dtype=jnp.int32) * chunk
+    parts = (tuple(_chunks(x, chunk, steps) for x in xs), _chunks(w, chunk, steps), starts)
+    return lax.scan(lambda carry, t: step(carry, *t), init, parts)
+
+
+def _absdiff(xc: Array, wc: Array) -> Array:
+    """``|x[b, i] − w[o, i]|`` as a ``[B, out, chunk]`` expression (fused into its consumer)."""
+    return jnp.abs(xc[:, None, :] - wc[None, :, :])
+
+
 def _zeros(x: Array, w: Array, dtype=None) -> Array:
     return jnp.zeros((x.shape[0], w.shape[0]), dtype or jnp.result_type(x, w))
 
 
+# --------------------------------------------------------------------------------------------
+# members under vmap
+# --------------------------------------------------------------------------------------------
+
+
 def members_one_by_one(fn):
-    """``fn``, except that under ``vmap`` on the CPU (ensemble members, groups) its batch runs
-    one member after the other inside the program (``jax.custom_batching.sequential_vmap``).
-    Batched, the kernels' running carries and chunk temporaries grow K-fold and fall out of
-    cache, which makes a vmapped forward+backward slower on the CPU than running the members
-    one after the other. On accelerators, where one small member leaves the device idle,
-    ``fn`` stays batched. Only for code inside the custom VJPs: a
-    ``sequential_vmap`` function cannot be differentiated itself."""
-    if jax.default_backend() != "cpu":
-        return fn
-    return jax.custom_batching.sequential_vmap(fn)
+    """``fn``, except that under ``vmap`` (ensemble members, groups) the program lowered for
+    the CPU runs its batch one member after the other (a ``lax.map`` inside the program), and
+    the one lowered for a GPU or TPU batches it. On the CPU, batched, the kernels' running
+    carries and chunk temporaries grow K-fold and fall out of cache, which makes a vmapped
+    forward+backward slower than the members one after the other; on an accelerator one small
+    member leaves the device idle. The choice is made per lowering platform
+    (``lax.platform_dependent`` inside the batching rule), so a program traced on a CPU host
+    runs batched on a GPU. Only for code inside the custom VJPs: a ``custom_vmap`` function
+    cannot be differentiated itself."""
+    custom = jax.custom_batching.custom_vmap(fn)
+
+    @custom.def_vmap
+    def rule(axis_size, in_batched, *args):
+        flags = jax.tree.leaves(in_batched)
+        leaves, tree = jax.tree.flatten(args)
+
+        def per_member(f, mapped):
+            it = iter(mapped)
+            full = [next(it) if b else a for a, b in zip(leaves, flags, strict=True)]
+            return f(*jax.tree.unflatten(tree, full))
+
+        def one_by_one(*mapped):  # `custom` inside: a vmap around this stays member by member
+            return lax.map(lambda m: per_member(custom, m), mapped)
+
+        def batched(*mapped):
+            return jax.vmap(lambda m: per_member(fn, m))(mapped)
+
+        mapped = [a for a, b in zip(leaves, flags, strict=True) if b]
+        out = switch(mapped, one_by_one, batched)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return custom
 
 
-def max_abs_diff(x: Array, w: Array) -> Array:
-    """``max_i |x_bi - w_oi|`` → ``[B, out]``."""
+# --------------------------------------------------------------------------------------------
+# ℓ∞
+# --------------------------------------------------------------------------------------------
+
+
+def _max_abs_diff_cpu(x, w):
     return scan_blocks(lambda m, xj, wj, _: jnp.maximum(m, jnp.abs(xj - wj)), _zeros(x, w), x, w)
 
 
-def _max_abs_diff_argmax(x: Array, w: Array) -> tuple[Array, Array]:
-    """``(max_i |x_bi - w_oi|, first arg-max i)``."""
+def _max_abs_diff_accel(x, w):
+    def step(m, xcs, wc, _):
+        return jnp.maximum(m, _absdiff(xcs[0], wc).max(axis=-1)), None
 
+    return over_chunks(step, _zeros(x, w), (x,), w)[0]
+
+
+#: ``max_i |x_bi - w_oi|`` → ``[B, out]``.
+max_abs_diff = per_platform(_max_abs_diff_cpu, _max_abs_diff_accel)
+
+
+def _max_abs_diff_argmax_cpu(x, w):
     def step(carry, xj, wj, j):
         m, idx = carry
         a = jnp.abs(xj - wj)
@@ -123,13 +283,30 @@ def _max_abs_diff_argmax(x: Array, w: Array) -> tuple[Array, Array]:
     return scan_blocks(step, init, x, w, with_index=True)
 
 
+def _max_abs_diff_argmax_accel(x, w):
+    def step(carry, xcs, wc, start):
+        m, idx = carry
+        a = _absdiff(xcs[0], wc)
+        cm = a.max(axis=-1)
+        ci = jnp.argmax(a, axis=-1).astype(jnp.int32) + start  # the chunk's first arg-max
+        upd = cm > m  # strict: an earlier chunk's equal maximum wins, so the first arg-max
+        return (jnp.where(upd, cm, m), jnp.where(upd, ci, idx)), None
+
+    init = (_zeros(x, w), _zeros(x, w, jnp.int32))
+    return over_chunks(step, init, (x,), w)[0]
+
+
+#: ``(max_i |x_bi - w_oi|, first arg-max i)``, each ``[B, out]``.
+max_abs_diff_argmax = per_platform(_max_abs_diff_argmax_cpu, _max_abs_diff_argmax_accel)
+
+
 @jax.custom_vjp
 def linf_dist_xla(x: Array, w: Array) -> Array:
     return members_one_by_one(max_abs_diff)(x, w)
 
 
 def _linf_fwd(x, w):
-    m, idx = members_one_by_one(_max_abs_diff_argmax)(x, w)
+    m, idx = members_one_by_one(max_abs_diff_argmax)(x, w)
     return m, (x, w, idx)
 
 
@@ -148,6 +325,11 @@ def _linf_scatter(x, w, idx, g):
     return gx, gw
 
 linf_dist_xla.defvjp(_linf_fwd, linf_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# ℓp
+# --------------------------------------------------------------------------------------------
 
 
 def int_pow(t: Array, k: int) -> Array:
@@ -174,7 +356,72 @@ def int_root(s, k):
     return s if k == 1 else (jnp.sqrt(s) if k == 2 else s ** (1.0 / k))
 
 
+def lp_sum_cpu(x, w, inv_m, p, k):
+    """``Σ_i (|x_bi − w_oi| · inv_m[b, o])^p`` → ``[B, out]``: the CPU shape."""
+
+    def step(carry, xj, wj, _):  # the scale 1/m rides in the carry, tiled with the weight rows
+        s, im = carry
+        return s + pow_p(jnp.abs(xj - wj) * im, p, k), im
+
+    return scan_blocks(step, (jnp.zeros_like(inv_m), inv_m), x, w)[0]
+
+
+def _lp_parts_cpu(x, w, p, k):
+    m = _max_abs_diff_cpu(x, w)
+    return m, lp_sum_cpu(x, w, 1.0 / jnp.where(m > 0, m, 1.0), p, k)
+
+
+def _lp_parts_accel(x, w, p, k):
+    """One pass: per chunk, the running max ``m`` grows to ``m'`` and the sum so far is
+    rescaled by ``(m/m')^p`` before the chunk's terms ``(|d|/m')^p`` are added (each ≤ 1, as in
+    the two-pass form; the final sum is ≥ 1 where m > 0)."""
+
+    def step(carry, xcs, wc, _):
+        m, s = carry
+        a = _absdiff(xcs[0], wc)
+        m_new = jnp.maximum(m, a.max(axis=-1))
+        inv = 1.0 / jnp.where(m_new > 0, m_new, 1.0)
+        scale = pow_p(jnp.maximum(m * inv, TINY), p, k)  # 1 where the max stays
+        s = s * jnp.where(m_new > m, scale, 1.0) + pow_p(a * inv[..., None], p, k).sum(axis=-1)
+        return (m_new, s), None
+
+    return over_chunks(step, (_zeros(x, w), _zeros(x, w)), (x,), w)[0]
+
+
+def lp_parts_xla(x, w, p, k):
+    """``(m, s)`` with ``m = max_i |d|`` and ``s = Σ_i (|d|/m)^p`` (``[B, out]`` each), the
+    stable form's two reductions, in the shape of the platform lowered for."""
+    return switch((x, w, p), lambda x, w, p: _lp_parts_cpu(x, w, p, k),
+                  lambda x, w, p: _lp_parts_accel(x, w, p, k))
+
+
+def _g_terms(d, iy, g, p, km1):
+    """``G = sign(d) · max(|d|·(1/y), TINY)^(p−1) · g``, the summand of both gradients."""
+    t = jnp.maximum(jnp.abs(d) * iy, TINY)
+    return jnp.sign(d) * pow_p(t, p - 1.0, km1) * g
+
+
+def _lp_backward_accel(x, w, y, g, p, k):
+    iy = (1.0 / jnp.where(y > 0, y, 1.0))[:, :, None]
+    gg = g.astype(x.dtype)[:, :, None]
+    km1 = None if k is None else k - 1
+
+    def step(_, xcs, wc, __):
+        big_g = _g_terms(xcs[0][:, None, :] - wc[None, :, :], iy, gg, p, km1)
+        return None, (big_g.sum(axis=1), -big_g.sum(axis=0))
+
+    _, (gx, gw) = over_chunks(step, None, (x,), w)
+    return _unchunk(gx, x.shape[1]), _unchunk(gw, w.shape[1])
+
+
 def lp_backward_xla(x, w, y, g, p, k):
+    """``(∂x, ∂w)`` of the ℓp distance: ``∂x[b,i] = Σ_o G``, ``∂w[o,i] = −Σ_b G``, in the
+    shape of the platform lowered for."""
+    return switch((x, w, y, g, p), lambda *a: _lp_backward_cpu(*a, k),
+                  lambda *a: _lp_backward_accel(*a, k))
+
+
+def _lp_backward_cpu(x, w, y, g, p, k):
     b, n = x.shape
     tile = max(LP_BWD_ELEMENTS // (b * OUT_CHUNK), _BLOCK)
     if n <= tile:
@@ -208,9 +455,8 @@ def _lp_backward_tile(x, w, y, g, p, k):
 
     def chunk(gx, blk):
         wc, gc, iyc = blk  # [oc, n], [B, oc], [B, oc]
-        d = x[:, None, :] - wc[None, :, :]  # [B, oc, n]
-        t = jnp.maximum(jnp.abs(d) * iyc[:, :, None], TINY)
-        big_g = jnp.sign(d) * pow_p(t, p - 1.0, km1) * gc[:, :, None]
+        big_g = _g_terms(x[:, None, :] - wc[None, :, :], iyc[:, :, None], gc[:, :, None], p,
+                         km1)  # [B, oc, n]
         if k is None:  # exp/log is costly: compute once, then reduce twice
             big_g = lax.optimization_barrier(big_g)
         return gx + big_g.sum(axis=1), -big_g.sum(axis=0)
@@ -226,7 +472,12 @@ def static_number(p: Any) -> float | None:
         return None
 
 
-def bounds_scan(lower: Array, upper: Array, w: Array) -> tuple[Array, Array]:
+# --------------------------------------------------------------------------------------------
+# interval bounds
+# --------------------------------------------------------------------------------------------
+
+
+def _bounds_cpu(lower: Array, upper: Array, w: Array) -> tuple[Array, Array]:
     lu = jnp.concatenate([lower, upper], axis=0)  # one blocked layout for both corners
     b = lower.shape[0]
 
@@ -239,3 +490,21 @@ def bounds_scan(lower: Array, upper: Array, w: Array) -> tuple[Array, Array]:
 
     zeros = _zeros(lower, w)
     return scan_blocks(step, (zeros, zeros), lu, w)
+
+
+def _bounds_accel(lower: Array, upper: Array, w: Array) -> tuple[Array, Array]:
+    def step(carry, lus, wc, _):
+        lo, hi = carry
+        lc, uc = lus[0][:, None, :], lus[1][:, None, :]
+        wc = wc[None, :, :]
+        lo = jnp.maximum(lo, jnp.maximum(lc - wc, wc - uc).max(axis=-1))
+        hi = jnp.maximum(hi, jnp.maximum(uc - wc, wc - lc).max(axis=-1))
+        return (lo, hi), None
+
+    zeros = _zeros(lower, w)
+    return over_chunks(step, (zeros, zeros), (lower, upper), w)[0]
+
+
+#: ``(lo, hi)``: the exact interval of ``||z − w[o]||_∞`` over ``lower ≤ z ≤ upper``
+#: (:func:`linf_jax.ops.linf_dist_bounds`), in the shape of the platform lowered for.
+bounds_scan = per_platform(_bounds_cpu, _bounds_accel)
