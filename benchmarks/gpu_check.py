@@ -23,6 +23,19 @@ Each stage can be chosen (``--stages``); stages 3 and 4 run as subprocesses, eac
 Run with ``--smoke`` on a CPU it checks itself (tests/test_benchmarks.py): the kernels run in
 Pallas interpret mode, the shapes are tiny, and the epoch and ensemble stages run reduced
 models.
+
+On a GPU image with jax, flax, optax, orbax-checkpoint, absl-py, numpy, PyYAML and tqdm but no
+network, two pure-Python wheels travel beside the checkout: ml-collections (the presets the
+ensemble stage builds) and tensorboardX (the trainer's TensorBoard files; the library's
+training and certification path imports neither at import time). Fetch them where pip works:
+
+    python3 -m pip download --no-deps --only-binary=:all: -d .whl \
+        ml-collections==1.1.0 tensorboardX==2.6.5
+
+and on the GPU machine, before the check:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=.:/tmp/site python3 benchmarks/gpu_check.py --out gpu.json
 """
 
 from __future__ import annotations

@@ -46,3 +46,20 @@ def test_gpu_check_fails_on_a_stage_that_fails_or_runs_over():
         "GPU CHECK: FAIL"
     bad = _run("--smoke", "--stages", "tiles,gpu")
     assert bad.returncode == 2 and "--stages='tiles,gpu'" in bad.stderr
+
+
+def test_loop_count_prints_the_table_and_the_targets_hold():
+    """benchmarks/loop_count.py traces the CIFAR-10 6 × 5120 step and one wide layer from
+    abstract shapes and prints their sequential loop iterations lowered for CUDA."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "loop_count.py"), "--kernels", "auto",
+         "--platforms", "cuda"], capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| CIFAR")]
+    assert len(rows) == 3
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("worst program loop iterations") and "auto cuda:" in last
+    for part in last.split(": ", 1)[1].split("; "):
+        value, target = part.split(": ")[1].split(" (target ")
+        assert int(value.replace(",", "")) <= int(target.rstrip(")").replace(",", "")), part
