@@ -26,8 +26,10 @@ models.
 
 On a GPU image with jax, flax, optax, orbax-checkpoint, absl-py, numpy, PyYAML and tqdm but no
 network, two pure-Python wheels travel beside the checkout: ml-collections (the presets the
-ensemble stage builds) and tensorboardX (the trainer's TensorBoard files; the library's
-training and certification path imports neither at import time). Fetch them where pip works:
+ensemble stage builds) and tensorboardX (the trainer's TensorBoard files). The library's
+training and certification path imports neither at import time, nor tensorflow-datasets, which
+only TFDS data sets and sliced splits (``'train[:80%]'``) need; the check's data is whole splits
+of the embedded digits and synthetic arrays. Fetch the wheels where pip works:
 
     python3 -m pip download --no-deps --only-binary=:all: -d .whl \
         ml-collections==1.1.0 tensorboardX==2.6.5

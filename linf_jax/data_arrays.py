@@ -43,10 +43,21 @@ class _Splits(collections.abc.Mapping):
 
 
 def resolve_split(split: str, split_infos, source: str) -> list[tuple[str, int, int]]:
-    """TFDS split spec → ``[(split name, start, stop), ...]`` (absolute, to be concatenated)."""
-    from tensorflow_datasets.core import splits as tfds_splits
+    """TFDS split spec → ``[(split name, start, stop), ...]`` (absolute, to be concatenated).
 
+    A plain split name (``'train'``) is the whole split, without TFDS; slices and sums
+    (``'train[:80%]'``, ``'train+test'``) are TFDS's split syntax, read by
+    tensorflow-datasets (an image without it still trains on whole splits)."""
     allowed = ", ".join(repr(s) for s in split_infos) or "none"
+    if split in split_infos:
+        return [(split, 0, int(split_infos[split].num_examples))]
+    try:
+        from tensorflow_datasets.core import splits as tfds_splits
+    except ImportError:
+        raise DataError(
+            f"data.split: {split!r} for {source!r} needs tensorflow-datasets for TFDS slicing "
+            f"(pip install tensorflow-datasets); allowed without it: a whole split, one of "
+            f"{allowed}") from None
     try:
         instructions = tfds_splits.ReadInstruction.from_spec(split).to_absolute(split_infos)
     except DataError:

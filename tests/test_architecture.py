@@ -172,7 +172,9 @@ def test_helpshort_lists_the_commands_flags():
 def test_the_library_imports_without_the_packages_a_bare_accelerator_image_lacks():
     """The training and certification path imports ml-collections, tensorboardX and
     tensorflow-datasets only where they are used (the config file, the TensorBoard writer, the
-    TFDS reader): a GPU/TPU image with jax, flax, optax and orbax alone can import it."""
+    TFDS reader and its split slicing): a GPU/TPU image with jax, flax, optax and orbax alone
+    imports it and loads a whole split of the embedded digits; a sliced split says in one line
+    that it needs tensorflow-datasets."""
     code = ("import importlib.abc, sys\n"
             "ABSENT = ('ml_collections', 'tensorboardX', 'tensorflow_datasets', 'tensorflow')\n"
             "class Absent(importlib.abc.MetaPathFinder):\n"
@@ -181,5 +183,11 @@ def test_the_library_imports_without_the_packages_a_bare_accelerator_image_lacks
             "            raise ImportError(name)\n"
             "sys.meta_path.insert(0, Absent())\n"
             "import linf_jax.trainer, linf_jax.classifier, linf_jax.export, linf_jax.ops\n"
+            "from linf_jax import data\n"
+            "assert len(data.load('digits', 'train').labels) > 1000  # a whole split: no TFDS\n"
+            "try:\n"
+            "    data.load('digits', 'train[:10]')\n"
+            "except data.DataError as e:\n"
+            "    assert 'needs tensorflow-datasets' in str(e), e\n"
             "print('ok')\n")
     _assert_prints_ok(code)
