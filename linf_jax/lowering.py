@@ -122,8 +122,14 @@ def loop_iterations(fn: Callable, *args, platform: str, **kwargs) -> LoopCount:
     """The :class:`LoopCount` of ``fn(*args, **kwargs)`` (arrays or ``jax.ShapeDtypeStruct``;
     nothing is computed or allocated) lowered for ``platform`` (``'cpu'``, ``'cuda'``,
     ``'rocm'``, ``'tpu'``), traced under the kernel choice in force here."""
-    closed = jax.make_jaxpr(fn)(*args, **kwargs)
-    return _count(closed.jaxpr, platform, in_kernel=False)
+    return count(jax.make_jaxpr(fn)(*args, **kwargs), platform)
+
+
+def count(jaxpr, platform: str) -> LoopCount:
+    """The :class:`LoopCount` of a traced program (a ``ClosedJaxpr``, e.g. the ``.jaxpr`` of
+    ``jax.jit(f).trace(...)``, whose ``.lower(lowering_platforms=...)`` gives its program)
+    lowered for ``platform``."""
+    return _count(getattr(jaxpr, "jaxpr", jaxpr), platform, in_kernel=False)
 
 
 def lowered_text(fn: Callable, *args, platform: str, static_argnames=(), **kwargs) -> str:

@@ -240,3 +240,38 @@ def test_loss_and_gradients_in_the_accelerator_shape_equal_the_cpu_shape(monkeyp
         scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(cpu[p][1]))
         for a, b in zip(jax.tree.leaves(accel[p]), jax.tree.leaves(cpu[p]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=str(p))
+
+
+KERNEL_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+
+
+def test_pallas_forced_programs_carry_the_platforms_kernels():
+    """With Pallas chosen, the tiny run's train step in the ramp (a traced p: the ℓ∞ and the ℓp
+    kernels, forward and backward), a K = 3 ensemble's step and the certification program (the
+    bounds kernel), each traced once on this CPU host, carry Triton kernels when lowered for
+    CUDA and Mosaic ones for a TPU (not interpret mode, no CPU custom call), and the ensemble's
+    members are batched into the kernels' grid: no member loop in the program (on a TPU the
+    grid, a sequential loop there, grows by the member axis)."""
+    from conftest import tiny_config
+
+    single, s_args = _step(tiny_config(), (8, 8, 1), batch=32)
+    ens, e_args = _step(tiny_config(), (8, 8, 1), batch=32, members=3)
+    cfg = tiny_config()
+    model = build_model(cfg.model, 10)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))))
+    _, margins_fn = evaluation.make_eval_fns(model, variables, None)
+    x = jax.ShapeDtypeStruct((16, 8, 8, 1), jnp.float32)
+    with ops.use_kernels("pallas"):
+        step = jax.jit(functools.partial(single, p_phase="ramp")).trace(*s_args)
+        ens_step = jax.jit(functools.partial(ens, p_phase="ramp")).trace(*e_args)
+        certify = jax.jit(lambda v, x: margins_fn.func(v, x - 0.1, x + 0.1,
+                                                       jnp.zeros(16, jnp.int32))).trace(
+            variables, x)
+    for platform, kernel_call in KERNEL_CALLS.items():
+        for traced in (step, ens_step, certify):
+            calls = lowering.custom_calls(traced.lower(lowering_platforms=(platform,)).as_text())
+            assert kernel_call in calls and not _project_cpu_calls("\n".join(calls)), calls
+        one, three = lowering.count(step.jaxpr, platform), lowering.count(ens_step.jaxpr,
+                                                                          platform)
+        assert one.kernel > 0 and three.program == one.program, (one, three)
+        assert three.kernel == (3 * one.kernel if platform == "tpu" else one.kernel)

@@ -39,7 +39,6 @@ from linf_jax.ops.dispatch import (
     kernel_backend,
     kernel_request,
     native_ok,
-    pallas_module,
     partitionable,
     resolve,
     use_kernels,
@@ -64,6 +63,24 @@ __all__ = [
 ]
 
 
+def _pallas(call, *args):
+    """``call(kernels, *args, interpret=...)`` with the Pallas kernels of the platform each
+    program is lowered for (``lax.platform_dependent``): Triton on a GPU, Mosaic on a TPU,
+    interpret mode on the CPU, whichever host traces the program."""
+    from linf_jax.ops import pallas as kernels
+
+    def built_for(backend):
+        def run(*a):
+            with kernels.built_for(backend):
+                return call(kernels, *a, interpret=backend == "cpu")
+
+        return run
+
+    args = tuple(jnp.asarray(a) for a in args)
+    return lax.platform_dependent(*args, cpu=built_for("cpu"), tpu=built_for("tpu"),
+                                  default=built_for("gpu"))
+
+
 def linf_dist(x: Array, w: Array) -> Array:
     """``y[b, o] = max_i |x[b, i] - w[o, i]|``. x ``[B, n]``, w ``[out, n]`` (docs/METHOD.md §1).
 
@@ -71,8 +88,7 @@ def linf_dist(x: Array, w: Array) -> Array:
     (first arg-max on ties; zero gradient where x equals w).
     """
     if active().runs("linf") == "pallas":  # the kernel choice in force (ops.dispatch)
-        kernels, interpret = pallas_module()
-        return kernels.pallas_linf_dist(x, w, interpret=interpret)
+        return _pallas(lambda kernels, x, w, **kw: kernels.pallas_linf_dist(x, w, **kw), x, w)
     # NumPy inputs are made JAX arrays first: a NumPy residual (a NumPy constant closed over
     # inside jit) cannot be indexed by the traced arg-max in the backward pass.
     x, w = jnp.asarray(x), jnp.asarray(w)
@@ -90,8 +106,7 @@ def lp_dist(x: Array, w: Array, p) -> Array:
     zero gradient) where a row of x equals a row of w.
     """
     if active().runs("lp") == "pallas":  # the kernel choice in force (ops.dispatch)
-        kernels, interpret = pallas_module()
-        return kernels.pallas_lp_dist(x, w, p, interpret=interpret)
+        return _pallas(lambda kernels, x, w, **kw: kernels.pallas_lp_dist(x, w, p, **kw), x, w)
     x, w = jnp.asarray(x), jnp.asarray(w)  # see linf_dist
     dtype = jnp.result_type(x, w)
     use_native = native_ok(x, w, family="lp")
@@ -138,6 +153,9 @@ def linf_dist_bounds(lower: Array, upper: Array, w: Array) -> tuple[Array, Array
 
 
 def _bounds_value(lower, upper, w):
+    if active().runs("bounds") == "pallas":
+        return _pallas(lambda kernels, *a, **kw: kernels.pallas_linf_dist_bounds(*a, **kw),
+                       lower, upper, w)
     if native_ok(lower, upper, w, family="bounds"):
         return on_cpu(native.linf_bounds, bounds_scan, lower, upper, w)
     return members_one_by_one(bounds_scan)(lower, upper, w)

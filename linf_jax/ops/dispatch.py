@@ -47,7 +47,7 @@ KERNELS_ENV = "LINF_JAX_KERNELS"
 FAMILIES = calibration.FAMILIES
 #: The families the Pallas kernels cover: the others run the XLA code under ``pallas``, and
 #: ``auto`` measures only these on a GPU or TPU (any subset of ``("linf", "lp", "bounds")``).
-PALLAS_FAMILIES = ("linf", "lp")
+PALLAS_FAMILIES = ("linf", "lp", "bounds")
 
 _override = threading.local()
 
@@ -244,10 +244,3 @@ def native_ok(*arrays, family: str) -> bool:
     """Whether pass ``family`` runs the native kernels on these operands (float32) under the
     choice in force."""
     return all(a.dtype == jnp.float32 for a in arrays) and active().runs(family) == "native"
-
-
-def pallas_module():
-    """The Pallas kernels module and the interpret flag for this backend (lazy import)."""
-    from linf_jax.ops import pallas
-
-    return pallas, jax.default_backend() == "cpu"

@@ -69,8 +69,10 @@ and the blocks are untuned defaults (BENCHMARKS.md).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -124,9 +126,27 @@ _MOSAIC_RULES = (
 )
 
 
+_built_for = threading.local()
+
+
+@contextlib.contextmanager
+def built_for(backend: str):
+    """Builds the kernels traced inside for ``backend`` (``'gpu'``, ``'tpu'`` or ``'cpu'``)
+    whatever the default backend: :mod:`linf_jax.ops` traces one set per platform inside a
+    ``lax.platform_dependent`` switch, so that a program traced on a CPU host carries Triton
+    kernels when lowered for a GPU and Mosaic ones for a TPU."""
+    previous = getattr(_built_for, "backend", None)
+    _built_for.backend = backend
+    try:
+        yield
+    finally:
+        _built_for.backend = previous
+
+
 def _backend() -> str:
-    """The platform the kernels are built for (a seam for the tests' cross-lowering check)."""
-    return jax.default_backend()
+    """The platform the kernels are built for: :func:`built_for`'s, else the default backend
+    (also a seam for the tests' cross-lowering checks)."""
+    return getattr(_built_for, "backend", None) or jax.default_backend()
 
 
 def default_blocks(backend: str | None = None) -> Blocks:
