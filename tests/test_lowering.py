@@ -150,10 +150,10 @@ def test_default_train_step_lowers_for_accelerators_without_cpu_kernels(platform
 
 
 def test_ensemble_members_are_batched_on_accelerators_and_mapped_on_the_cpu():
-    """A K = 3 ensemble's train step and its certification program, traced here: lowered for a
-    GPU or a TPU they take exactly the loop steps of one member (the member axis batched, no
-    member loop); the certification program lowered for the CPU runs its members one after the
-    other (the CPU's measured choice)."""
+    """A K = 3 ensemble's train step, its certification program and its exported program,
+    traced here: lowered for a GPU or a TPU they take exactly the loop steps of one member (the
+    member axis batched, no member loop); the certification program lowered for the CPU runs
+    its members one after the other (the CPU's measured choice)."""
     from conftest import tiny_config
 
     # width 512 and a batch of 4096 (abstract: nothing is allocated) so that the GPU/TPU program
@@ -190,6 +190,19 @@ def test_ensemble_members_are_batched_on_accelerators_and_mapped_on_the_cpu():
             assert one.program > 0, one
             want = one.program * factor + (3 if factor > 1 else 0)  # + the member loop's own
             assert three.program == want, (platform, one, three)
+
+        # the program linf_jax.export writes (traced with the XLA code, as export() does)
+        from linf_jax import export
+        from linf_jax.classifier import Classifier
+
+        meta = {"mean": [0.5], "std": 0.25, "input_shape": [8, 8, 1], "num_classes": 10}
+        zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)
+        programs = {k: jax.jit(export.serving_fn(Classifier(model, zeros(v), meta,
+                                                            num_members=k))).trace(x).jaxpr
+                    for k, v in ((None, variables), (3, stacked))}
+        for platform in ACCEL:
+            one, three = (lowering.count(programs[k], platform) for k in (None, 3))
+            assert three == one and one.program > 0, (platform, one, three)
 
 
 def _loss_grads(cfg, members, shape_name):
