@@ -1,20 +1,24 @@
-"""One short GPU run: are the Pallas kernels right there, how fast are they, which tiles are best.
+"""One short GPU or TPU run: are the kernels right there, how fast, what does ``auto`` pick.
 
 Prepared for the first run on a GPU (none is recorded yet: BENCHMARKS.md). In one process it
 
-1. checks the Pallas kernels against the XLA code of ``linf_jax.ops`` and a float64 NumPy
-   reference on small ragged shapes: values and gradients for p = ∞, 8, 2.5 and 100, and the
-   interval bounds of certification (XLA code) against float64;
-2. times forward+backward of one layer at (512, 3072, 5120) with the XLA code and with Pallas
-   under a small grid of :class:`linf_jax.ops.pallas.Blocks`, for p = ∞ and p = 8;
-3. times the 6 × 5120 CIFAR-10 epoch of ``benchmarks/epoch_bench.py`` (p = 8, a ramp p and
+1. resolves ``auto`` on the device, which the first time compares Pallas with the XLA code per
+   pass family there (values first, then time) and caches the decision per device kind, and
+   records the choice (:meth:`linf_jax.ops.KernelChoice.record`);
+2. checks the Pallas kernels and the XLA code against each other and a float64 NumPy reference
+   on small ragged shapes: values and gradients for p = ∞, 8, 2.5 and 100, and the interval
+   bounds of certification (both implementations) against float64;
+3. times forward+backward of one layer at (512, 3072, 5120) with the XLA code and with Pallas
+   under a small grid of :class:`linf_jax.ops.pallas.Blocks` (Triton tiles on a GPU, Mosaic
+   tiles on a TPU), for p = ∞ and p = 8;
+4. times the 6 × 5120 CIFAR-10 epoch of ``benchmarks/epoch_bench.py`` (p = 8, a ramp p and
    p = ∞) with the XLA code, Pallas and ``auto``;
-4. times a K = 5 ensemble in one program against a Python loop over its members, training steps
+5. times a K = 5 ensemble in one program against a Python loop over its members, training steps
    and certification (``benchmarks/ensemble_bench.py``);
-5. prints the tables BENCHMARKS.md needs, writes them as JSON with ``--out``, and ends with one
+6. prints the tables BENCHMARKS.md needs, writes them as JSON with ``--out``, and ends with one
    line ``GPU CHECK: PASS`` or ``FAIL``.
 
-Each stage can be chosen (``--stages``); stages 3 and 4 run as subprocesses, each under
+Each stage can be chosen (``--stages``); stages 4 and 5 run as subprocesses, each under
 ``--stage-timeout`` seconds, and a subprocess that fails or runs over is a failed check.
 
     PYTHONPATH=. python benchmarks/gpu_check.py --out gpu.json          # on the GPU machine
@@ -43,6 +47,7 @@ and on the GPU machine, before the check:
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -95,23 +100,27 @@ def check_correctness(interpret: bool, shapes) -> list[str]:
                 failures.append(f"{name}: Pallas {label} differs from the XLA code by "
                                 f"{np.abs(a - c).max():.3g}")
         ref = np_dist(x, w, p)
-        if not np.allclose(got[0], ref, rtol=1e-5 if p == INF else 1e-4, atol=1e-5):
-            failures.append(f"{name}: Pallas value differs from float64 by "
-                            f"{np.abs(got[0] - ref).max():.3g}")
-    for b, n, out in shapes:  # the bounds of certification: the XLA code on this backend
+        for kernels, value in (("Pallas", got[0]), ("XLA code", want[0])):
+            if not np.allclose(value, ref, rtol=1e-5 if p == INF else 1e-4, atol=1e-5):
+                failures.append(f"{name}: {kernels} value differs from float64 by "
+                                f"{np.abs(value - ref).max():.3g}")
+    for b, n, out in shapes:  # the bounds of certification, both implementations
         rng = np.random.default_rng(7 + b)
         lo = rng.standard_normal((b, n)).astype(np.float32)
         hi = lo + rng.uniform(0, 0.5, (b, n)).astype(np.float32)
         w = rng.standard_normal((out, n)).astype(np.float32)
-        with ops.use_kernels("xla"):
-            got_lo, got_hi = (np.asarray(a) for a in jax.jit(ops.linf_dist_bounds)(lo, hi, w))
         l3, u3, w3 = np.float64(lo)[:, None], np.float64(hi)[:, None], np.float64(w)[None]
         ref_lo = np.maximum(np.maximum(l3 - w3, w3 - u3), 0).max(-1)
         ref_hi = np.maximum(u3 - w3, w3 - l3).max(-1)
-        for label, a, c in (("lower", got_lo, ref_lo), ("upper", got_hi, ref_hi)):
-            if not np.allclose(a, c, rtol=1e-6, atol=1e-6):
-                failures.append(f"bounds {(b, n, out)}: {label} differs from float64 by "
-                                f"{np.abs(a - c).max():.3g}")
+        with ops.use_kernels("xla"):
+            xla_bounds = [np.asarray(a) for a in jax.jit(ops.linf_dist_bounds)(lo, hi, w)]
+        pallas_bounds = [np.asarray(a) for a in jax.jit(functools.partial(
+            distance.pallas_linf_dist_bounds, interpret=interpret))(lo, hi, w)]
+        for kernels, got in (("XLA code", xla_bounds), ("Pallas", pallas_bounds)):
+            for label, a, c in (("lower", got[0], ref_lo), ("upper", got[1], ref_hi)):
+                if not np.allclose(a, c, rtol=1e-6, atol=1e-6):
+                    failures.append(f"bounds {(b, n, out)}: {kernels} {label} differs from "
+                                    f"float64 by {np.abs(a - c).max():.3g}")
     return failures
 
 
@@ -183,7 +192,7 @@ def epoch_times(backend: str, extra: list[str], timeout: float = 600) -> tuple[b
     return run_script("epoch_bench.py", ["--backend", backend, "--steps", "3", *extra], timeout)
 
 
-STAGES = ("correctness", "tiles", "epochs", "ensemble")
+STAGES = ("auto", "correctness", "tiles", "epochs", "ensemble")
 # The smoke run's epoch and ensemble stages: reduced models on this machine's backend.
 SMOKE_EPOCH = ["--batch", "8", "--width", "32", "--depth", "2", "--p", "8", "--rate-size", "64"]
 SMOKE_ENSEMBLE = ["--sizes", "digits", "--members", "3", "--repeats", "1", "--phases", "start"]
@@ -196,8 +205,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--stages", default=",".join(STAGES),
                     help=f"comma-separated stages to run, of {', '.join(STAGES)}")
-    ap.add_argument("--stage-timeout", type=float, default=150.0,
-                    help="seconds each subprocess stage (one epoch backend, the ensemble) may run")
+    ap.add_argument("--stage-timeout", type=float, default=100.0,
+                    help="seconds each subprocess stage (one epoch backend, the ensemble) may "
+                         "run; the default keeps the whole check within 8 minutes")
     ap.add_argument("--out", help="also write the results as one JSON file")
     args = ap.parse_args()
     stages = [x.strip() for x in args.stages.split(",") if x.strip()]
@@ -229,7 +239,7 @@ def main() -> int:
         shapes = SHAPES[2:] if args.smoke else SHAPES
         failures = check_correctness(interpret, shapes)
         print(f"correctness: {len(shapes) * len(PS)} Pallas/XLA/float64 comparisons and "
-              f"{len(shapes)} bounds checks, {len(failures)} failures")
+              f"{2 * len(shapes)} bounds checks, {len(failures)} failures")
         for f in failures:
             print("  FAIL " + f)
         return not failures, {"failures": failures}
@@ -239,9 +249,13 @@ def main() -> int:
             shape, grid = (8, 32, 16), [distance.Blocks(b=8, out=8, n=16, unroll=2)]
         else:
             shape = (512, 3072, 5120)
-            grid = [distance.Blocks(b=b, out=o, n=n, unroll=8, num_warps=wp)
-                    for b, o, n, wp in itertools.product((64, 128), (64, 128), (32, 64),
-                                                         (4, 8))]
+            if backend == "tpu":  # Mosaic's tiling: b a multiple of 8, the rest of 128
+                grid = [distance.Blocks(b=b, out=o, n=n, unroll=128)
+                        for b, o, n in itertools.product((64, 128), (256, 512), (256, 512))]
+            else:
+                grid = [distance.Blocks(b=b, out=o, n=n, unroll=8, num_warps=wp)
+                        for b, o, n, wp in itertools.product((64, 128), (64, 128), (32, 64),
+                                                             (4, 8))]
         repeats = 1 if args.smoke else args.repeats
         rows = layer_grid(shape, interpret, grid, repeats)
         print(f"\nLayer forward+backward at (B, in, out) = {shape}, median of {repeats} (ms):\n")
@@ -281,6 +295,14 @@ def main() -> int:
         print(text)
         return ran, {"output": text}
 
+    def auto():
+        # what 'auto' chooses on this device: measured here the first time (values compared
+        # with the XLA code, then timed), cached per device kind afterwards
+        choice = ops.resolve("auto")
+        print(choice.line())
+        return True, {"kernels": choice.record()}
+
+    stage("auto", auto)
     stage("correctness", correctness)
     stage("tiles", tiles)
     stage("epochs", epochs)

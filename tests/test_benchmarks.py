@@ -23,13 +23,14 @@ def test_gpu_check_smoke_passes_and_writes_its_json(tmp_path):
     proc = _run("--smoke", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert "correctness: 4 Pallas/XLA/float64 comparisons and 1 bounds checks, 0 failures" in lines
+    assert "correctness: 4 Pallas/XLA/float64 comparisons and 2 bounds checks, 0 failures" in lines
     assert any(line.startswith("best Pallas tiles at p = 8:") for line in lines)
     assert lines[-1] == "GPU CHECK: PASS"
     report = json.loads(out.read_text())
     assert report["pass"] is True and report["backend"] == "cpu" and report["smoke"] is True
     stages = report["stages"]
-    assert list(stages) == ["correctness", "tiles", "epochs", "ensemble"]
+    assert list(stages) == ["auto", "correctness", "tiles", "epochs", "ensemble"]
+    assert stages["auto"]["kernels"]["requested"] == "auto"
     assert all(st["ok"] and st["seconds"] >= 0 for st in stages.values())
     assert stages["correctness"]["failures"] == []
     assert set(stages["epochs"]["runs"]) == {"xla", "auto"}
