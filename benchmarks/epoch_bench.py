@@ -17,10 +17,10 @@ exp and log count as one op each, so the floor is optimistic for general p.
     PYTHONPATH=. python benchmarks/epoch_bench.py --width 512 --steps 2   # small, on a CPU
     PYTHONPATH=. python benchmarks/epoch_bench.py --backend pallas        # Pallas kernels, GPU
 
-``--backend`` sets ``LINF_JAX_KERNELS`` (default: the library's choice: the native custom calls
-on the CPU, XLA on accelerators until the Pallas kernels are verified on a GPU;
-``--backend pallas`` opts in). Pallas on a CPU runs in interpret
-mode and is only a correctness check, not a timing.
+``--backend`` sets ``LINF_JAX_KERNELS`` (default ``auto``, the library's choice: on the CPU the
+native custom calls where measured faster, on a GPU or TPU Pallas or the XLA code per pass
+family as measured on the device). Pallas on a CPU runs in interpret mode and is only a
+correctness check, not a timing.
 """
 
 from __future__ import annotations

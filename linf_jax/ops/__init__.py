@@ -4,13 +4,14 @@ Shapes: x ``[B, n]``, w ``[out, n]`` → ``[B, out]``, ``y[b, o] = ||x[b] - w[o]
 jit-able, vmap-able functions with custom VJPs; no Flax, no state. This module is the public
 API; each backend is a module of its own:
 
-* :mod:`linf_jax.ops.xla` — blocked scans and custom VJPs: every platform;
+* :mod:`linf_jax.ops.xla` — the XLA code with custom VJPs, every platform, shaped for the one a
+  program is lowered for (blocked scans on the CPU, wide fused reductions on GPUs and TPUs);
 * :mod:`linf_jax.ops.native_cpu` — the native CPU custom calls (:mod:`linf_jax.native`,
   register-tiled C++ built on first use), float32: ℓ∞ forward and backward, the ℓp sum and
   backward passes, the interval bounds (and the optimiser's ℓp decay, :mod:`linf_jax.optim`);
-* :mod:`linf_jax.ops.pallas` — Pallas kernels for ℓ∞ and ℓp (GPU through Triton, interpret mode
-  anywhere), opt-in: checked in interpret mode and by cross-lowering, not timed on a GPU
-  (BENCHMARKS.md);
+* :mod:`linf_jax.ops.pallas` — Pallas kernels for ℓ∞, ℓp and the bounds (Triton on a GPU,
+  Mosaic on a TPU, interpret mode on the CPU; one set per lowering platform, :func:`_pallas`),
+  run where ``auto`` measured them faster on the device, or on request;
 * :mod:`linf_jax.ops.dispatch` — which one runs: a :class:`KernelChoice` resolved from
   ``config.kernels`` / :func:`use_kernels` / ``LINF_JAX_KERNELS`` (per pass family, per lowering
   platform).
