@@ -35,6 +35,24 @@ PHASES = {"start": "p = 8", "ramp": "ramp p (traced)", "inf": "p = ∞"}
 STEP_TARGET, LAYER_TARGET = 1000, 160
 
 
+def abstract_step(cfg, shape, batch: int, members: int | None = None):
+    """``(step_fn(state, images, labels, batch_idx, p_phase), args)``: the train step of config
+    ``cfg`` on inputs of ``shape`` (an independent ensemble of ``members``) and abstract
+    arguments for it (``jax.ShapeDtypeStruct``: nothing is allocated)."""
+    if members:
+        cfg.ensemble.update(size=members, mode="independent")
+    meta = {"mean": [0.5] * shape[-1], "std": 0.25, "input_shape": list(shape),
+            "num_classes": 10, "augment": "none"}
+    schedule = experiment.make_schedule(cfg, 98, meta["std"])
+    tx = experiment.make_optimizer(cfg, schedule)
+    model = build_model(cfg.model, 10)
+    state = jax.eval_shape(lambda: train_lib.create_train_state(cfg, model, shape, tx))
+    idx = (batch,) if not members else (members, batch)
+    args = (state, jax.ShapeDtypeStruct((1000, *shape), jnp.uint8),
+            jax.ShapeDtypeStruct((1000,), jnp.int32), jax.ShapeDtypeStruct(idx, jnp.int32))
+    return train_lib.bind_train_step(cfg, schedule, meta), args
+
+
 def cifar_step():
     """The CIFAR-10 6 × 5120 preset's train step (batch 512) and abstract arguments."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -43,17 +61,7 @@ def cifar_step():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config()
-    shape = (32, 32, 3)
-    meta = {"mean": [0.5] * 3, "std": 0.25, "input_shape": list(shape), "num_classes": 10,
-            "augment": "none"}
-    schedule = experiment.make_schedule(cfg, 98, meta["std"])
-    tx = experiment.make_optimizer(cfg, schedule)
-    model = build_model(cfg.model, 10)
-    state = jax.eval_shape(lambda: train_lib.create_train_state(cfg, model, shape, tx))
-    args = (state, jax.ShapeDtypeStruct((1000, *shape), jnp.uint8),
-            jax.ShapeDtypeStruct((1000,), jnp.int32),
-            jax.ShapeDtypeStruct((cfg.train.batch_size,), jnp.int32))
-    return train_lib.bind_train_step(cfg, schedule, meta), args
+    return abstract_step(cfg, (32, 32, 3), cfg.train.batch_size)
 
 
 def layer(p):

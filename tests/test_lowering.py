@@ -17,6 +17,11 @@ from linf_jax import evaluation, experiment, lowering, ops, train_lib
 from linf_jax.models import build_model
 from linf_jax.ops import xla
 
+_spec = importlib.util.spec_from_file_location(
+    "loop_count", os.path.join(REPO, "benchmarks", "loop_count.py"))
+loop_count = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(loop_count)  # the programs the benchmark counts
+
 INF = float("inf")
 ACCEL = ("cuda", "tpu")
 
@@ -72,54 +77,25 @@ def test_accelerator_shape_equals_cpu_shape_and_float64(monkeypatch, elements):
         assert float(y[1, 2]) == 0.0 and np.isfinite(gx).all()
 
 
-def _layer(p):
-    """Forward+backward of one 512 × 5120 → 5120 layer (p = 'traced': the train step's ramp)."""
-    def grads(x, w, q):
-        return jax.grad(lambda x, w: ops.dist(x, w, q).sum(), argnums=(0, 1))(x, w)
-
-    if p == "traced":
-        return lambda x, w: grads(x, w, jnp.float32(37.5) + 0 * x[0, 0])
-    return lambda x, w: grads(x, w, p)
-
-
 @pytest.mark.parametrize("platform", ACCEL)
 @pytest.mark.parametrize("p", [INF, 8.0, "traced"], ids=["inf", "p8", "traced"])
 def test_one_wide_layer_takes_few_sequential_steps_on_accelerators(platform, p):
     x = jax.ShapeDtypeStruct((512, 5120), jnp.float32)
     w = jax.ShapeDtypeStruct((5120, 5120), jnp.float32)
-    count = lowering.loop_iterations(_layer(p), x, w, platform=platform)
+    count = lowering.loop_iterations(loop_count.layer(p), x, w, platform=platform)
     assert count.program <= 160 and count.unbounded == 0, count
     # the CPU program keeps its many short cache-sized steps (the XLA code's CPU shape)
     with ops.use_kernels("xla"):
-        assert lowering.loop_iterations(_layer(p), x, w, platform="cpu").program > 10_000
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+        assert lowering.loop_iterations(loop_count.layer(p), x, w, platform="cpu").program > 10_000
 
 
 def _step(cfg, shape, batch=512, members=None):
-    """The train step of ``cfg`` and abstract arguments (nothing allocated)."""
-    if members:
-        cfg.ensemble.update(size=members, mode="independent")
-    meta = {"mean": [0.5] * shape[-1], "std": 0.25, "input_shape": list(shape),
-            "num_classes": 10, "augment": "none"}
-    schedule = experiment.make_schedule(cfg, 98, meta["std"])
-    tx = experiment.make_optimizer(cfg, schedule)
-    model = build_model(cfg.model, 10)
-    state = jax.eval_shape(lambda: train_lib.create_train_state(cfg, model, shape, tx))
-    idx = (batch,) if not members else (members, batch)
-    args = (state, jax.ShapeDtypeStruct((1000, *shape), jnp.uint8),
-            jax.ShapeDtypeStruct((1000,), jnp.int32), jax.ShapeDtypeStruct(idx, jnp.int32))
-    return train_lib.bind_train_step(cfg, schedule, meta), args
+    return loop_count.abstract_step(cfg, shape, batch, members)
 
 
 @pytest.mark.parametrize("platform", ACCEL)
 def test_cifar10_6x5120_train_step_is_under_1000_sequential_steps(platform):
-    step, args = _step(_load("cifar10_8.py"), (32, 32, 3))
+    step, args = loop_count.cifar_step()
     for phase in ("start", "ramp", "inf"):
         count = lowering.loop_iterations(functools.partial(step, p_phase=phase), *args,
                                          platform=platform)

@@ -29,11 +29,9 @@ custom call (native or Pallas), which XLA's SPMD partitioner would not split.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +39,7 @@ import jax.numpy as jnp
 from linf_jax import native
 from linf_jax.config import KERNEL_CHOICES
 from linf_jax.ops import calibration
+from linf_jax.ops.scoped import Scoped
 
 KERNELS_ENV = "LINF_JAX_KERNELS"
 #: The pass families whose implementation is chosen separately (calibration.FAMILIES).
@@ -49,7 +48,7 @@ FAMILIES = calibration.FAMILIES
 #: ``auto`` measures only these on a GPU or TPU (any subset of ``("linf", "lp", "bounds")``).
 PALLAS_FAMILIES = ("linf", "lp", "bounds")
 
-_override = threading.local()
+_override = Scoped()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +130,7 @@ def kernel_request() -> str | KernelChoice:
     jitted once at module level (the evaluation programs of :mod:`linf_jax.certify` and
     :mod:`linf_jax.classifier`) take it as a static argument and trace under it, so another
     choice traces anew."""
-    return getattr(_override, "choice", None) or _env_request()
+    return _override.get() or _env_request()
 
 
 def resolve(choice: str | None = None, source: str | None = None) -> KernelChoice:
@@ -201,7 +200,7 @@ def _resolve(requested: str, source: str, platform: str) -> KernelChoice:
 def active() -> KernelChoice:
     """The choice in force where this is called: the value given to :func:`use_kernels`, or
     the resolution of its request text, of ``LINF_JAX_KERNELS``, or of ``auto``."""
-    choice = getattr(_override, "choice", None)
+    choice = _override.get()
     if isinstance(choice, KernelChoice):
         return choice
     return resolve(choice, "use_kernels" if choice is not None else None)
@@ -212,19 +211,13 @@ def kernel_backend() -> str:
     return active().backend
 
 
-@contextlib.contextmanager
 def use_kernels(choice: str | KernelChoice | None):
     """Traces the code inside with ``choice``: a resolved :class:`KernelChoice`, or a request
     (``'auto'``, ``'native'``, ``'xla'``, ``'pallas'``; ``None``: ``LINF_JAX_KERNELS`` as
     set)."""
     if isinstance(choice, str) and _normalized(choice) not in KERNEL_CHOICES:
         raise ValueError(f"kernels={choice!r} is not one of {KERNEL_CHOICES}")
-    previous = getattr(_override, "choice", None)
-    _override.choice = choice
-    try:
-        yield
-    finally:
-        _override.choice = previous
+    return _override.set(choice)
 
 
 def partitionable(fn):

@@ -69,10 +69,8 @@ and the blocks are untuned defaults (BENCHMARKS.md).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +79,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from linf_jax.ops import xla
+from linf_jax.ops.scoped import Scoped
 
 Array = jax.Array
 
@@ -126,27 +125,21 @@ _MOSAIC_RULES = (
 )
 
 
-_built_for = threading.local()
+_built_for = Scoped()
 
 
-@contextlib.contextmanager
 def built_for(backend: str):
     """Builds the kernels traced inside for ``backend`` (``'gpu'``, ``'tpu'`` or ``'cpu'``)
     whatever the default backend: :mod:`linf_jax.ops` traces one set per platform inside a
     ``lax.platform_dependent`` switch, so that a program traced on a CPU host carries Triton
     kernels when lowered for a GPU and Mosaic ones for a TPU."""
-    previous = getattr(_built_for, "backend", None)
-    _built_for.backend = backend
-    try:
-        yield
-    finally:
-        _built_for.backend = previous
+    return _built_for.set(backend)
 
 
 def _backend() -> str:
     """The platform the kernels are built for: :func:`built_for`'s, else the default backend
     (also a seam for the tests' cross-lowering checks)."""
-    return getattr(_built_for, "backend", None) or jax.default_backend()
+    return _built_for.get() or jax.default_backend()
 
 
 def default_blocks(backend: str | None = None) -> Blocks:

@@ -32,13 +32,13 @@ Common to both:
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from linf_jax.ops.scoped import Scoped
 
 Array = jax.Array
 
@@ -56,28 +56,22 @@ MAX_INT_P = 8  # integer p up to this use repeated multiplication
 TINY = 1e-30
 
 
-_shape = threading.local()
+_shape = Scoped()
 
 
-@contextlib.contextmanager
 def traced_in_shape(shape: str):
     """Traces the XLA code inside in one shape, ``'cpu'`` or ``'accel'``, whatever platform the
     program is lowered for (no ``platform_dependent`` switch): how the tests run the GPU/TPU
     shape on the CPU. Programs jitted inside must be traced there, not served from a cache."""
     if shape not in ("cpu", "accel"):
         raise ValueError(f"shape={shape!r} is not one of 'cpu', 'accel'")
-    previous = getattr(_shape, "forced", None)
-    _shape.forced = shape
-    try:
-        yield
-    finally:
-        _shape.forced = previous
+    return _shape.set(shape)
 
 
 def switch(args, cpu_fn, accel_fn):
     """``cpu_fn(*args)`` in a program lowered for the CPU, ``accel_fn(*args)`` for a GPU or TPU
     (``lax.platform_dependent``: the host that traces the program does not matter)."""
-    forced = getattr(_shape, "forced", None)
+    forced = _shape.get()
     if forced is not None:
         return (cpu_fn if forced == "cpu" else accel_fn)(*args)
     return lax.platform_dependent(*args, cpu=cpu_fn, default=accel_fn)
