@@ -197,6 +197,69 @@ def test_lp_uses_native_and_matches_xla(p):
                                    atol=tol * float(np.abs(np.asarray(b)).max()))
 
 
+def _negligible_inputs(kind, seed=11, b=6, n=300, out=9):
+    """``gaussian``: most terms negligible at large p; ``near_max``: every |d| within 1% of its
+    row's max (none negligible even at p = 1000); ``ties``: gaussian with several coordinates
+    of each pair exactly at the max."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, n)) * 2.0
+    w = rng.standard_normal((out, n)) * 2.0
+    if kind == "near_max":
+        x = np.zeros((b, n))
+        w = 3.0 * (1.0 - 0.01 * rng.uniform(size=(out, n))) * rng.choice([-1.0, 1.0], (out, n))
+        x[:, :5] = rng.uniform(-0.01, 0.01, (b, 5))
+    if kind == "ties":
+        x[:, :4] = 0.0
+        w[:, :4] = 9.0 * rng.choice([-1.0, 1.0], (out, 4))  # |d| = 9 >> the rest, four times
+    g = rng.standard_normal((b, out))
+    return x.astype(np.float32), w.astype(np.float32), g.astype(np.float32)
+
+
+def _np_lp_with_skip(x, w, g, p):
+    """float64 y and (dx, dw), in full and with the terms the kernels may skip dropped
+    (u^p < 2^-24/n forward, t^(p-1) < 2^-24/n backward; linf_jax/native/lp.cc)."""
+    d = np.float64(x)[:, None, :] - np.float64(w)[None, :, :]
+    a, n = np.abs(d), d.shape[-1]
+    m = a.max(-1, keepdims=True)
+    u = a / m
+    terms = u ** p
+    y_full = m[..., 0] * terms.sum(-1) ** (1 / p)
+    y_skip = m[..., 0] * np.where(terms < 2.0**-24 / n, 0.0, terms).sum(-1) ** (1 / p)
+    t = a / y_full[..., None]
+    big_g = np.sign(d) * t ** (p - 1) * np.float64(g)[..., None]
+    dropped = np.where(t ** (p - 1) < 2.0**-24 / n, big_g, 0.0)
+    return y_full, y_skip, big_g, dropped
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "near_max", "ties"])
+@pytest.mark.parametrize("p", [8.0, 37.5, 100.0, 1000.0])
+def test_lp_negligible_terms_match_float64_within_the_bound(p, kind):
+    """The kernels skip the terms below float32's resolution (linf_jax/native/lp.cc): the proven
+    bound holds on these inputs (y moves by < 2^-24/p relative, each pair's gradient loses
+    < 2^-24 of its l1 mass), and the native kernels and the XLA code give y and both gradients
+    of float64, on inputs where most terms are negligible, where none is, and with ties."""
+    x, w, g = _negligible_inputs(kind)
+    y_full, y_skip, big_g, dropped = _np_lp_with_skip(x, w, g, p)
+    assert (np.abs(y_skip - y_full) <= y_full * 2.0**-24 / p * 1.01).all()
+    mass = np.abs(big_g).sum(-1)
+    assert (np.abs(dropped).sum(-1) <= 2.0**-24 * mass * 1.01 + 1e-300).all()
+    if kind == "near_max":
+        assert not dropped.any()  # nothing is negligible there
+    want = (y_full, big_g.sum(1), -big_g.sum(0))
+
+    def f(x, w, g):
+        y, vjp = jax.vjp(lambda x, w: ops.dist(x, w, p), x, w)
+        return (y, *vjp(g))
+
+    grad_tol = max(2e-6, 8 * (p - 1) * 2.0**-24)
+    for kernels in ("native", "xla"):
+        got = _with(kernels, f)(x, w, g)
+        np.testing.assert_allclose(np.asarray(got[0]), want[0], rtol=2e-6, err_msg=kernels)
+        for a, b in zip(got[1:], want[1:], strict=True):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=grad_tol,
+                                       atol=grad_tol * np.abs(b).max(), err_msg=kernels)
+
+
 def test_lp_nested_vmap_matches_slices():
     rng = np.random.default_rng(12)
     xs = rng.standard_normal((2, 3, 4, 20)).astype(np.float32)
@@ -615,7 +678,8 @@ def test_isa_choice_is_checked(monkeypatch):
 # Tests of values, arg-max, ties, NaN/inf, gradients, ℓp and bounds that are rerun, in a
 # subprocess, on every other instruction-set variant this CPU can run.
 VARIANT_TESTS = ("values_index_and_gradients or ties_take_the_first or nan_and_inf_follow or "
-                 "lp_uses_native or bounds_match or bounds_nan or lp_decay_non_finite")
+                 "lp_uses_native or lp_negligible or bounds_match or bounds_nan or "
+                 "lp_decay_non_finite")
 
 
 def _runnable_variants():

@@ -25,6 +25,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -56,6 +60,23 @@ inline vf loadv(const float* p) {
 inline vf absv(vf v) {
   vi bits = (vi)v & 0x7fffffff;
   return (vf)bits;
+}
+
+// Whether every lane of u is below t (false for a NaN lane): the l_p kernels' test for a
+// vector of negligible terms (lp.cc). One compare into a lane mask where the instruction set
+// has one, else lane by lane.
+inline bool all_below(vf u, vf t) {
+#if defined(__AVX512F__) && LINF_VW == 16
+  return _mm512_cmp_ps_mask((__m512)u, (__m512)t, _CMP_LT_OQ) == 0xFFFF;
+#elif defined(__AVX__) && LINF_VW == 8
+  return _mm256_movemask_ps(_mm256_cmp_ps((__m256)u, (__m256)t, _CMP_LT_OQ)) == 0xFF;
+#elif defined(__SSE__) && LINF_VW == 4
+  return _mm_movemask_ps(_mm_cmplt_ps((__m128)u, (__m128)t)) == 0xF;
+#else
+  for (int k = 0; k < VW; ++k)
+    if (!(u[k] < t[k])) return false;
+  return true;
+#endif
 }
 
 // Calls f(tb, to, b, o) for the register tiles covering [b0, b1) x [o0, o1): TB x TO tiles and

@@ -4,27 +4,53 @@
 //   G        = sign(d_i) max(|d_i| / y, 1e-30)^(p-1) g[b, o]
 //   gx[b, i] = sum_o G,   gw[o, i] = -sum_b G
 // The powers, by repeated squaring for an integer p and by exp/log otherwise: powers.h.
+//
+// Negligible terms (general p). Every term of the sum is u^p with u = |d_i| / m <= 1, and the
+// sum is >= 1 (the max term is 1). A term with u^p < delta = 2^-24 / n is skipped: the n terms
+// of a sum drop less than n delta = 2^-24 <= 2^-24 s in all, below the rounding of the float32
+// sum, and y = m s^(1/p) moves by less than 2^-24 / p relative. A vector of VW terms is skipped
+// when every u < tau = delta^(1/p) (0.79 at p = 100 and n = 1024, 0.98 at p = 1000), without
+// computing a power. Likewise in the backward pass with t = |d_i| / y <= 1: for each (b, o),
+// sum_i t^(p-1) >= sum_i t^p = 1, so skipping the terms with t^(p-1) < delta' = 2^-24 / n drops
+// less than 2^-24 of that pair's gradient, measured in its l1 norm (each dropped term of gx or
+// gw is below delta' |g[b, o]|). A NaN never counts as negligible. The integer-p path (p <= 8,
+// where tau is 0.053 at p = 8 and n = 1024, and little would be skipped) computes every term.
 #include "powers.h"
 
 namespace {
 
+// tau = delta^(1/e) with delta = 2^-24 / n: a term t^e with t < tau is negligible (see the
+// top); 0 (nothing skipped) for e <= 0 or a non-finite e.
+inline float negligible_below(float e, int64_t n) {
+  if (!(e > 0.f) || !std::isfinite(e) || n <= 0) return 0.f;
+  return static_cast<float>(std::exp2((-24.0 - std::log2(static_cast<double>(n))) / e));
+}
+
 // Sum pass: one register tile of tb x to pairs.
 template <int K, int tb, int to>
 inline void lp_sum_tile(const float* x, const float* w, int64_t ld, int64_t nv, const float* im,
-                        float* s, int64_t ldy, float p) {
-  vf acc[tb][to], scale[tb][to];
+                        float* s, int64_t ldy, float p, float tau) {
+  // thr = tau m: |d| < thr is u < tau, tested before the scaling; 0 (never skipped) where m
+  // is 0, NaN or infinite
+  vf acc[tb][to], thr[tb][to];
+  float scale[tb][to];
   for (int r = 0; r < tb; ++r)
     for (int c = 0; c < to; ++c) {
       acc[r][c] = vf{};
-      scale[r][c] = vf{} + im[r * ldy + c];
+      scale[r][c] = im[r * ldy + c];
+      thr[r][c] = vf{} + (scale[r][c] > 0.f ? tau / scale[r][c] : 0.f);
     }
   for (int64_t v = 0; v < nv; ++v) {
     vf wv[to];
     for (int c = 0; c < to; ++c) wv[c] = loadv(w + c * ld + v * VW);
     for (int r = 0; r < tb; ++r) {
       const vf xv = loadv(x + r * ld + v * VW);
-      for (int c = 0; c < to; ++c)
-        acc[r][c] += vpow<K>(absv(xv - wv[c]) * scale[r][c], p);
+      for (int c = 0; c < to; ++c) {
+        const vf a = absv(xv - wv[c]);
+        if constexpr (K < 0)
+          if (all_below(a, thr[r][c])) continue;  // every term below delta (see the top)
+        acc[r][c] += vpow<K>(a * scale[r][c], p);
+      }
     }
   }
   for (int r = 0; r < tb; ++r)
@@ -47,10 +73,11 @@ void lp_sum_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, cons
   std::vector<float> xbuf, wbuf;
   const float* x = padded(x0, B, n, ld, xbuf);
   const float* w = padded(w0, out, n, ld, wbuf);
+  const float tau = negligible_below(p, n);
   run_jobs(pool, B, out, ld, [&](int64_t b0, int64_t b1, int64_t o0, int64_t o1) {
     for_tiles(b0, b1, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
       lp_sum_tile<K, tb, to>(x + b * ld, w + o * ld, ld, nv, im + b * out + o, s + b * out + o,
-                             out, p);
+                             out, p, tau);
     });
   });
 }
@@ -64,16 +91,21 @@ constexpr int kIBlock = 256;
 
 template <int K, int tb, int to>
 inline void lp_bwd_tile(const float* x, const float* w, const float* iy, const float* g,
-                        int64_t ldy, int64_t v0, int64_t v1, float pm1, float* gx, float* gw,
-                        int64_t ld) {
+                        int64_t ldy, int64_t v0, int64_t v1, float pm1, float tau, float* gx,
+                        float* gw, int64_t ld) {
+  // thr = tau y: |d| < thr is t < tau, tested before the scaling; 0 (never skipped) where y is
+  // 0, NaN or infinite
   float sc[tb][to], gg[tb][to];
+  vf thr[tb][to];
   for (int r = 0; r < tb; ++r)
     for (int c = 0; c < to; ++c) {
       sc[r][c] = iy[r * ldy + c];
       gg[r][c] = g[r * ldy + c];
+      thr[r][c] = vf{} + (sc[r][c] > 0.f ? tau / sc[r][c] : 0.f);
     }
   for (int64_t v = v0; v < v1; ++v) {
     vf wv[to], gwv[to];
+    bool touched_w = false;
     for (int c = 0; c < to; ++c) {
       wv[c] = loadv(w + c * ld + v * VW);
       gwv[c] = vf{};
@@ -81,9 +113,14 @@ inline void lp_bwd_tile(const float* x, const float* w, const float* iy, const f
     for (int r = 0; r < tb; ++r) {
       const vf xv = loadv(x + r * ld + v * VW);
       vf gxv = vf{};
+      bool touched_x = false;
       for (int c = 0; c < to; ++c) {
         const vf d = xv - wv[c];
-        vf t = absv(d) * sc[r][c];
+        const vf a = absv(d);
+        if constexpr (K < 0)
+          if (all_below(a, thr[r][c])) continue;  // every term below delta' (see the top)
+        touched_x = true;
+        vf t = a * sc[r][c];
         t = t > 1e-30f ? t : vf{} + 1e-30f;
         vf G = vpow<(K < 0 ? -1 : K - 1)>(t, pm1) * gg[r][c];
         // sign(d) * G: 0 where d == 0, the sign bit of d otherwise
@@ -92,15 +129,19 @@ inline void lp_bwd_tile(const float* x, const float* w, const float* iy, const f
         gxv += G;
         gwv[c] -= G;
       }
-      vf cur = loadv(gx + r * ld + v * VW);
-      cur += gxv;
-      std::memcpy(gx + r * ld + v * VW, &cur, sizeof(cur));
+      if (K >= 0 || touched_x) {  // an untouched row adds exactly 0
+        touched_w = true;
+        vf cur = loadv(gx + r * ld + v * VW);
+        cur += gxv;
+        std::memcpy(gx + r * ld + v * VW, &cur, sizeof(cur));
+      }
     }
-    for (int c = 0; c < to; ++c) {
-      vf cur = loadv(gw + c * ld + v * VW);
-      cur += gwv[c];
-      std::memcpy(gw + c * ld + v * VW, &cur, sizeof(cur));
-    }
+    if (K >= 0 || touched_w)
+      for (int c = 0; c < to; ++c) {
+        vf cur = loadv(gw + c * ld + v * VW);
+        cur += gwv[c];
+        std::memcpy(gw + c * ld + v * VW, &cur, sizeof(cur));
+      }
   }
 }
 
@@ -132,7 +173,7 @@ void lp_bwd_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, cons
     gwp = gw_pad.data();
   }
   const int64_t vb = kIBlock / VW;
-  const float pm1 = p - 1.f;
+  const float pm1 = p - 1.f, tau = negligible_below(pm1, n);
   parallel_for(pool, parts, [&](int64_t part) {
     const int64_t o0 = std::min(out, part * per), o1 = std::min(out, o0 + per);
     float* gxp = gx.data() + part * B * ld;
@@ -140,7 +181,7 @@ void lp_bwd_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, cons
       const int64_t v1 = std::min(nv, v0 + vb);
       for_tiles<true>(0, B, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
         lp_bwd_tile<K, tb, to>(x + b * ld, w + o * ld, iy + b * out + o, g + b * out + o, out,
-                               v0, v1, pm1, gxp + b * ld, gwp + o * ld, ld);
+                               v0, v1, pm1, tau, gxp + b * ld, gwp + o * ld, ld);
       });
     }
   });
