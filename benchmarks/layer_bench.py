@@ -1,7 +1,7 @@
 """Layer-kernel benchmark: linf_jax.ops.dist against naive JAX autodiff and torch.cdist.
 
-For each shape (B, in, out) and p in {inf, 8}, times the forward pass and the forward+backward
-pass (gradients of ``sum(dist(x, w, p) * g)`` with respect to x and w) of
+For each shape (B, in, out) and p in {inf, 8, 100, 1000}, times the forward pass and the
+forward+backward pass (gradients of ``sum(dist(x, w, p) * g)`` with respect to x and w) of
 
 * ours:  ``linf_jax.ops.dist`` as dispatched by default (``linf_jax.ops.kernel_backend``: on
   the CPU the native custom-call kernels of linf_jax/native for ℓ∞ and the ℓp max pass), jitted;
@@ -13,10 +13,11 @@ pass (gradients of ``sum(dist(x, w, p) * g)`` with respect to x and w) of
   instruction set (``LINF_JAX_NATIVE_ISA``), each timed in its own subprocess on this machine,
   so one AVX-512 machine shows the AVX-512, AVX2 and baseline builds side by side.
 
-Prints a table of medians (ms) and G-elements/s (``B·in·out / time``), then one line of speed-up
-ratios. Compilation is excluded (compiled ahead of time, plus one warm-up call). A method slower
-than ``--slow-s`` on its warm-up call is timed once more only; the naive version is skipped
-above ``--naive-max-elements`` (it materialises several ``B·out·in`` float32 tensors).
+Prints a table of medians (ms) and G-elements/s (``B·in·out / time``), then one line of
+speed-up ratios and one of each p's forward+backward time over ℓ∞'s (what the p ramp costs).
+Compilation is excluded (compiled ahead of time, plus one warm-up call). A method slower than
+``--slow-s`` on its warm-up call is timed once more only; the naive version is skipped above
+``--naive-max-elements`` (it materialises several ``B·out·in`` float32 tensors).
 
     PYTHONPATH=. python benchmarks/layer_bench.py            # every shape
     PYTHONPATH=. python benchmarks/layer_bench.py --quick    # (512, 1024, 1024) only
@@ -41,7 +42,7 @@ import numpy as np
 from linf_jax import native, ops
 
 SHAPES = [(512, 1024, 1024), (128, 784, 5120), (512, 3072, 5120)]
-PS = [float("inf"), 8.0]
+PS = [float("inf"), 8.0, 100.0, 1000.0]
 METHODS = ["ours", "ours-xla", "naive", "torch"]
 PASSES = ["fwd", "fwd+bwd"]
 
@@ -160,7 +161,8 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the torch.cdist columns")
     ap.add_argument("--no-xla", action="store_true",
                     help="skip the ours-xla column (ours with LINF_JAX_KERNELS=xla)")
-    ap.add_argument("--ps", default="inf,8", help="comma-separated p values (default inf,8)")
+    ap.add_argument("--ps", default=",".join(p_name(p) for p in PS),
+                    help="comma-separated p values (default inf,8,100,1000)")
     ap.add_argument("--variants", default="",
                     help="native builds to time too, each in a subprocess: comma-separated "
                          f"from {', '.join(native.ISA_CHOICES[1:])}, or 'all'")
@@ -235,6 +237,7 @@ def main() -> None:
     print_table(rows, methods)
     print()
     print(ratio_line(rows, methods))
+    print(p_ratio_line(rows, methods))
 
 
 def fmt_cell(cell, elems):
@@ -284,6 +287,25 @@ def ratio_line(rows, methods) -> str:
         vs = [f"{speedup(cells['ours'], cells[m])} vs {m}" for m in methods if m != "ours"]
         parts.append(f"{'x'.join(map(str, shape))} p={p_name(p)} {pas}: " + ", ".join(vs))
     return "RATIOS (ours faster by) " + "; ".join(parts)
+
+
+def p_ratio_line(rows, methods) -> str:
+    """Each p's forward+backward time over ℓ∞'s, per shape and method: what the p ramp costs
+    against the final phase."""
+    parts = []
+    for shape in dict.fromkeys(r[0] for r in rows):
+        full = {p: cells for s_, p, pas, cells in rows if s_ == shape and pas == "fwd+bwd"}
+        base = full.get(float("inf"))
+        if base is None:
+            continue
+        for m in methods:
+            if base[m][0] is None:
+                continue
+            ratios = [f"p={p_name(p)} {cells[m][0] / base[m][0]:.1f}x" for p, cells in full.items()
+                      if p != float("inf") and cells[m][0] is not None]
+            if ratios:
+                parts.append(f"{'x'.join(map(str, shape))} {m}: " + ", ".join(ratios))
+    return "RATIOS TO p=inf (fwd+bwd) " + "; ".join(parts)
 
 
 if __name__ == "__main__":
