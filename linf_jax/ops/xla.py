@@ -24,6 +24,13 @@ Common to both:
 * ℓp (with :mod:`linf_jax.ops`'s composite): the stable form ``m · (Σ (|d|/m)^p)^(1/p)`` and
   the analytic backward ``∂y/∂x_i = sign(d_i) (|d_i|/y)^(p-1)`` (docs/METHOD.md §2).
 * Small integer p (≤ 8) uses repeated multiplication instead of ``exp(p·log t)``.
+* Other p, in the CPU shape at float32: ``t^p = 2^(p·log2 t)`` by polynomials, the exponent
+  taken from the bits (:func:`pow_cpu`): about half the instructions per term of XLA's ``exp``
+  and ``log`` in the sum pass. Once p is large enough that every term below a threshold
+  ``τ ≥ NEAR_ONE`` is negligible (:func:`negligible_below`: all of them together move the
+  float32 sum by less than its rounding), those terms are 0 and the others take a shorter
+  polynomial with no exponent split (:func:`pow_near_one`); a ``lax.cond`` on p picks the
+  branch at run time.
 * Zero padding of the input dimension is exact for every reduction here (padded coordinates
   give ``|d| = 0``, which never raises a max, adds 0 to a p-sum and has ``sign(d) = 0``).
 * Under ``vmap`` (ensemble members, groups) the CPU program runs the members one after the
@@ -32,6 +39,7 @@ Common to both:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -54,6 +62,20 @@ LP_BWD_ELEMENTS = 1 << 21  # B·chunk·tile elements per ℓp backward step (see
 ACCEL_ELEMENTS = 1 << 28
 MAX_INT_P = 8  # integer p up to this use repeated multiplication
 TINY = 1e-30
+# ℓp in the CPU shape at float32 (pow_cpu, pow_near_one): polynomial coefficients, constant term
+# first, float32 numbers fitted one after the other (near-minimax in relative error).
+#: log2(1 + r) / r for √½ − 1 ≤ r < √2 − 1, degree 7: relative error 1.8e-7.
+LOG2_FULL = (1.442694902420044, -0.7213519811630249, 0.48092547059059143, -0.360269695520401,
+             0.28708356618881226, -0.24857552349567413, 0.233984112739563, -0.14651350677013397)
+#: log2(1 + r) / r for NEAR_ONE − 1 ≤ r ≤ 2^-10, degree 6: relative error 7.1e-8.
+LOG2_NEAR = (1.442695140838623, -0.7213466167449951, 0.48101553320884705, -0.35657814145088196,
+             0.3343299329280853, -0.023476971313357353, 0.6318237781524658)
+#: 2^f for |f| ≤ 1/2, degree 5 (exactly 1 at f = 0): relative error 9.3e-8.
+EXP2 = (1.0, 0.6931470036506653, 0.24022246897220612, 0.0555071122944355, 0.009671294130384922,
+        0.0013269406044855714)
+#: The least t that pow_near_one takes: the threshold τ at which its branch starts. At in = 1024
+#: that is p ≥ 55 (p − 1 ≥ 55 in the backward pass).
+NEAR_ONE = 0.65
 
 
 _shape = Scoped()
@@ -350,14 +372,98 @@ def int_root(s, k):
     return s if k == 1 else (jnp.sqrt(s) if k == 2 else s ** (1.0 / k))
 
 
-def lp_sum_cpu(x, w, inv_m, p, k):
-    """``Σ_i (|x_bi − w_oi| · inv_m[b, o])^p`` → ``[B, out]``: the CPU shape."""
+def _poly(coeffs, r):
+    """``Σ_i coeffs[i]·r^i`` by Horner's rule."""
+    acc = coeffs[-1]
+    for c in reversed(coeffs[:-1]):
+        acc = acc * r + c
+    return acc
+
+
+def _exp2(e):
+    """``2^e`` for float32 ``−125 ≤ e ≤ 127``: ``2^n`` (n = round(e)) put into the exponent
+    bits of a polynomial's ``2^(e−n)`` (relative error ~1e-7)."""
+    n = lax.round(e, lax.RoundingMethod.TO_NEAREST_EVEN)
+    q = _poly(EXP2, e - n)
+    # n + 1.5·2^23 holds n in its low mantissa bits (two's complement, |n| < 2^22); shifted by
+    # 23 they become n·2^23, what adding n to q's exponent field adds to q's bits.
+    n_bits = lax.bitcast_convert_type(n + 12582912.0, jnp.int32) << 23
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(q, jnp.int32) + n_bits, jnp.float32)
+
+
+def pow_cpu(t, p):
+    """``t^p`` for float32 ``0 ≤ t ≤ 1`` (a few roundings above are fine) and ``p ≥ 0``: a
+    relative error of a few 1e-6, that of rounding ``p·log2 t`` to float32 (measured ≤ 6e-6 on
+    the terms ≥ 2^-34 at p = 100; ``exp(p·log t)``: ≤ 3e-6). Results below ``2^-125`` come out
+    as ``2^-125``, and ``t = 0`` as ``2^(−128p)`` or less (callers select an exact 0). How:
+    ``t = 2^e·z`` with z in [√½, √2) from the bits, ``p·log2 t = p·e + p·log2 z`` with a
+    polynomial in ``z − 1``, then :func:`_exp2`. A NaN t gives NaN."""
+    bits = lax.bitcast_convert_type(t, jnp.int32)
+    e = (bits - 0x3F3504F3) >> 23  # 0x3F3504F3: the bits of √½
+    # z = t·2^-e (a multiplication rather than bit arithmetic on t, so that NaN stays NaN)
+    z = t * lax.bitcast_convert_type(0x3F800000 - (e << 23), jnp.float32)
+    r = z - 1.0
+    # p folded into the coefficients: one multiplication less on the dependency chain
+    log = e.astype(jnp.float32) * p + r * _poly(tuple(p * c for c in LOG2_FULL), r)
+    return _exp2(jnp.maximum(log, -125.0))
+
+
+def pow_near_one(t, p):
+    """``t^p`` for float32 t in ``[NEAR_ONE, 1 + 2^-10]`` and ``t^p ≥ 2^-125``, with the
+    accuracy of :func:`pow_cpu` (measured ≤ 4e-6 at p = 100): :func:`pow_cpu` without the
+    exponent split. Any value, NaN included, elsewhere; callers select 0 there."""
+    r = t - 1.0
+    return _exp2(r * _poly(tuple(p * c for c in LOG2_NEAR), r))
+
+
+def _term_count(n) -> int:
+    try:
+        return int(n)
+    except Exception:  # a symbolic dimension: any bound above it is as correct
+        return 1 << 24
+
+
+def negligible_below(p, n: int):
+    """``τ = 2^(−(24 + log2 n)/p)``: n terms ``t^p`` with ``t < τ`` are each below
+    ``δ = 2^-24/n`` and sum to less than ``2^-24``, under the rounding of a sum that is ≥ 1.
+    That holds for the stable form's ``Σ_i (|d_i|/m)^p`` (its largest term is 1), and for each
+    gradient row ``Σ_i (|d_i|/y)^(p−1) ≥ Σ_i (|d_i|/y)^p = 1``: dropped, they change it by less
+    than ``2^-24`` of its ℓ1 mass. Traced p: a scalar computed at run time."""
+    return jnp.exp2(-(24.0 + math.log2(max(_term_count(n), 1))) / p)
+
+
+def _polynomial_pow(dtype) -> bool:
+    """Whether the CPU shape's ℓp passes take :func:`pow_cpu` (float32, its bit layout)."""
+    return jnp.dtype(dtype) == jnp.float32
+
+
+def _lp_sum_scan(x, w, inv_m, term):
+    """``Σ_i term(|x_bi − w_oi| · inv_m[b, o])`` → ``[B, out]``, a :func:`scan_blocks` pass."""
 
     def step(carry, xj, wj, _):  # the scale 1/m rides in the carry, tiled with the weight rows
         s, im = carry
-        return s + pow_p(jnp.abs(xj - wj) * im, p, k), im
+        return s + term(jnp.abs(xj - wj) * im), im
 
     return scan_blocks(step, (jnp.zeros_like(inv_m), inv_m), x, w)[0]
+
+
+def _near_sum(x, w, inv_m, p, tau):
+    return _lp_sum_scan(x, w, inv_m, lambda u: jnp.where(u < tau, 0.0, pow_near_one(u, p)))
+
+
+def _full_sum(x, w, inv_m, p, tau):
+    return _lp_sum_scan(x, w, inv_m, lambda u: pow_cpu(u, p))
+
+
+def lp_sum_cpu(x, w, inv_m, p, k):
+    """``Σ_i (|x_bi − w_oi| · inv_m[b, o])^p`` → ``[B, out]``: the CPU shape. Integer k:
+    repeated multiplication; else, at float32, :func:`pow_near_one` with the terms below
+    :func:`negligible_below` dropped where that threshold is ≥ ``NEAR_ONE``, :func:`pow_cpu`
+    where it is not (one ``lax.cond`` on p)."""
+    if k is not None or not _polynomial_pow(jnp.result_type(x, w, inv_m)):
+        return _lp_sum_scan(x, w, inv_m, lambda u: pow_p(u, p, k))
+    tau = negligible_below(p, x.shape[1])
+    return lax.cond(tau >= NEAR_ONE, _near_sum, _full_sum, x, w, inv_m, p, tau)
 
 
 def _lp_parts_cpu(x, w, p, k):
@@ -415,29 +521,72 @@ def lp_backward_xla(x, w, y, g, p, k):
                   lambda *a: _lp_backward_accel(*a, k))
 
 
+def _signed_by(g, d):
+    """``g`` with its sign flipped where d is negative (``sign(d)·g`` for ``d ≠ 0``)."""
+    sign = lax.bitcast_convert_type(d, jnp.int32) & jnp.int32(-0x80000000)
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(g, jnp.int32) ^ sign, g.dtype)
+
+
+def _near_terms(d, iy, g, p, tau):
+    """G of the CPU shape where ``τ = negligible_below(p − 1, n) ≥ NEAR_ONE``: 0 for
+    ``t = |d|·(1/y) < τ`` (d = 0 included), :func:`pow_near_one` for the others."""
+    t = jnp.abs(d) * iy
+    return jnp.where(t < tau, 0.0, pow_near_one(t, p - 1.0) * _signed_by(g, d))
+
+
+def _full_terms(d, iy, g, p, tau):
+    """G of the CPU shape by :func:`pow_cpu`; 0 where d = 0 (``sign(0) = 0``)."""
+    return jnp.where(d != 0, pow_cpu(jnp.abs(d) * iy, p - 1.0) * _signed_by(g, d), 0.0)
+
+
 def _lp_backward_cpu(x, w, y, g, p, k):
+    """The CPU shape of :func:`lp_backward_xla`: integer k by repeated multiplication; else, at
+    float32, the terms below :func:`negligible_below` (of ``p − 1``) dropped and the others by
+    :func:`pow_near_one` where that threshold is ≥ ``NEAR_ONE``, :func:`pow_cpu` where it is
+    not (one ``lax.cond`` on p)."""
+    if k is not None or not _polynomial_pow(jnp.result_type(x, w, y)):
+        km1 = None if k is None else k - 1
+
+        def terms(d, iy, gc):
+            return _g_terms(d, iy, gc, p, km1)
+
+        return _lp_backward_tiled(x, w, y, g, terms, k is None)
+    tau = negligible_below(p - 1.0, x.shape[1])
+
+    def branch(terms):
+        return lambda x, w, y, g, p, tau: _lp_backward_tiled(
+            x, w, y, g, lambda d, iy, gc: terms(d, iy, gc, p, tau), True)
+
+    return lax.cond(tau >= NEAR_ONE, branch(_near_terms), branch(_full_terms), x, w, y, g, p,
+                    tau)
+
+
+def _lp_backward_tiled(x, w, y, g, terms, barrier):
+    """``(∂x, ∂w)`` from the summand ``G = terms(d, 1/y, g)``, in tiles of the input coordinates
+    (:data:`LP_BWD_ELEMENTS`)."""
     b, n = x.shape
     tile = max(LP_BWD_ELEMENTS // (b * OUT_CHUNK), _BLOCK)
     if n <= tile:
-        return _lp_backward_tile(x, w, y, g, p, k)
+        return _lp_backward_tile(x, w, y, g, terms, barrier)
     n_tiles = -(-n // tile)
     tile = -(-n // n_tiles)  # balanced tiles
     pad = n_tiles * tile - n
     # Padded coordinates have x = w = 0, so d = 0 and G = 0: they add nothing and are cut off.
     xt = jnp.pad(x, ((0, 0), (0, pad))).reshape(b, n_tiles, tile).transpose(1, 0, 2)
     wt = jnp.pad(w, ((0, 0), (0, pad))).reshape(w.shape[0], n_tiles, tile).transpose(1, 0, 2)
-    gx, gw = lax.map(lambda t: _lp_backward_tile(t[0], t[1], y, g, p, k), (xt, wt))
+    gx, gw = lax.map(lambda t: _lp_backward_tile(t[0], t[1], y, g, terms, barrier), (xt, wt))
     gx = gx.transpose(1, 0, 2).reshape(b, -1)[:, :n]
     gw = gw.transpose(1, 0, 2).reshape(w.shape[0], -1)[:, :n]
     return gx, gw
 
 
-def _lp_backward_tile(x, w, y, g, p, k):
+def _lp_backward_tile(x, w, y, g, terms, barrier):
     out = w.shape[0]
     pad = (-out) % OUT_CHUNK
     wp = jnp.pad(w, ((0, pad), (0, 0)))
-    # Padded outputs get g = 0 and y = ∞ (so t = TINY): they add exactly 0 to ∂x. (Not y = 1:
-    # t = |x| could overflow t^(p-1) to ∞ for large p, and ∞ · 0 would make ∂x NaN.)
+    # Padded outputs get g = 0 and y = ∞ (so t = 0, or TINY where clamped): they add exactly 0
+    # to ∂x. (Not y = 1: t = |x| could overflow t^(p-1) to ∞ for large p, and ∞ · 0 would make
+    # ∂x NaN.)
     gp = jnp.pad(g, ((0, 0), (0, pad)))
     yp = jnp.pad(y, ((0, 0), (0, pad)), constant_values=jnp.inf)
     inv_y = 1.0 / jnp.where(yp > 0, yp, 1.0)
@@ -445,13 +594,12 @@ def _lp_backward_tile(x, w, y, g, p, k):
     w_c = wp.reshape(n_chunks, OUT_CHUNK, -1)
     g_c = gp.reshape(x.shape[0], n_chunks, OUT_CHUNK).transpose(1, 0, 2)
     iy_c = inv_y.reshape(x.shape[0], n_chunks, OUT_CHUNK).transpose(1, 0, 2)
-    km1 = None if k is None else k - 1
 
     def chunk(gx, blk):
         wc, gc, iyc = blk  # [oc, n], [B, oc], [B, oc]
-        big_g = _g_terms(x[:, None, :] - wc[None, :, :], iyc[:, :, None], gc[:, :, None], p,
-                         km1)  # [B, oc, n]
-        if k is None:  # exp/log is costly: compute once, then reduce twice
+        big_g = terms(x[:, None, :] - wc[None, :, :], iyc[:, :, None],
+                      gc[:, :, None])  # [B, oc, n]
+        if barrier:  # the powers cost more than a write and a read: compute once, reduce twice
             big_g = lax.optimization_barrier(big_g)
         return gx + big_g.sum(axis=1), -big_g.sum(axis=0)
 
