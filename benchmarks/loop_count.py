@@ -35,10 +35,10 @@ PHASES = {"start": "p = 8", "ramp": "ramp p (traced)", "inf": "p = ∞"}
 STEP_TARGET, LAYER_TARGET = 1000, 160
 
 
-def abstract_step(cfg, shape, batch: int, members: int | None = None):
-    """``(step_fn(state, images, labels, batch_idx, p_phase), args)``: the train step of config
-    ``cfg`` on inputs of ``shape`` (an independent ensemble of ``members``) and abstract
-    arguments for it (``jax.ShapeDtypeStruct``: nothing is allocated)."""
+def abstract_inputs(cfg, shape, batch: int, members: int | None = None):
+    """``(schedule, meta, args)`` of the train step of config ``cfg`` on 10-class inputs of
+    ``shape`` (an independent ensemble of ``members``): ``args`` are ``(state, images, labels,
+    batch_idx)`` as ``jax.ShapeDtypeStruct`` (nothing is allocated)."""
     if members:
         cfg.ensemble.update(size=members, mode="independent")
     meta = {"mean": [0.5] * shape[-1], "std": 0.25, "input_shape": list(shape),
@@ -50,6 +50,13 @@ def abstract_step(cfg, shape, batch: int, members: int | None = None):
     idx = (batch,) if not members else (members, batch)
     args = (state, jax.ShapeDtypeStruct((1000, *shape), jnp.uint8),
             jax.ShapeDtypeStruct((1000,), jnp.int32), jax.ShapeDtypeStruct(idx, jnp.int32))
+    return schedule, meta, args
+
+
+def abstract_step(cfg, shape, batch: int, members: int | None = None):
+    """``(step_fn(state, images, labels, batch_idx, p_phase), args)``: the train step of
+    :func:`abstract_inputs`, unjitted, and its abstract arguments."""
+    schedule, meta, args = abstract_inputs(cfg, shape, batch, members)
     return train_lib.bind_train_step(cfg, schedule, meta), args
 
 

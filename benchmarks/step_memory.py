@@ -13,12 +13,12 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from linf_jax import experiment, train_lib  # noqa: E402
-from linf_jax.models import build_model  # noqa: E402
+from loop_count import abstract_inputs  # noqa: E402  (this folder: the script's own path)
+
+from linf_jax import train_lib  # noqa: E402
 
 MODELS = [("default (4 x 512, digits)", "configs/default.py", (8, 8, 1)),
           ("cifar10_8 (6 x 5120, CIFAR-10)", "configs/cifar10_8.py", (32, 32, 3))]
@@ -34,20 +34,12 @@ def load_config(path: str):
 
 def step_footprint(cfg, shape, donate: bool) -> tuple[int, int, int]:
     """``(footprint, aliased, state)`` bytes of one compiled train step at p = ∞."""
-    meta = {"mean": [0.5] * shape[-1], "std": 0.25, "input_shape": list(shape),
-            "num_classes": 10, "augment": "none"}
-    schedule = experiment.make_schedule(cfg, 10, meta["std"])
-    tx = experiment.make_optimizer(cfg, schedule)
-    model = build_model(cfg.model, 10)
-    state = jax.eval_shape(lambda: train_lib.create_train_state(cfg, model, shape, tx))
-    images = jax.ShapeDtypeStruct((1000, *shape), jnp.uint8)
-    labels = jax.ShapeDtypeStruct((1000,), jnp.int32)
-    idx = jax.ShapeDtypeStruct((cfg.train.batch_size,), jnp.int32)
+    schedule, meta, args = abstract_inputs(cfg, shape, cfg.train.batch_size)
     step = train_lib.make_train_step(cfg, schedule, meta, donate=donate)
-    m = step.lower(state, images, labels, idx, p_phase="inf").compile().memory_analysis()
+    m = step.lower(*args, p_phase="inf").compile().memory_analysis()
     footprint = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                  - m.alias_size_in_bytes)
-    state_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state))
+    state_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(args[0]))
     return footprint, m.alias_size_in_bytes, state_bytes
 
 

@@ -104,14 +104,8 @@ def members_map(fn, in_axes=0, execution: str = "auto"):
 
     def mapped(*args):
         where = _member_args(in_axes, args)
-
-        def one(member_args):
-            full = list(args)
-            for i, a in zip(where, member_args, strict=True):
-                full[i] = a
-            return fn(*full)
-
-        return lax.map(one, tuple(args[i] for i in where))
+        return lax.map(lambda member_args: fn(*_with(args, where, member_args)),
+                       tuple(args[i] for i in where))
 
     if execution == "sequential":
         return mapped
@@ -119,14 +113,8 @@ def members_map(fn, in_axes=0, execution: str = "auto"):
     def per_platform(*args):
         where = _member_args(in_axes, args)
 
-        def branch(run):
-            def call(*member_args):  # shared arguments stay closed over (static where static)
-                full = list(args)
-                for i, a in zip(where, member_args, strict=True):
-                    full[i] = a
-                return run(*full)
-
-            return call
+        def branch(run):  # shared arguments stay closed over (static where static)
+            return lambda *member_args: run(*_with(args, where, member_args))
 
         return lax.platform_dependent(*(args[i] for i in where), cpu=branch(mapped),
                                       default=branch(batched))
@@ -141,6 +129,14 @@ def _member_args(in_axes, args) -> list[int]:
         raise ValueError(f"members_map: in_axes={in_axes!r} must be 0 or a tuple of 0/None "
                          f"per argument ({len(args)} given)")
     return [i for i, a in enumerate(axes) if a == 0]
+
+
+def _with(args, where, values) -> list:
+    """``args`` with the arguments at positions ``where`` replaced by ``values``."""
+    full = list(args)
+    for i, a in zip(where, values, strict=True):
+        full[i] = a
+    return full
 
 
 def vmap_members(fn, stacked: Any, *args, execution: str = "auto", **kwargs):

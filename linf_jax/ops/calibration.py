@@ -151,17 +151,13 @@ def measure(rounds: int = ROUNDS, batch: int = 256, features: int = 512) -> dict
 
     out = {}
     for family, (make, args) in _cases(batch, features).items():
-        compiled = {}
+        runs = {}
         for choice in ("native", "xla"):
-            compiled[choice] = jax.jit(make(choice == "native")).lower(*args).compile()
-            jax.block_until_ready(compiled[choice](*args))  # warm-up
-        best = {"native": float("inf"), "xla": float("inf")}
-        for _ in range(rounds):
-            for choice in ("native", "xla"):
-                t0 = time.perf_counter()
-                jax.block_until_ready(compiled[choice](*args))
-                best[choice] = min(best[choice], time.perf_counter() - t0)
-        out[family] = {"native_ms": 1e3 * best["native"], "xla_ms": 1e3 * best["xla"]}
+            compiled = jax.jit(make(choice == "native")).lower(*args).compile()
+            jax.block_until_ready(compiled(*args))  # warm-up
+            runs[choice] = lambda compiled=compiled: compiled(*args)
+        ms = time_alternating(family, runs, rounds)
+        out[family] = {"native_ms": ms["native"], "xla_ms": ms["xla"]}
     return out
 
 
@@ -185,15 +181,9 @@ def _write_atomic(path: Path, payload: dict) -> None:
 
 
 def summary(result: dict[str, bool]) -> str:
-    """One phrase naming the families that run native and those that run the XLA code."""
-    native_f = [f for f in FAMILIES if result[f]]
-    xla_f = [f for f in FAMILIES if not result[f]]
-    parts = []
-    if native_f:
-        parts.append(f"native kernels for {', '.join(native_f)}")
-    if xla_f:
-        parts.append(f"XLA code for {', '.join(xla_f)}")
-    return "; ".join(parts)
+    """One phrase naming the families that run native and those that run the XLA code
+    (``result``: ``{family: runs native}``; :func:`implementations_summary`)."""
+    return implementations_summary({f: "native" if result[f] else "xla" for f in FAMILIES})
 
 
 class Calibration:

@@ -174,11 +174,13 @@ def scan_blocks(step, init, x: Array, w: Array, with_index: bool = False):
 SYMBOLIC_ROWS = 1024
 
 
-def _planned(dim) -> int:
+def _planned(dim, symbolic: int = SYMBOLIC_ROWS) -> int:
+    """``dim`` as an int, or ``symbolic`` for a symbolic dimension (jax.export shape
+    polymorphism)."""
     try:
         return int(dim)
-    except Exception:  # a symbolic dimension (jax.export shape polymorphism)
-        return SYMBOLIC_ROWS
+    except Exception:
+        return symbolic
 
 
 def chunk_plan(rows, out: int, n: int) -> tuple[int, int]:
@@ -416,20 +418,14 @@ def pow_near_one(t, p):
     return _exp2(r * _poly(tuple(p * c for c in LOG2_NEAR), r))
 
 
-def _term_count(n) -> int:
-    try:
-        return int(n)
-    except Exception:  # a symbolic dimension: any bound above it is as correct
-        return 1 << 24
-
-
 def negligible_below(p, n: int):
     """``τ = 2^(−(24 + log2 n)/p)``: n terms ``t^p`` with ``t < τ`` are each below
     ``δ = 2^-24/n`` and sum to less than ``2^-24``, under the rounding of a sum that is ≥ 1.
     That holds for the stable form's ``Σ_i (|d_i|/m)^p`` (its largest term is 1), and for each
     gradient row ``Σ_i (|d_i|/y)^(p−1) ≥ Σ_i (|d_i|/y)^p = 1``: dropped, they change it by less
     than ``2^-24`` of its ℓ1 mass. Traced p: a scalar computed at run time."""
-    return jnp.exp2(-(24.0 + math.log2(max(_term_count(n), 1))) / p)
+    # a symbolic n is planned as 2^24 terms: any bound above it is as correct
+    return jnp.exp2(-(24.0 + math.log2(max(_planned(n, 1 << 24), 1))) / p)
 
 
 def _polynomial_pow(dtype) -> bool:
