@@ -107,14 +107,25 @@ def base_config():
     # Decoupled, scaled by the current lr, on every parameter but the logit scale: the l_p form
     # (current p) on l_inf-dist weights, plain on biases and head weights (linf_jax/optim.py).
     c.train.weight_decay = 5e-3
+    # What the decay does to the distance layers: 'lp' (above: the l_p form on their weights,
+    # plain on their biases) or 'none' (SortNet's AdamW: no decay on any parameter of a
+    # distance layer; the head's weights and biases keep the plain decay).
+    c.train.dist_decay = "lp"
+    # True: the logit scale gets the plain decay too (SortNet's AdamW decays its scalar).
+    c.train.decay_logit_scale = False
     c.train.adam_eps = 1e-10  # Adam(β = (0.9, 0.99), eps = 1e-10), as the official code
     c.train.eps_train = 0.15  # pixels; the certified target is 0.1
+    # r0 of SortNet's smooth ε ramp (linf_jax/schedules.py): the ramp's ratio t becomes
+    # t^4 / ((4 - 3 r0) r0^3) below r0 and a line to 1 above; 0: the linear ramp. Either
+    # schedule family; no effect when ε is constant from step 0.
+    c.train.eps_smooth = 0.0
     c.train.loss = "hinge"
     c.train.mix = 0.75
     # κ · loss(worst-case margins) + (1 − κ) · loss(clean margins), for hinge and kappa_ce;
     # 1: the worst-case margins only (every official hinge script).
     c.train.kappa = 1.0
-    c.train.lam_start = 0.0  # v2 loss: λ, geometric lam_start -> lam_end along the p ramp
+    # v2 and ce_hinge losses: λ, geometric lam_start -> lam_end along the p ramp
+    c.train.lam_start = 0.0
     c.train.lam_end = 0.0
     c.train.p_start = 8.0
     c.train.p_end = 1000.0
@@ -185,7 +196,11 @@ def preset_path(name: str) -> str:
 # before anything is built; the code behind them assumes valid fields.
 # ----------------------------------------------------------------------------------------------
 
-LOSSES = ("hinge", "kappa_ce", "v2")
+LOSSES = ("hinge", "kappa_ce", "v2", "ce_hinge")
+#: Losses with a λ (train.lam_start -> train.lam_end along the p ramp).
+LAMBDA_LOSSES = ("v2", "ce_hinge")
+#: config.train.dist_decay (linf_jax.optim.make_optimizer).
+DIST_DECAYS = ("lp", "none")
 ENSEMBLE_MODES = ("joint", "independent")
 
 
@@ -262,17 +277,26 @@ def validate_config(config) -> None:
              "a number of pixels in [0, 1]")
     _require(is_number(t.p_start) and t.p_start >= 1, "train.p_start", t.p_start,
              "a finite number >= 1")
-    _require(t.weight_decay == 0 or t.p_start >= 2, "train.p_start", t.p_start,
-             ">= 2 with weight decay (the l_p decay is the gradient of ½||w||_p², p >= 2), or "
-             "train.weight_decay=0")
+    dist_decay = t.get("dist_decay", "lp")
+    _require(dist_decay in DIST_DECAYS, "train.dist_decay", dist_decay,
+             f"one of {DIST_DECAYS}")
+    _require(isinstance(t.get("decay_logit_scale", False), bool), "train.decay_logit_scale",
+             t.get("decay_logit_scale"), "True or False")
+    _require(t.weight_decay == 0 or dist_decay != "lp" or t.p_start >= 2, "train.p_start",
+             t.p_start, ">= 2 with the l_p weight decay (the gradient of ½||w||_p², p >= 2), "
+             "or train.weight_decay=0, or train.dist_decay='none'")
     _require(is_number(t.p_end) and t.p_end >= t.p_start, "train.p_end", t.p_end,
              "a finite number >= train.p_start")
+    smooth = t.get("eps_smooth", 0.0)
+    _require(is_number(smooth) and 0 <= smooth < 1, "train.eps_smooth", smooth,
+             "a number in [0, 1) (0: the linear ε ramp)")
     _require(t.loss in LOSSES, "train.loss", t.loss, f"one of {LOSSES}")
     if t.loss == "v2":
         _require(t.eps_train > 0 and _eps_ever_positive(family, epochs), "train.eps_train",
                  t.eps_train, "> 0 at some step with the v2 loss: with ε = 0 its margin term "
                  "(r / 2ε clipped to [0, 1]) is the 0-1 error, which has no gradient; check "
                  f"train.eps_train and the ε ramp of train.epochs={epochs}")
+    if t.loss in LAMBDA_LOSSES:
         _require((t.lam_start > 0) == (t.lam_end > 0), "train.lam_end", t.lam_end,
                  f"> 0 with train.lam_start={t.lam_start} (λ moves geometrically, lam_start · "
                  "(lam_end/lam_start)^r, which is undefined when only one of them is 0), or "

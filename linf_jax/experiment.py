@@ -21,15 +21,16 @@ import optax
 
 from linf_jax import data as data_lib
 from linf_jax import losses, ops, optim, parallel
-from linf_jax.config import ConfigError, first_line, num_members
+from linf_jax.config import LAMBDA_LOSSES, ConfigError, first_line, num_members
 from linf_jax.schedules import Schedule
 
 
 def make_schedule(config, steps_per_epoch: int, std: float) -> Schedule:
-    """The run's :class:`Schedule` (family ``train.schedule``), ε in normalised units
-    (``eps_train / std``); λ is 0 unless the loss is v2 (the other losses have none)."""
+    """The run's :class:`Schedule` (family ``train.schedule``, smooth ε ramp
+    ``train.eps_smooth``), ε in normalised units (``eps_train / std``); λ is 0 unless the loss
+    has one (v2, ce_hinge: :data:`linf_jax.config.LAMBDA_LOSSES`)."""
     t = config.train
-    v2_loss = t.loss == "v2"
+    with_lam = t.loss in LAMBDA_LOSSES
     return Schedule(
         epochs=tuple(int(e) for e in t.epochs),
         steps_per_epoch=steps_per_epoch,
@@ -37,10 +38,11 @@ def make_schedule(config, steps_per_epoch: int, std: float) -> Schedule:
         eps_train=data_lib.eps_to_normalized(float(t.eps_train), std),
         p_start=float(t.p_start),
         p_end=float(t.p_end),
-        lam_start=float(t.lam_start) if v2_loss else 0.0,
-        lam_end=float(t.lam_end) if v2_loss else 0.0,
+        lam_start=float(t.lam_start) if with_lam else 0.0,
+        lam_end=float(t.lam_end) if with_lam else 0.0,
         ema_decay=float(t.ema_decay),
         family=t.get("schedule", "v1"),
+        eps_smooth=float(t.get("eps_smooth", 0.0)),
     )
 
 
@@ -51,11 +53,14 @@ def logit_scale_lr(config) -> float:
 
 
 def make_optimizer(config, schedule: Schedule) -> optax.GradientTransformation:
-    """The optimiser of a run: Adam, ``train.weight_decay`` (0: none, the v2 recipe) and the
-    schedule's lr, with ``train.logit_scale_lr`` for the logit scale."""
+    """The optimiser of a run: Adam, ``train.weight_decay`` (0: none, the v2 recipe) with the
+    decay policy ``train.dist_decay`` / ``train.decay_logit_scale`` (SortNet: 'none' / True),
+    and the schedule's lr, with ``train.logit_scale_lr`` for the logit scale."""
     t = config.train
     return optim.make_optimizer(schedule, float(t.weight_decay), float(t.get("adam_eps", 1e-10)),
-                                logit_scale_lr=logit_scale_lr(config))
+                                logit_scale_lr=logit_scale_lr(config),
+                                dist_decay=t.get("dist_decay", "lp"),
+                                decay_logit_scale=bool(t.get("decay_logit_scale", False)))
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False, data_devices: int = 1
@@ -111,8 +116,9 @@ def make_mesh(config):
 
 def make_loss_fn(config) -> Callable:
     """``loss_fn(logits, margins, labels, eps, lam, scale)`` of ``train.loss``: ``hinge`` (mix,
-    κ), ``kappa_ce`` (κ) or ``v2`` (ε in normalised units, λ, the logit scale); see
-    :mod:`linf_jax.losses` and docs/METHOD.md §4."""
+    κ), ``kappa_ce`` (κ), ``v2`` (ε in normalised units, λ, the logit scale) or ``ce_hinge``
+    (λ, the logit scale; SortNet's +MLP loss); see :mod:`linf_jax.losses` and docs/METHOD.md
+    §4."""
     t = config.train
     if t.loss == "hinge":
         mix, kappa = float(t.mix), float(t.kappa)
@@ -122,6 +128,9 @@ def make_loss_fn(config) -> Callable:
         kappa = float(t.kappa)
         return lambda logits, margins, labels, eps, lam, scale: losses.kappa_ce_loss(
             logits, margins, labels, kappa)
+    if t.loss == "ce_hinge":
+        return lambda logits, margins, labels, eps, lam, scale: losses.ce_hinge_loss(
+            logits, margins, labels, lam, scale)
     return lambda logits, margins, labels, eps, lam, scale: losses.v2_mixture_loss(
         logits, margins, labels, eps, lam, scale)
 

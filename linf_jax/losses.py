@@ -12,7 +12,8 @@ losses push down (docs/METHOD.md §3.3).
   clean margins, as the official ``Loss`` of ``zbh2047/L_inf-dist-net`` (``main.py``);
 * ``kappa_ce`` (v1 +MLP models): :func:`kappa_ce_loss`;
 * ``v2``: :func:`v2_mixture_loss` (``mixture`` of ``zbh2047/L_inf-dist-net-v2``), finite for
-  every ε ≥ 0.
+  every ε ≥ 0; SortNet's pure-net scripts use the same ``mixture``;
+* ``ce_hinge`` (SortNet's +MLP models, ``zbh2047/SortNet``): :func:`ce_hinge_loss`.
 """
 
 from __future__ import annotations
@@ -77,3 +78,19 @@ def v2_mixture_loss(logits, margins, labels, eps, lam, scale):
     clipped = jnp.where(positive, jnp.clip(ratio, 0.0, 1.0), limit).max(axis=-1).mean()
     return clipped + lam * cross_entropy(scale * logits, labels)
 
+
+
+def ce_hinge_loss(logits, margins, labels, lam, scale):
+    """``mean_batch [1(argmax s·z = y) · max(0, max_{j≠y} (r_j − r_y) + 1)] + λ · CE(s · z)``:
+    SortNet's ``ce_hinge`` (``zbh2047/SortNet``, ``main.py``). A hinge at margin 1 on the raw
+    worst-case margins (not scaled by ``s``, not divided by ε), counted only for the examples the
+    clean logits classify correctly (the 0/1 factor carries no gradient; a misclassified example
+    is left to the cross-entropy). The term ``r_y`` is 0 for the models' margins; it is
+    subtracted as the official code does, and the label's own entry is replaced by 0 before the
+    maximum, which is where the ``max(0, ·)`` comes from."""
+    onehot = jax.nn.one_hot(labels, margins.shape[-1], dtype=bool)
+    r_y = jnp.take_along_axis(margins, labels[:, None], axis=-1)
+    hinge = jnp.where(onehot, 0.0, margins - r_y + 1.0).max(axis=-1)
+    scaled = scale * logits
+    correct = jax.lax.stop_gradient((jnp.argmax(scaled, axis=-1) == labels).astype(hinge.dtype))
+    return (correct * hinge).mean() + lam * cross_entropy(scaled, labels)

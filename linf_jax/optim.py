@@ -3,7 +3,10 @@
 The chain is ``scale_by_adam → add decoupled decay → scale by −lr(step)``. The decay terms are
 computed from the parameters *before* the update, so the result is exactly the official v1
 ``AdamW`` (``zbh2047/L_inf-dist-net``, ``adamw.py``) order "decay the weights, then take the
-Adam step", both scaled by the current learning rate. Every parameter is decayed as there:
+Adam step", both scaled by the current learning rate. Two policies say which parameter is
+decayed how (``dist_decay``):
+
+``'lp'`` (the v1 code; the default):
 
 * ℓ∞-dist weights (leaves named ``linf_weight``, one row per output neuron, any trailing shape):
   ``w ← w − lr·wd·(|w|/‖w‖_p)^(p−2)·w``, the gradient of ½‖w‖_p², with p the current p of the
@@ -11,19 +14,28 @@ Adam step", both scaled by the current learning rate. Every parameter is decayed
 * every other parameter (head weights ``kernel``, the biases of the ℓ∞-dist layers and of the
   head): plain decoupled decay ``θ ← θ − lr·wd·θ`` (for the bias of an ℓ∞-dist layer this is
   the ℓp form on its rows of length 1, which is what the official code computes);
-* except the logit scale ``logit_scale`` (the v2 model's s; v1 models have no such parameter,
-  and the v2 code decays nothing). The mean-shift statistics are not parameters.
+
+``'none'`` (SortNet, ``zbh2047/SortNet``, ``main.py``: torch ``AdamW`` with a parameter group of
+weight decay 0 for every parameter of a distance layer): no decay on the ℓ∞-dist weights nor on
+the distance layers' biases; plain decoupled decay on every other parameter (the head's kernels
+and biases).
+
+Either way the logit scale ``logit_scale`` (the v2 model's s) is not decayed, unless
+``decay_logit_scale`` (SortNet's AdamW decays its scalar with the head); v1 models have no such
+parameter, and the v2 code decays nothing. The mean-shift statistics are not parameters.
 
 ``weight_decay = 0`` (the v2 recipe: plain Adam) skips the decay altogether. The lr is the
 schedule's for every parameter but the logit scale, whose base lr may differ (v2: 0.006 where
 the rest has 0.03) on the same schedule (:func:`scale_by_learning_rate`).
 
-Which rule a leaf gets is read from a label tree, :func:`param_labels` (``'linf_weight'``,
-``'logit_scale'`` or ``'other'`` per leaf, from the leaf's name), as optax's ``mask`` and
-``multi_transform`` select leaves; the transformations only map labels to rules (``DECAY``, the
-lr per label). The labels are built from the parameter paths when ``update`` is traced, so the
-optimiser state holds arrays only. The decay and the lr keep no state: the train state's step
-is the one counter of a run, and the caller passes the step and its p to ``update``.
+Which rule a leaf gets is read from a label tree, :func:`param_labels`: ``'linf_weight'``,
+``'dist_bias'`` (a leaf named ``bias`` in a module that also holds a ``linf_weight``: a distance
+layer's bias), ``'logit_scale'`` or ``'other'`` per leaf, from the leaf's name and its module's
+other leaves, as optax's ``mask`` and ``multi_transform`` select leaves; the transformations
+only map labels to rules (:func:`decay_rules`, the lr per label). The labels are built from the
+parameter tree when ``update`` is traced, so the optimiser state holds arrays only. The decay
+and the lr keep no state: the train state's step is the one counter of a run, and the caller
+passes the step and its p to ``update``.
 
 The EMA is :func:`optax.incremental_update` applied to parameters and batch statistics alike.
 """
@@ -33,28 +45,75 @@ from __future__ import annotations
 import jax
 import optax
 
+from linf_jax.config import DIST_DECAYS
 from linf_jax.ops import lp_decay_direction
 from linf_jax.schedules import Schedule
 
-LINF_WEIGHT, LOGIT_SCALE, OTHER = "linf_weight", "logit_scale", "other"
+LINF_WEIGHT, DIST_BIAS, LOGIT_SCALE, OTHER = "linf_weight", "dist_bias", "logit_scale", "other"
+
+
+def _key(entry) -> str:
+    return str(getattr(entry, "key", getattr(entry, "name", entry)))
 
 
 def _leaf_name(path) -> str:
-    last = path[-1]
-    return str(getattr(last, "key", getattr(last, "name", last)))
+    return _key(path[-1])
+
+
+def _module_of(tree, path):
+    """The node holding the leaf at ``path`` (its module's parameters), or None."""
+    node = tree
+    for entry in path[:-1]:
+        try:
+            if hasattr(entry, "key"):
+                node = node[entry.key]
+            elif hasattr(entry, "idx"):
+                node = node[entry.idx]
+            else:
+                node = getattr(node, entry.name)
+        except (KeyError, TypeError, IndexError, AttributeError):
+            return None
+    return node
 
 
 def param_labels(params):
     """A pytree of the structure of ``params`` with one label per leaf: ``'linf_weight'`` for the
-    ℓ∞-dist weights, ``'logit_scale'`` for the v2 logit scale, ``'other'`` for the rest (head
-    weights, biases). Any tree of that structure works (gradients and updates too): only the
-    paths are read."""
+    ℓ∞-dist weights, ``'dist_bias'`` for a ``bias`` beside a ``linf_weight`` (a distance layer's
+    bias), ``'logit_scale'`` for the v2 logit scale, ``'other'`` for the rest (head kernels and
+    biases). Any tree of that structure works (gradients and updates too): only the paths and
+    the names of each module's leaves are read."""
 
     def label(path, _):
         name = _leaf_name(path)
-        return name if name in (LINF_WEIGHT, LOGIT_SCALE) else OTHER
+        if name in (LINF_WEIGHT, LOGIT_SCALE):
+            return name
+        if name == "bias":
+            module = _module_of(params, path)
+            if hasattr(module, "keys") and LINF_WEIGHT in module.keys():
+                return DIST_BIAS
+        return OTHER
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _plain(w, p):
+    return w
+
+
+def decay_rules(dist_decay: str = "lp", decay_logit_scale: bool = False) -> dict:
+    """label -> the term whose wd-multiple is added to a leaf's update (a label not in it is not
+    decayed); module docstring. ``'lp'``: the ℓp form on ``linf_weight``, plain on distance
+    biases and the rest; ``'none'``: plain on ``'other'`` only. ``decay_logit_scale``: plain on
+    the logit scale as well."""
+    if dist_decay not in DIST_DECAYS:
+        raise ValueError(f"train.dist_decay={dist_decay!r} is not allowed: one of {DIST_DECAYS}")
+    rules = {OTHER: _plain}
+    if dist_decay == "lp":
+        rules[LINF_WEIGHT] = lp_decay_direction  # ∇(½‖w‖_p²) per row
+        rules[DIST_BIAS] = _plain
+    if decay_logit_scale:
+        rules[LOGIT_SCALE] = _plain
+    return rules
 
 
 def _labels_of(labels, tree):
@@ -63,21 +122,17 @@ def _labels_of(labels, tree):
     return labels(tree) if callable(labels) else labels
 
 
-# label -> the term whose wd-multiple is added to a leaf's update; a label not here (the logit
-# scale) is not decayed.
-DECAY = {
-    LINF_WEIGHT: lp_decay_direction,  # ∇(½‖w‖_p²) per row
-    OTHER: lambda w, p: w,  # plain decoupled decay
-}
+# The v1 policy (dist_decay='lp', the logit scale not decayed).
+DECAY = decay_rules()
 
 
-def lp_weight_decay(weight_decay: float, labels=param_labels
+def lp_weight_decay(weight_decay: float, labels=param_labels, rules: dict | None = None
                     ) -> optax.GradientTransformationExtraArgs:
-    """Adds ``wd · ∇(½‖w‖_p²)`` (row-wise) to the updates of the leaves labelled
-    ``'linf_weight'`` and ``wd · θ`` to those labelled ``'other'``; the logit scale is not
-    decayed (``DECAY``, module docstring); ``weight_decay = 0`` leaves the updates as they are.
-    ``labels``: the label tree, or a function of the parameters giving it (default
-    :func:`param_labels`).
+    """Adds ``wd · rule(θ, p)`` to the update of each leaf whose label has a rule in ``rules``
+    (:func:`decay_rules`; default ``DECAY``: ``wd · ∇(½‖w‖_p²)`` row-wise on ``'linf_weight'``,
+    ``wd · θ`` on ``'dist_bias'`` and ``'other'``, the logit scale not decayed; module
+    docstring); ``weight_decay = 0`` leaves the updates as they are. ``labels``: the label
+    tree, or a function of the parameters giving it (default :func:`param_labels`).
 
     The p is the step's, given by the caller: ``tx.update(..., p=p)`` (an Optax extra argument,
     passed through ``optax.chain``). A Python number (the train step's 'start' and 'inf'
@@ -85,18 +140,20 @@ def lp_weight_decay(weight_decay: float, labels=param_labels
     exp/log, no ``lax.cond``); a traced scalar (the ramp) the general one. Stateless: the train
     state's step is the one counter a run keeps."""
 
+    rules = DECAY if rules is None else rules
+
     def update_fn(updates, state, params=None, *, p=None, **extra_args):
         del extra_args
-        if weight_decay == 0:
+        if weight_decay == 0 or not rules:
             return updates, state
         if params is None or p is None:
             raise ValueError("lp_weight_decay needs the parameters and the step's p: "
                              "tx.update(g, s, params, p=p, step=step)")
 
         def one(label, u, w):
-            if label not in DECAY:
+            if label not in rules:
                 return u
-            return u + weight_decay * DECAY[label](w, p)
+            return u + weight_decay * rules[label](w, p)
 
         return jax.tree.map(one, _labels_of(labels, params), updates, params), state
 
@@ -130,11 +187,14 @@ def scale_by_learning_rate(schedule: Schedule, logit_scale_lr: float | None = No
 
 
 def make_optimizer(schedule: Schedule, weight_decay: float, adam_eps: float = 1e-10,
-                   logit_scale_lr: float | None = None
-                   ) -> optax.GradientTransformationExtraArgs:
-    """Adam(β = (0.9, 0.99), eps = 1e-10) with the ℓp-aware decoupled decay and the lr schedule;
+                   logit_scale_lr: float | None = None, dist_decay: str = "lp",
+                   decay_logit_scale: bool = False) -> optax.GradientTransformationExtraArgs:
+    """Adam(β = (0.9, 0.99), eps = 1e-10) with the decoupled decay of policy ``dist_decay`` /
+    ``decay_logit_scale`` (:func:`decay_rules`) and the lr schedule;
     ``tx.update(grads, opt_state, params, p=p, step=step)`` with the step's p and the train
     state's step, the one counter of a run (Adam keeps its own count for its bias correction).
+    ``dist_decay='none'`` with ``decay_logit_scale=True`` and one lr is SortNet's torch
+    ``AdamW(betas=(0.9, 0.99), eps=1e-10)`` with weight decay 0 on the distance layers.
 
     With eps = 1e-10 Adam's first steps are nearly ``lr · sign(g)``, so rounding differences in
     tiny gradients (another device count, another summation order) become differences of order
@@ -142,7 +202,7 @@ def make_optimizer(schedule: Schedule, weight_decay: float, adam_eps: float = 1e
     ``logit_scale_lr``: the base lr of the logit scale (None: ``schedule.lr``)."""
     return optax.chain(
         optax.scale_by_adam(b1=0.9, b2=0.99, eps=adam_eps),
-        lp_weight_decay(weight_decay),
+        lp_weight_decay(weight_decay, rules=decay_rules(dist_decay, decay_logit_scale)),
         scale_by_learning_rate(schedule, logit_scale_lr),
     )
 

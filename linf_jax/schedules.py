@@ -27,6 +27,13 @@ with ``ratio(s, e) = 1 if e ≤ s else clip((ef − s)/(e − s))``:
 
 Both: the EMA decay is ``min(1 − 1/(epoch + 1), ema_decay)`` with ``epoch = floor(ef)``.
 
+Both, with ``eps_smooth = r0 > 0`` (SortNet's ``--eps-smooth``, ``zbh2047/SortNet``, ``main.py``;
+0 = off, the linear ramp above): the ε ratio ``t`` of the family (v1 ``clip((ef − e0)/e2)``, v2
+``ratio(es, ee)``) becomes :func:`smooth_eps_ratio` of it, ``t⁴ / ((4 − 3·r0)·r0³)`` below r0
+(a quartic start, flat at 0) and the line ``1 − 4·(1 − t)/(4 − 3·r0)`` from r0 on, which meets
+the quartic at r0 in value and slope and reaches 1 at t = 1. A constant ε (t = 1 throughout) is
+unchanged.
+
 Units: ``Schedule.eps_train`` and :meth:`Schedule.eps` are in **normalised** units (pixels / the
 data set's scalar std), what the network sees; ``config.train.eps_train`` and the preview's
 ``eps_train`` are in **pixels**.
@@ -74,10 +81,14 @@ class Schedule:
     lam_end: float = 0.0
     ema_decay: float = 0.99
     family: str = "v1"
+    eps_smooth: float = 0.0  # r0 of the smooth ε ramp; 0: linear (module docstring)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"train.schedule={self.family!r} is not allowed: one of {FAMILIES}")
+        if not 0.0 <= self.eps_smooth < 1.0:
+            raise ValueError(f"train.eps_smooth={self.eps_smooth!r} is not allowed: a number "
+                             "in [0, 1)")
 
     def step_of(self, name: str) -> int:
         """The step at which epoch ``name`` of the tuple (``'e1'``, ``'ps'``, ``'T'``, ...:
@@ -119,8 +130,8 @@ class Schedule:
             return jnp.ones_like(jnp.asarray(step, jnp.float32))
         return self._ratio(step, ps, pe)
 
-    def eps_ratio(self, step):
-        """ε / eps_train (float32). v1: ``clip((ef − e0)/e2)``, 1 when e2 = 0; v2:
+    def linear_eps_ratio(self, step):
+        """The linear ε ratio t (float32). v1: ``clip((ef − e0)/e2)``, 1 when e2 = 0; v2:
         ``ratio(es, ee)``, 1 when ee ≤ es."""
         if self.family == "v1":
             e0, e2 = self.step_of("e0"), self.step_of("e2")
@@ -131,6 +142,12 @@ class Schedule:
         if ee <= es:
             return jnp.ones_like(jnp.asarray(step, jnp.float32))
         return self._ratio(step, es, ee)
+
+    def eps_ratio(self, step):
+        """ε / eps_train (float32): :meth:`linear_eps_ratio`, through
+        :func:`smooth_eps_ratio` when ``eps_smooth > 0``."""
+        t = self.linear_eps_ratio(step)
+        return t if self.eps_smooth == 0 else smooth_eps_ratio(t, self.eps_smooth)
 
     # --- the schedules ------------------------------------------------------------------------
 
@@ -206,10 +223,31 @@ class Schedule:
                       total]
         else:
             points = [0, e["es"], e["ee"], e["ps"], (e["ps"] + e["pe"]) / 2, e["pe"], total]
+        if self.eps_smooth > 0:  # where the quartic start of the smooth ε ramp meets the line
+            start, length = ((e["e0"], e["e2"]) if self.family == "v1"
+                             else (e["es"], e["ee"] - e["es"]))
+            if length > 0:
+                points.append(start + self.eps_smooth * length)
         inf = self._inf_from()
         if inf is not None and inf > 0:
             points.append((inf - 1) / b)
         return sorted({round(float(x) * b) / b for x in points if 0 <= x <= total})
+
+
+def smooth_eps_ratio(t, r0: float):
+    """SortNet's smooth ε ramp (``zbh2047/SortNet``, ``main.py``, ``create_schedule``) of the
+    linear ratio ``t`` ∈ [0, 1], with ``0 < r0 < 1``: ``k·t⁴`` for t < r0 and
+    ``1 − (1 − k·r0⁴)·(1 − t)/(1 − r0)`` from r0 on, ``k = 1/((4 − 3·r0)·r0³)``; the second
+    branch is ``1 − 4·(1 − t)/(4 − 3·r0)``, written so here (the same line, exactly 1 at t = 1).
+    Both branches meet at r0 with value ``r0/(4 − 3·r0)`` and slope ``4/(4 − 3·r0)`` (0.142857
+    and 1.428571 at r0 = 0.4), and the ramp increases from 0 at t = 0 to 1 at t = 1. Works on
+    Python floats, NumPy and JAX arrays (float32 for JAX inputs)."""
+    k = 1.0 / ((4.0 - 3.0 * r0) * r0 ** 3)
+    if isinstance(t, (int, float)):
+        return k * t ** 4 if t < r0 else 1.0 - 4.0 * (1.0 - t) / (4.0 - 3.0 * r0)
+    t = jnp.asarray(t, jnp.float32)
+    line = 1.0 - 4.0 * (1.0 - t) / (4.0 - 3.0 * r0)
+    return jnp.where(t < r0, k * t ** 4, line).astype(jnp.float32)
 
 
 def p_to_json(p: float):
@@ -221,7 +259,8 @@ def preview(schedule: Schedule, steps, std: float | None = None,
             logit_scale_lr: float | None = None) -> dict:
     """The schedule at ``steps`` (host lists): ``epochs``, ``steps``, ``phase``, ``p`` (a number
     or "inf"), ``eps_train`` (pixels), ``eps_train_normalized``, ``lr``, ``logit_scale_lr``,
-    ``lam`` and ``ema_decay``.
+    ``lam`` and ``ema_decay``; and one number, ``eps_smooth`` (the r0 of the smooth ε ramp that
+    the ε values follow, 0 for the linear ramp).
 
     ``std``: the data set's std, with ``schedule.eps_train`` in normalised units (as
     :func:`linf_jax.experiment.make_schedule` builds it); ``None``: ``schedule.eps_train`` is in
@@ -246,4 +285,5 @@ def preview(schedule: Schedule, steps, std: float | None = None,
         "logit_scale_lr": [float(np.float32(scale_lr * f)) for f in factor],
         "lam": [float(v) for v in np.asarray(schedule.lam(arr), np.float64)],
         "ema_decay": [float(v) for v in np.asarray(schedule.ema_decay_at(arr), np.float64)],
+        "eps_smooth": float(schedule.eps_smooth),
     }

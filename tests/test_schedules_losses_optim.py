@@ -383,11 +383,15 @@ def test_crop_padding_modes(mode):
     assert edge.min() == 0 and edge.max() == 5 and (np.diff(edge[:, 0, :, 0], axis=1) >= 0).all()
 
 
-def _np_adam_decay_lr(params, grads, s, steps, wd, logit_scale_lr):
+def _np_adam_decay_lr(params, grads, s, steps, wd, logit_scale_lr, dist_decay="lp",
+                      decay_logit_scale=False):
     """Float64 NumPy reference of ``make_optimizer``: Adam(0.9, 0.99, eps 1e-10) from zero
     moments, plus wd · (ℓp decay on linf_weight, plain on every other leaf but the logit scale),
-    times −lr (the logit scale: its own base lr on the same schedule). Returns the updates of
-    every step and the parameters after them."""
+    times −lr (the logit scale: its own base lr on the same schedule). With
+    ``dist_decay='none'`` the leaves under a module holding a ``linf_weight`` (its weight and
+    bias) are not decayed; ``decay_logit_scale``: plain decay on the logit scale. Returns the
+    updates of every step and the parameters after them."""
+    dist_modules = {k.rsplit("/", 1)[0] for k in params if k.endswith("/linf_weight")}
     b1, b2, eps = 0.9, 0.99, 1e-10
     theta = {k: np.asarray(v, np.float64) for k, v in params.items()}
     mu = {k: np.zeros_like(v) for k, v in theta.items()}
@@ -404,10 +408,13 @@ def _np_adam_decay_lr(params, grads, s, steps, wd, logit_scale_lr):
             direction = (mu[k] / (1 - b1 ** (step + 1))) / (
                 np.sqrt(nu[k] / (1 - b2 ** (step + 1))) + eps)
             w = theta[k]
-            if k.endswith("linf_weight"):
+            in_dist = "/" in k and k.rsplit("/", 1)[0] in dist_modules
+            if in_dist and dist_decay == "none":
+                pass
+            elif k.endswith("linf_weight"):
                 direction = direction + wd * np_decay(w.reshape(w.shape[0], -1), p).reshape(
                     w.shape)
-            elif k != "logit_scale":
+            elif k != "logit_scale" or decay_logit_scale:
                 direction = direction + wd * w
             lr0 = logit_scale_lr if k == "logit_scale" and logit_scale_lr is not None else s.lr
             upd[k] = -lr0 * factor * direction
@@ -417,12 +424,16 @@ def _np_adam_decay_lr(params, grads, s, steps, wd, logit_scale_lr):
 
 
 @pytest.mark.parametrize("phase", ["start", "ramp", "inf"])
-@pytest.mark.parametrize("wd,logit_scale_lr", [(5e-3, None), (5e-3, 0.006), (0.0, 0.006)])
-def test_optimizer_steps_match_float64_numpy_reference(phase, wd, logit_scale_lr):
-    """Four steps of ``make_optimizer`` on ℓ∞-dist weights (dense and conv), a bias, a head
-    kernel and the logit scale, with p and the step as the train step passes them in each p
-    phase (a Python number in the start and inf phases, traced in the ramp), against a float64
-    NumPy Adam + ℓp decay + per-label lr."""
+@pytest.mark.parametrize("wd,logit_scale_lr,dist_decay,decay_scale", [
+    (5e-3, None, "lp", False), (5e-3, 0.006, "lp", False), (0.0, 0.006, "lp", False),
+    (0.02, None, "none", True)])  # the last: SortNet's AdamW
+def test_optimizer_steps_match_float64_numpy_reference(phase, wd, logit_scale_lr, dist_decay,
+                                                       decay_scale):
+    """Four steps of ``make_optimizer`` on ℓ∞-dist weights (dense and conv), a distance layer's
+    bias, a head kernel and bias and the logit scale, with p and the step as the train step
+    passes them in each p phase (a Python number in the start and inf phases, traced in the
+    ramp), against a float64 NumPy Adam + decay (ℓp or none on the distance layers) + per-label
+    lr."""
     rng = np.random.default_rng(11)
     s = make()
     start = {"start": 3, "ramp": EPOCHS[1] * SPE + 9, "inf": EPOCHS[3] * SPE + 2}[phase]
@@ -430,7 +441,7 @@ def test_optimizer_steps_match_float64_numpy_reference(phase, wd, logit_scale_lr
     steps = list(range(start, start + 4))
     assert all(s.p_phase(t) == phase for t in steps)
     shapes = {"dense/linf_weight": (6, 11), "conv/linf_weight": (4, 3, 3, 2), "dense/bias": (6,),
-              "head/kernel": (11, 3), "logit_scale": ()}
+              "head/kernel": (11, 3), "head/bias": (3,), "logit_scale": ()}
     flat = {k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()}
     grads = [{k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()}
              for _ in steps]
@@ -445,7 +456,8 @@ def test_optimizer_steps_match_float64_numpy_reference(phase, wd, logit_scale_lr
             node[leaf] = jnp.asarray(v)
         return tree
 
-    tx = optim.make_optimizer(s, wd, logit_scale_lr=logit_scale_lr)
+    tx = optim.make_optimizer(s, wd, logit_scale_lr=logit_scale_lr, dist_decay=dist_decay,
+                              decay_logit_scale=decay_scale)
     params = nest(flat)
     state = jax.tree.map(lambda a: jnp.full_like(a, start) if a.dtype == jnp.int32 else a,
                          tx.init(params))
@@ -456,7 +468,8 @@ def test_optimizer_steps_match_float64_numpy_reference(phase, wd, logit_scale_lr
         u, state = update(nest(g), state, params, t)
         params = optax.apply_updates(params, u)
         got.append(u)
-    want, theta = _np_adam_decay_lr(flat, grads, s, steps, wd, logit_scale_lr)
+    want, theta = _np_adam_decay_lr(flat, grads, s, steps, wd, logit_scale_lr, dist_decay,
+                                    decay_scale)
     for u, ref in zip(got, want, strict=True):
         for k in shapes:
             np.testing.assert_allclose(_at(u, k), ref[k], rtol=2e-5, atol=1e-9, err_msg=k)

@@ -12,7 +12,8 @@ epoch; each is rounded to the nearest step); without it, the boundaries of the t
 holds ``epochs``, ``steps``, ``p`` (a number, or the string ``"inf"`` from the ℓ∞ phase on),
 ``eps_train`` (pixels), ``eps_train_normalized`` (null when the data set's std is unknown),
 ``lr``, ``logit_scale_lr``, ``lam`` (0 for losses without λ), ``phase``, ``ema_decay`` and the
-settings used (``schedule``, ``train_epochs``, ``steps_per_epoch``, ``std``, ``loss``).
+settings used (``schedule``, ``train_epochs``, ``steps_per_epoch``, ``std``, ``loss``,
+``eps_smooth``: the r0 of the smooth ε ramp, 0 for the linear one).
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ def main(argv, fl: types.SimpleNamespace) -> None:
     eps_text = f"{t.eps_train:g} px"
     if std is not None:
         eps_text += f" = {t.eps_train / std:.6g} (n), std {std:g}"
+    smooth = float(t.get("eps_smooth", 0.0))
+    if smooth > 0:
+        eps_text += f", smooth eps ramp r0 {smooth:g}"
     dropped = ", last partial batch dropped" if t.get("drop_last", False) else ""
     print(f"{spe} steps per epoch (batch {t.batch_size}{dropped}), eps_train {eps_text}, "
           f"loss {t.loss}, lr {t.lr:g}")
