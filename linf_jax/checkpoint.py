@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from linf_jax import experiment, train_lib
+from linf_jax import recalibrate as recalibrate_lib
 from linf_jax.config import (
     CheckpointError,
     ConfigError,
@@ -233,11 +234,28 @@ def write_json(path: str, obj) -> None:
 
 
 def variables_for(state: TrainState, weights: str) -> dict:
-    """Model variables of the EMA (default) or raw weights of a train state."""
+    """Model variables of the EMA (default) or raw weights of a train state; for a SortNet with
+    its re-estimated running means (:mod:`linf_jax.recalibrate`), which must belong to the
+    state's step (CheckpointError else)."""
     check_weights(weights)
     params, bs = ((state.ema_params, state.ema_batch_stats) if weights == "ema"
                   else (state.params, state.batch_stats))
+    if state.recalibrated:
+        check_recalibrated(int(state.recalibrated["step"]), int(state.step))
+        bs = state.recalibrated[weights]
     return {"params": params, "batch_stats": bs} if bs else {"params": params}
+
+
+def check_recalibrated(recalibrated_step: int, step: int, where: str = "") -> None:
+    """One-line CheckpointError unless a SortNet's running means were re-estimated for the
+    weights of ``step``."""
+    if recalibrated_step != step:
+        when = ("never" if recalibrated_step < 0
+                else f"for the weights of step {recalibrated_step}")
+        raise CheckpointError(
+            f"{where}SortNet step {step} has no re-estimated running means (re-estimated "
+            f"{when}); allowed: a checkpoint written by linf-jax's trainer, which re-estimates "
+            "them over the training set before every save (linf_jax.recalibrate)")
 
 
 def read_run_files(workdir: str):
@@ -400,13 +418,24 @@ def load_variables(workdir: str, weights: str = "ema", step: int | None = None):
     config, meta, model, ckpt_dir = _open_run(workdir)
     params, batch_stats = jax.eval_shape(lambda: train_lib.init_variables(
         config, model, tuple(meta["input_shape"]), jax.random.PRNGKey(0)))
+    sort_net = recalibrate_lib.needs_recalibration(model)
     keys = ("ema_params", "ema_batch_stats") if weights == "ema" else ("params", "batch_stats")
-    abstract = _on_this_device({keys[0]: params, keys[1]: batch_stats})
+    if sort_net:  # the running means re-estimated for the certified network
+        abstract = {keys[0]: params, "recalibrated": {
+            weights: batch_stats, "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}}
+    else:
+        abstract = {keys[0]: params, keys[1]: batch_stats}
+    abstract = _on_this_device(abstract)
 
     def restore(mngr, s):
-        return _partial_restore(mngr, s, abstract)
+        restored = _partial_restore(mngr, s, abstract)
+        if sort_net:
+            check_recalibrated(int(restored["recalibrated"]["step"]), s,
+                               f"workdir={workdir!r}: checkpoint ")
+        return restored
 
     chosen, restored = _restore_step(workdir, ckpt_dir, step, restore)
-    params, bs = restored[keys[0]], restored[keys[1]]
+    params = restored[keys[0]]
+    bs = restored["recalibrated"][weights] if sort_net else restored[keys[1]]
     variables = {"params": params, "batch_stats": bs} if bs else {"params": params}
     return config, meta, model, variables, chosen

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from linf_jax import ops
 
@@ -136,28 +137,128 @@ class LinfDistConv(nn.Module):
         return y
 
 
+def is_keep_all(q) -> bool:
+    """Whether a SortNet keep probability makes the neuron the ℓ∞-dist neuron (None or 1)."""
+    return q is None or q == 1
+
+
+class SortDist(nn.Module):
+    """Dense SortNet layer (docs/METHOD.md §9): ``features`` neurons over ``in_features``
+    inputs (None: the input's last axis), weight ``linf_weight [features, in_features]``.
+
+    * evaluation, and training without a ``'dropout'`` RNG (the statistics re-estimation), at
+      p = ∞: the sort neuron :func:`linf_jax.ops.sort_dist` (keep probability ``q``, the top
+      ``top_k`` distances), which is :func:`linf_jax.ops.linf_dist` for ``q`` None or 1;
+    * a :class:`Box` (p = ∞): the exact interval, :func:`linf_jax.ops.sort_dist_bounds`;
+    * masked training: ``x [S, R, m_in]`` holds, for each block s of rows, the input units
+      ``in_index[s]`` only, and the layer computes only the output units ``out_index[s]``
+      (``[S, m_out]``; None: all of them) with the ℓp distance (any p, traced or not) over the
+      kept inputs: ``[S, R, m_out]``. The gradients reach the full weight matrix through the
+      gathers' transposes.
+    Any leading axes of an array input are rows (``[..., n]`` → ``[..., features]``).
+    """
+
+    features: int
+    in_features: int | None = None
+    q: float | None = None
+    top_k: int = 10
+    use_bias: bool = False
+    identity_init: bool = False
+
+    @nn.compact
+    def __call__(self, x, p=float("inf"), in_index=None, out_index=None):
+        n = self.in_features or (x.lo if isinstance(x, Box) else x).shape[-1]
+        w = self.param("linf_weight", linf_init(1, self.identity_init), (self.features, n))
+        b = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        if isinstance(x, Box):
+            _check_infinite_p(p)
+            lead = x.lo.shape[:-1]
+            lo, hi = (v.reshape(-1, v.shape[-1]) for v in x)
+            if is_keep_all(self.q):
+                lo, hi = ops.linf_dist_bounds(lo, hi, w)
+            else:
+                lo, hi = ops.sort_dist_bounds(lo, hi, w, self.q, self.top_k)
+            y = Box(lo.reshape(*lead, -1), hi.reshape(*lead, -1))
+            return y if b is None else y.map(lambda v: v + b)
+        if in_index is None and out_index is None:
+            lead = x.shape[:-1]
+            rows = x.reshape(-1, x.shape[-1])
+            if is_keep_all(self.q):
+                y = ops.dist(rows, w, p)
+            else:
+                if ops.xla.static_number(p) != float("inf"):
+                    raise ValueError(
+                        f"SortDist: the sort neuron (q={self.q}) is defined at p = inf only, "
+                        f"got p = {p!r}; training at finite p needs the masked call (a "
+                        "'dropout' RNG)")
+                y = ops.sort_dist(rows, w, self.q, self.top_k)
+            y = y.reshape(*lead, self.features)
+            return y if b is None else y + b
+        # masked training: gather each block's kept weight rows and columns
+        wb = w if out_index is None else jnp.take(w, out_index, axis=0)  # [S, m_out, n]
+        if in_index is not None:
+            if out_index is None:
+                wb = jnp.take(w, in_index, axis=1).swapaxes(0, 1)  # [S, out, m_in]
+            else:
+                wb = jnp.take_along_axis(wb, in_index[:, None, :], axis=2)
+        y = jax.vmap(lambda xs, ws: ops.dist(xs, ws, p))(x, wb)
+        if b is not None:
+            y = y + (b if out_index is None else jnp.take(b, out_index)[:, None, :])
+        return y
+
+
 class MeanShift(nn.Module):
     """Batch norm without variance or affine parameters: subtract the per-unit batch
     mean in training (over every axis but the last; gradients flow through it; running mean,
     momentum 0.1, in ``batch_stats``), the running mean in evaluation. In evaluation it is a
-    constant shift, so 1-Lipschitz; a Box is shifted by the same mean (docs/METHOD.md §1)."""
+    constant shift, so 1-Lipschitz; a Box is shifted by the same mean (docs/METHOD.md §1).
+
+    In training the batch mean is also sown as ``intermediates/batch_mean`` (kept only when the
+    caller makes that collection mutable): :mod:`linf_jax.recalibrate` averages it over the
+    training set to re-estimate the running means of a SortNet.
+
+    SortNet's masked training (docs/METHOD.md §9) passes its outputs in blocks, ``x`` of shape
+    ``[S, R, m]`` where block s holds only the units ``index[s]`` (``[S, m]``) of its ``R`` rows;
+    then a unit's mean is taken over the rows of the blocks that kept it (the official
+    ``MeanShiftDropout``; 0 for a unit no block kept), and ``valid`` (``[S, R]``, 0/1) leaves
+    padding rows out of every mean.
+    """
 
     momentum: float = 0.1
+    units: int | None = None  # needed for masked calls, whose input holds a subset of the units
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, index=None, valid=None):
         arr = x.lo if isinstance(x, Box) else x
-        running = self.variable("batch_stats", "mean", jnp.zeros, (arr.shape[-1],), arr.dtype)
+        units = arr.shape[-1] if self.units is None else self.units
+        if index is not None and self.units is None:
+            raise ValueError("MeanShift: a masked (index) call needs MeanShift(units=...)")
+        running = self.variable("batch_stats", "mean", jnp.zeros, (units,), arr.dtype)
         if isinstance(x, Box):
             if train:
                 raise ValueError("MeanShift: interval bounds are computed in evaluation mode only")
             return x.map(lambda v: v - running.value)
         if not train:
             return x - running.value
-        mean = x.reshape(-1, x.shape[-1]).mean(axis=0)
+        if index is None:
+            if valid is None:
+                mean = x.reshape(-1, x.shape[-1]).mean(axis=0)
+            else:
+                v = valid.reshape(-1)
+                mean = (x.reshape(-1, x.shape[-1]) * v[:, None]).sum(0) / v.sum()
+            shift = mean
+        else:
+            v = jnp.ones(x.shape[:2], x.dtype) if valid is None else valid.astype(x.dtype)
+            block_sums = jnp.einsum("srm,sr->sm", x, v, precision=lax.Precision.HIGHEST)
+            block_counts = jnp.broadcast_to(v.sum(1)[:, None], index.shape)
+            sums = jnp.zeros((units,), x.dtype).at[index].add(block_sums)
+            counts = jnp.zeros((units,), x.dtype).at[index].add(block_counts)
+            mean = sums / jnp.maximum(counts, 1e-10)
+            shift = jnp.take(mean, index, axis=0)[:, None, :]
+        self.sow("intermediates", "batch_mean", mean)
         if not self.is_initializing():
             running.value = (1.0 - self.momentum) * running.value + self.momentum * mean
-        return x - mean
+        return x - shift
 
 
 def max_pool(x, window: int):

@@ -38,12 +38,24 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from math import inf as INF
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from linf_jax.layers import BoundedLinear, Box, LinfDist, LinfDistConv, MeanShift, max_pool
+from linf_jax import ops
+from linf_jax.layers import (
+    BoundedLinear,
+    Box,
+    LinfDist,
+    LinfDistConv,
+    MeanShift,
+    SortDist,
+    is_keep_all,
+    max_pool,
+)
 
 HEADS = ("none", "mlp")
 
@@ -148,6 +160,157 @@ class LinfLeNet(_LinfModel):
         return _run_dense(self.dists, self.norms, _flatten(x), p, train)
 
 
+class _SortModel(_LinfModel):
+    """Shared logic of the SortNets (docs/METHOD.md §9): a trunk of :class:`SortDist` layers,
+    the first an ℓ∞-dist layer over the input, every later one a sort neuron with keep
+    probability ``q`` over its ``top_k`` largest distances.
+
+    * Evaluation, certification (a :class:`Box`), and training without a ``'dropout'`` RNG (the
+      statistics re-estimation, :mod:`linf_jax.recalibrate`): the deterministic sort neurons,
+      p = ∞ only.
+    * Training with a ``'dropout'`` RNG (``rngs={'dropout': key}``): the batch is cut into
+      blocks of ``mask_block`` examples; each block keeps a random subset of exactly
+      ``round(q·n)`` input units of every layer but the first (the official code draws the
+      subset size from Binomial(n, q) per layer call; JAX needs it static), and the layer
+      before computes only those units for that block. Each distance is the step's ℓp (or ℓ∞)
+      distance over the kept inputs; each MeanShift averages a unit over the blocks that kept
+      it. ``q = 1`` trains the plain ℓ∞-dist net.
+    """
+
+    depth: int = 5
+    width: int = 5120
+    q: float = 0.7
+    top_k: int = 10
+    identity_init: bool = False
+    mask_block: int = 32
+
+    # _LinfModel fields a SortNet does not take from a config (its class fixes them)
+    FIXED_FIELDS: ClassVar[tuple[str, ...]] = ("head",)
+
+    def _sort_layers(self, widths, last_bias: bool, shifted: int):
+        """SortDist layers of the given widths (the first over the input, ℓ∞ only; the others
+        sort neurons with ``q``) and MeanShifts for the first ``shifted``."""
+        dists = [SortDist(w, None if i == 0 else widths[i - 1], q=None if i == 0 else self.q,
+                          top_k=self.top_k, use_bias=last_bias and i == len(widths) - 1,
+                          identity_init=self.identity_init)
+                 for i, w in enumerate(widths)]
+        return dists, [MeanShift(units=w) for w in widths[:shifted]]
+
+    def _rows(self, x):
+        """The trunk's input as ``[B, P, F]``: P rows per example of F features."""
+        raise NotImplementedError
+
+    def _features(self, f, batch: int):
+        """The trunk's output ``[B, P, W]`` as the head's input."""
+        raise NotImplementedError
+
+    def trunk(self, x, p, train):
+        rows = Box(*(self._rows(v) for v in x)) if isinstance(x, Box) else self._rows(x)
+        masked = (train and not isinstance(x, Box) and not is_keep_all(self.q)
+                  and self.has_rng("dropout"))
+        if not masked:
+            for i, dist in enumerate(self.dists):
+                rows = dist(rows, p)
+                if i < len(self.norms):
+                    rows = self.norms[i](rows, train)
+            batch = (rows.lo if isinstance(rows, Box) else rows).shape[0]
+            if isinstance(rows, Box):
+                return Box(self._features(rows.lo, batch), self._features(rows.hi, batch))
+            return self._features(rows, batch)
+        return self._features(*self._masked_trunk(rows, p))
+
+    def _masked_trunk(self, x, p):
+        b, per, f = x.shape
+        blk = min(self.mask_block, b)
+        s = -(-b // blk)
+        x = jnp.pad(x, ((0, s * blk - b), (0, 0), (0, 0))).reshape(s, blk * per, f)
+        valid = jnp.repeat((jnp.arange(s * blk) < b).reshape(s, blk), per, axis=1)
+        key = self.make_rng("dropout")
+        index = [None]
+        for i in range(1, len(self.dists)):
+            n = self.dists[i - 1].features
+            keep = max(1, round(self.q * n))
+            noise = jax.random.uniform(jax.random.fold_in(key, i), (s, n))
+            index.append(jnp.sort(lax.top_k(noise, keep)[1], axis=-1).astype(jnp.int32))
+        for i, dist in enumerate(self.dists):
+            out_index = index[i + 1] if i + 1 < len(index) else None
+            x = dist(x, p, in_index=index[i], out_index=out_index)
+            if i < len(self.norms):
+                x = self.norms[i](x, True, index=out_index, valid=valid)
+        return x.reshape(s * blk, per, x.shape[-1])[:b], b
+
+
+class SortNet(_SortModel):
+    """The pure SortNet (official ``SortMLPModel``): an ℓ∞-dist layer ``in → width``,
+    ``depth − 2`` sort layers ``width → width``, each followed by a MeanShift, and a sort layer
+    ``width → classes`` with a bias; logits are its NEGATED outputs. 1-Lipschitz in ℓ∞."""
+
+    FIXED_FIELDS: ClassVar[tuple[str, ...]] = ("head", "head_hidden")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.num_classes
+
+    def setup_trunk(self):
+        widths = [self.width] * (self.depth - 1) + [self.num_classes]
+        self.dists, self.norms = self._sort_layers(widths, True, self.depth - 1)
+
+    def _rows(self, x):
+        return x.reshape(x.shape[0], 1, -1)
+
+    def _features(self, f, batch):
+        return f.reshape(batch, -1)
+
+
+class SortNetMLP(_SortModel):
+    """SortNet + MLP (official ``SortHybridModel``): ``depth`` counts every layer, the two of
+    the head too, as the official code does: an ℓ∞-dist layer ``in → width``, ``depth − 3`` sort
+    layers ``width → width``, each followed by a MeanShift, then the MLP head of
+    :class:`LinfDistNet` (``width → head_hidden → tanh → classes``)."""
+
+    head: str = "mlp"
+    depth: int = 7
+
+    @property
+    def feature_dim(self) -> int:
+        return self.width
+
+    def setup_trunk(self):
+        widths = [self.width] * (self.depth - 2)
+        self.dists, self.norms = self._sort_layers(widths, False, len(widths))
+
+    def _rows(self, x):
+        return x.reshape(x.shape[0], 1, -1)
+
+    def _features(self, f, batch):
+        return f.reshape(batch, -1)
+
+
+class SortNetConvMLP(SortNetMLP):
+    """The convolutional SortNet + MLP, "2x" (official ``SortHybridModel2``): a first ℓ∞-dist
+    convolution with a ``(H − stride) × (W − stride)`` kernel and stride ``stride`` (no padding),
+    which sees the image at 2 × 2 positions, then ``depth − 3`` 1 × 1 sort convolutions (one
+    channel mask shared by the four positions of an example), each followed by a MeanShift,
+    then the 4·width features (NHWC order) into the MLP head."""
+
+    stride: int = 4
+
+    @property
+    def feature_dim(self) -> int:
+        return 4 * self.width
+
+    def _rows(self, x):
+        b, h, w, c = x.shape
+        if h != w or h <= self.stride:
+            raise ValueError(f"model.stride={self.stride} is not allowed for {h}x{w} images: "
+                             "square images larger than the stride")
+        k = h - self.stride
+        return ops.extract_patches(x, k, self.stride).reshape(b, 4, -1)
+
+    def _features(self, f, batch):
+        return f.reshape(batch, -1)
+
+
 def _dense_trunk(widths: list[int], head: str, num_classes: int):
     """``(dists, norms)`` of the dense ℓ∞-dist layers. ``head='none'``: the last layer has
     ``num_classes`` units and a bias and no MeanShift. ``head='mlp'``: every layer has a
@@ -168,6 +331,16 @@ def _run_dense(dists, norms, x, p, train):
     return x
 
 
+def uses_dropout(model_config) -> bool:
+    """Whether a model config trains with random masks (a SortNet with ``q < 1``), so that the
+    train step must give it a ``'dropout'`` key."""
+    cfg = dict(model_config)
+    name = cfg.get("name")
+    if name not in MODELS or "q" not in model_fields(name):
+        return False
+    return not is_keep_all(cfg.get("q", model_fields(name)["q"]))
+
+
 def is_1_lipschitz(model) -> bool:
     """Whether the model's logits are 1-Lipschitz in ℓ∞ in evaluation mode (at p = ∞): true for
     the pure nets (ℓ∞-dist layers, constant shifts, max-pooling, negation), false for a model
@@ -181,6 +354,9 @@ MODELS = {
     "linf_dist_net": LinfDistNet,
     "linf_dist_net_mlp": functools.partial(LinfDistNet, head="mlp"),
     "linf_lenet": LinfLeNet,
+    "sort_net": SortNet,
+    "sort_net_mlp": SortNetMLP,
+    "sort_net_conv_mlp": SortNetConvMLP,
 }
 
 
@@ -190,12 +366,34 @@ def model_fields(name: str) -> dict:
     ``name``), with the variant's defaults where ``MODELS[name]`` is a ``functools.partial``."""
     ctor = MODELS[name]
     cls, preset = (ctor.func, ctor.keywords) if isinstance(ctor, functools.partial) else (ctor, {})
+    fixed = ("parent", "name", "num_classes", *getattr(cls, "FIXED_FIELDS", ()))
     return {k: preset.get(k, f.default) for k, f in cls.__dataclass_fields__.items()
-            if k not in ("parent", "name", "num_classes")}
+            if k not in fixed}
 
 
 def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_sort_fields(name: str, f: dict) -> None:
+    """One-line errors for the fields only SortNets have (q, depth, identity_init)."""
+    if "q" not in f:
+        return
+    q = f["q"]
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
+        raise ValueError(f"model.q={q!r} is not allowed: a keep probability in (0, 1] (1: the "
+                         "ℓ∞-dist net)")
+    if not isinstance(f["identity_init"], bool):
+        raise ValueError(f"model.identity_init={f['identity_init']!r} is not allowed: True or "
+                         "False")
+    if name == "sort_net_conv_mlp" and f["identity_init"]:
+        raise ValueError("model.identity_init=True is not allowed for sort_net_conv_mlp: its "
+                         "first layer is a patch layer with no identity rule (False, as the "
+                         "official 2x scripts)")
+    least = 2 if name == "sort_net" else 3
+    if f["depth"] < least:
+        raise ValueError(f"model.depth={f['depth']!r} is not allowed: at least {least} for "
+                         f"{name}")
 
 
 def build_model(model_config, num_classes: int) -> _LinfModel:
@@ -220,14 +418,15 @@ def build_model(model_config, num_classes: int) -> _LinfModel:
             raise ValueError(f"model.{key}={value!r} is not allowed: unknown field of {name}; "
                              f"allowed: {', '.join(sorted(fields))}")
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()}
-    for key in ("depth", "width", "head_hidden", "kernel_size"):
+    for key in ("depth", "width", "head_hidden", "kernel_size", "top_k", "mask_block", "stride"):
         if key in kwargs and not _positive_int(kwargs[key]):
             raise ValueError(f"model.{key}={kwargs[key]!r} is not allowed: a positive integer")
+    _check_sort_fields(name, {**fields, **kwargs})
     for key in ("channels", "dense"):
         if key in kwargs and (not isinstance(kwargs[key], tuple) or not kwargs[key]
                               or not all(_positive_int(c) for c in kwargs[key])):
             raise ValueError(f"model.{key}={kwargs[key]!r} is not allowed: a non-empty list of "
                              "positive integers")
-    if kwargs.get("head", fields["head"]) not in HEADS:
+    if kwargs.get("head", fields.get("head", "none")) not in HEADS:
         raise ValueError(f"model.head={kwargs['head']!r} is not allowed: one of {HEADS}")
     return MODELS[name](num_classes=num_classes, **kwargs)

@@ -19,9 +19,10 @@ state (a leading member axis on every leaf, :mod:`linf_jax.ensemble`):
 * ``joint`` (the EMA paper): :func:`member_apply` mapped over the members, ONE loss of the mean
   logits and mean worst-case margins, then the update mapped over the members.
 
-The step's randomness (augmentation) comes from a key derived from ``(seed, step)``, and the data
-order from ``(seed, epoch)`` (:func:`linf_jax.experiment.epoch_order`), so a resumed run is
-bit-identical to an uninterrupted one. The method is described in docs/METHOD.md.
+The step's randomness (augmentation, and a SortNet's training masks) comes from keys derived from
+``(seed, step)``, and the data order from ``(seed, epoch)``
+(:func:`linf_jax.experiment.epoch_order`), so a resumed run is bit-identical to an uninterrupted
+one. The method is described in docs/METHOD.md.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ import optax
 
 from linf_jax import ensemble as ensemble_lib
 from linf_jax import experiment, ops, optim, parallel
+from linf_jax import recalibrate as recalibrate_lib
 from linf_jax.config import num_members
 from linf_jax.experiment import augment_key
+from linf_jax.models import uses_dropout
 from linf_jax.schedules import INF, Schedule
 
 
@@ -58,6 +61,9 @@ class TrainState:
     ema_params: Any
     ema_batch_stats: Any
     rng: jax.Array  # raw uint32 key data of PRNGKey(seed); all keys derive from it
+    # A SortNet's running means re-estimated for the certified network, {'raw', 'ema', 'step'}
+    # (linf_jax.recalibrate); {} for every other model.
+    recalibrated: Any
     apply_fn: Callable = flax.struct.field(pytree_node=False, default=None)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
 
@@ -97,6 +103,8 @@ def create_train_state(config, model: nn.Module, input_shape, tx, mesh=None) -> 
             step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
             opt_state=opt_state, ema_params=jax.tree.map(jnp.copy, params),
             ema_batch_stats=jax.tree.map(jnp.copy, batch_stats), rng=rng,
+            recalibrated=(recalibrate_lib.initial(batch_stats)
+                          if recalibrate_lib.needs_recalibration(model) else {}),
             apply_fn=model.apply, tx=tx)
 
     if mesh is None:
@@ -117,26 +125,37 @@ def squared_norm(tree) -> jax.Array:
     return sum(jnp.sum(jnp.abs(g) * jnp.abs(g)) for g in jax.tree.leaves(tree))
 
 
-def member_apply(apply_fn: Callable, params, batch_stats, x, y, p, eps):
-    """One model in training mode: ``(logits, worst-case margins, new batch_stats)``."""
+def dropout_key(rng):
+    """The key of SortNet's training masks; each step folds in its number, each ensemble member
+    its index (so a resumed run draws the same masks)."""
+    return jax.random.fold_in(rng, 4)
+
+
+def member_apply(apply_fn: Callable, params, batch_stats, x, y, p, eps, key=None):
+    """One model in training mode: ``(logits, worst-case margins, new batch_stats)``. ``key``:
+    the ``'dropout'`` RNG of a SortNet's masks (None: a model without random masks)."""
     variables = {"params": params, "batch_stats": batch_stats}
+    rngs = None if key is None else {"dropout": key}
     (logits, margins), new = apply_fn(
-        variables, x, p=p, train=True, eps=eps, labels=y, mutable=["batch_stats"])
+        variables, x, p=p, train=True, eps=eps, labels=y, mutable=["batch_stats"], rngs=rngs)
     return logits, margins, new.get("batch_stats", {})
 
 
-def member_loss(params, batch_stats, x, y, p, eps, lam, *, apply_fn, loss_fn):
+def member_loss(params, batch_stats, x, y, p, eps, lam, key=None, *, apply_fn, loss_fn):
     """The loss of one model on a batch: ``(loss, (logits, new batch_stats))``."""
-    logits, margins, bs = member_apply(apply_fn, params, batch_stats, x, y, p, eps)
+    logits, margins, bs = member_apply(apply_fn, params, batch_stats, x, y, p, eps, key)
     return loss_fn(logits, margins, y, eps, lam, params["logit_scale"]), (logits, bs)
 
 
-def joint_loss(params, batch_stats, x, y, p, eps, lam, *, apply_fn, loss_fn, execution):
+def joint_loss(params, batch_stats, x, y, p, eps, lam, keys=None, *, apply_fn, loss_fn,
+               execution):
     """The loss of a joint ensemble: the members applied (mapped over the member axis), then
-    ONE loss of their mean logits and mean worst-case margins (docs/METHOD.md §8)."""
+    ONE loss of their mean logits and mean worst-case margins (docs/METHOD.md §8). ``keys``:
+    one mask key per member (``[K, ...]``), or None."""
     logits, margins, bs = ensemble_lib.members_map(
-        functools.partial(member_apply, apply_fn), (0, 0, None, None, None, None), execution)(
-        params, batch_stats, x, y, p, eps)
+        functools.partial(member_apply, apply_fn),
+        (0, 0, None, None, None, None, None if keys is None else 0), execution)(
+        params, batch_stats, x, y, p, eps, keys)
     logits = logits.mean(0)
     loss = loss_fn(logits, margins.mean(0), y, eps, lam, params["logit_scale"].mean())
     return loss, (logits, bs)
@@ -175,12 +194,13 @@ def member_update(params, opt_state, ema_params, ema_bs, grads, bs, *, tx, step,
 
 
 def member_step(params, batch_stats, opt_state, ema_params, ema_bs, x, y, p, eps, lam, alpha,
-                *, apply_fn, loss_fn, tx, step) -> MemberStep:
+                key=None, *, apply_fn, loss_fn, tx, step) -> MemberStep:
     """The whole step of one model. The single-model step, and mapped over the members the
-    independent ensemble's (each member's new state written once, no stacked temporaries)."""
+    independent ensemble's (each member's new state written once, no stacked temporaries).
+    ``key``: the step's mask key of a SortNet, or None."""
     (loss, (logits, bs)), grads = jax.value_and_grad(
         functools.partial(member_loss, apply_fn=apply_fn, loss_fn=loss_fn), has_aux=True)(
-        params, batch_stats, x, y, p, eps, lam)
+        params, batch_stats, x, y, p, eps, lam, key)
     return MemberStep(loss, logits, bs, squared_norm(grads),
                       member_update(params, opt_state, ema_params, ema_bs, grads, bs, tx=tx,
                                     step=step, p=p, alpha=alpha))
@@ -204,6 +224,7 @@ class StepSpec:
     mode: str = "joint"
     execution: str = "batched"
     constrain: Callable | None = None
+    dropout: bool = False  # a SortNet with random masks: the step draws a 'dropout' key
 
 
 def train_step(state: TrainState, images, labels, batch_idx, p_phase: str, *, spec: StepSpec):
@@ -220,6 +241,9 @@ def train_step(state: TrainState, images, labels, batch_idx, p_phase: str, *, sp
     p = schedule.p(step) if p is None else p
     eps, lam, alpha = schedule.eps(step), schedule.lam(step), schedule.ema_decay_at(step)
     aug_key = jax.random.fold_in(augment_key(state.rng), step)
+    drop_key = jax.random.fold_in(dropout_key(state.rng), step) if spec.dropout else None
+    member_keys = None if drop_key is None or k is None else jax.vmap(
+        lambda i: jax.random.fold_in(drop_key, i))(jnp.arange(k))
     constrain = spec.constrain or (lambda x, y, member_axis: (x, y))
     one_step = functools.partial(member_step, apply_fn=state.apply_fn, loss_fn=spec.loss_fn,
                                  tx=state.tx, step=step)
@@ -227,14 +251,14 @@ def train_step(state: TrainState, images, labels, batch_idx, p_phase: str, *, sp
     if k is None:
         x, y = constrain(*spec.prepare(images, labels, batch_idx, aug_key), member_axis=False)
         out = one_step(state.params, state.batch_stats, state.opt_state, state.ema_params,
-                       state.ema_batch_stats, x, y, p, eps, lam, alpha)
+                       state.ema_batch_stats, x, y, p, eps, lam, alpha, drop_key)
         loss, logits, bs, grad_sq, update = out
     elif spec.mode == "joint":
         x, y = constrain(*spec.prepare(images, labels, batch_idx, aug_key), member_axis=False)
         (loss, (logits, bs)), grads = jax.value_and_grad(
             functools.partial(joint_loss, apply_fn=state.apply_fn, loss_fn=spec.loss_fn,
                               execution=spec.execution),
-            has_aux=True)(state.params, state.batch_stats, x, y, p, eps, lam)
+            has_aux=True)(state.params, state.batch_stats, x, y, p, eps, lam, member_keys)
         grad_sq = squared_norm(grads)
         # p and the step are the same for every member: closed over, not batched, so the ℓp
         # decay's lax.cond on p = ∞ stays a cond instead of a select computing both branches
@@ -242,14 +266,15 @@ def train_step(state: TrainState, images, labels, batch_idx, p_phase: str, *, sp
                                             alpha=alpha))(
             state.params, state.opt_state, state.ema_params, state.ema_batch_stats, grads, bs)
     else:  # independent: the single-model step mapped over the members
-        member_keys = jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(jnp.arange(k))
+        aug_keys = jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(jnp.arange(k))
         x, y = constrain(*jax.vmap(spec.prepare, in_axes=(None, None, 0, 0))(
-            images, labels, batch_idx, member_keys), member_axis=True)
+            images, labels, batch_idx, aug_keys), member_axis=True)
         loss, logits, bs, grad_sq, update = ensemble_lib.members_map(
-            one_step, (0, 0, 0, 0, 0, 0, 0, None, None, None, None), spec.execution)(
+            one_step, (0, 0, 0, 0, 0, 0, 0, None, None, None, None,
+                       None if member_keys is None else 0), spec.execution)(
             state.params, state.batch_stats, state.opt_state, state.ema_params,
             state.ema_batch_stats,
-            x, y, p, eps, lam, alpha)
+            x, y, p, eps, lam, alpha, member_keys)
         loss, grad_sq = loss.mean(), grad_sq.sum()
     new_state = state.replace(
         step=step + 1, params=update.params, batch_stats=bs, opt_state=update.opt_state,
@@ -271,7 +296,8 @@ def step_spec(config, schedule: Schedule, meta: dict, constrain: Callable | None
     return StepSpec(schedule=schedule, loss_fn=experiment.make_loss_fn(config),
                     prepare=experiment.make_prepare_fn(config, meta),
                     pixel_std=float(meta["std"]), num_members=num_members(config),
-                    mode=config.ensemble.mode, execution=execution, constrain=constrain)
+                    mode=config.ensemble.mode, execution=execution, constrain=constrain,
+                    dropout=uses_dropout(config.model))
 
 
 def bind_train_step(config, schedule: Schedule, meta: dict,

@@ -11,6 +11,8 @@ that restores, and evaluates the EMA weights on the test split at the end. Aroun
 * metrics to ``metrics.jsonl`` (one JSON object per logged step) and to TensorBoard event files
   in the workdir (tensorboardX: no TensorFlow needed), both rewound on resume;
 * SIGTERM/SIGINT (and on several hosts JAX's preemption sync point) → save and stop, exit 0;
+* a SortNet's running means re-estimated for its raw and EMA weights before every checkpoint
+  is written (:mod:`linf_jax.recalibrate`), so each checkpoint certifies without the data;
 * one writer per workdir (:class:`linf_jax.checkpoint.WorkdirLock`).
 """
 
@@ -27,12 +29,15 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from linf_jax import checkpoint as ckpt
 from linf_jax import config as config_lib
 from linf_jax import data as data_lib
+from linf_jax import ensemble as ensemble_lib
 from linf_jax import evaluation, experiment, ops, parallel, train_lib
+from linf_jax import recalibrate as recalibrate_lib
 from linf_jax.config import ConfigError, TrainingError
 from linf_jax.train_lib import TrainState
 
@@ -285,6 +290,7 @@ def _loop(run: _Run, state: TrainState, mngr, writer: MetricWriter, progress: bo
     total = schedule.total_steps
     start = int(state.step)
     order_k = config_lib.num_members(config) if config.ensemble.mode == "independent" else None
+    recalibrated = _recalibration(run, images, labels)
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     t0 = time.time()
 
@@ -334,6 +340,8 @@ def _loop(run: _Run, state: TrainState, mngr, writer: MetricWriter, progress: bo
                 stopping = stop.agreed(done)
                 if stopping or done == total or mngr.should_save(done):
                     checked(*pending)  # never checkpoint a non-finite state
+                    if recalibrated is not None:
+                        state = recalibrated(state)
                     ckpt.save_checkpoint(mngr, state, force=True)
                 if stopping:
                     preempted = True
@@ -343,6 +351,33 @@ def _loop(run: _Run, state: TrainState, mngr, writer: MetricWriter, progress: bo
     finally:
         bar.close()
     return state, preempted
+
+
+def _recalibration(run: _Run, images, labels) -> Callable[[TrainState], TrainState] | None:
+    """``fn(state)``: the state with its ``recalibrated`` field re-estimated for its raw and EMA
+    weights over the training set (:mod:`linf_jax.recalibrate`), batches as in training and
+    augmented with a key of ``(seed, step)``; None for a model that needs none."""
+    if not recalibrate_lib.needs_recalibration(run.model):
+        return None
+    config = run.config
+    execution = ensemble_lib.resolve_execution(config.ensemble.get("execution", "auto"),
+                                               sharded=bool(config.ensemble.shard))
+    means = recalibrate_lib.make_means_fn(
+        run.model.apply, experiment.make_prepare_fn(config, run.meta),
+        config_lib.num_members(config), execution)
+    batches = [np.arange(lo, hi) for lo, hi in run.batches]
+
+    def fn(state: TrainState) -> TrainState:
+        key = jax.random.fold_in(recalibrate_lib.recalibration_key(state.rng), state.step)
+        with ops.use_kernels(run.kernels):
+            raw, ema = (recalibrate_lib.recalibrate(means, params, bs, images, labels, batches,
+                                                    key)
+                        for params, bs in ((state.params, state.batch_stats),
+                                           (state.ema_params, state.ema_batch_stats)))
+        new = {"raw": raw, "ema": ema, "step": jnp.copy(state.step)}  # its own buffer: donated
+        return state.replace(recalibrated=jax.device_put(new, run.state_sharding.recalibrated))
+
+    return fn
 
 
 def _keep_every_steps(config, steps_per_epoch: int) -> int | None:
