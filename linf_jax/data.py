@@ -25,8 +25,12 @@ A data set is named by ONE string, ``source``:
     ``ClassLabel`` feature, else from ``max(label) + 1`` of the loaded split.
     Known normalisation: mnist mean 0.1307 std 0.3081; fashion_mnist mean 0.2860 std
     0.3520; cifar10 mean (0.4914, 0.4822, 0.4465) std 0.2009; cifar100 mean (0.5071, 0.4867,
-    0.4408) std 0.2667.  Augmentation ``'mnist'`` for mnist/fashion_mnist, ``'cifar'`` for
-    cifar10/cifar100, ``'none'`` otherwise.  Other names: per-channel mean and ONE pooled std
+    0.4408) std 0.2667; ``imagenet_resized/64x64`` (ImageNet 64×64, 1,000 classes, splits
+    ``train``, 1,281,167 images, and ``validation``, 50,000; prepared from the downsampled
+    ImageNet files of image-net.org) mean (0.4815, 0.4578, 0.4082) std 0.2128 (SortNet's
+    ``dataset.py``).
+    Augmentation ``'mnist'`` for mnist/fashion_mnist, ``'cifar'`` for cifar10/cifar100 and
+    imagenet_resized/64x64, ``'none'`` otherwise.  Other names: per-channel mean and ONE pooled std
     (``sqrt`` of the mean over channels of the per-channel variance) computed from the data
     set's full ``train`` split when it has one — so that every split of it is normalised
     identically — else from the loaded examples.
@@ -48,6 +52,22 @@ A data set is named by ONE string, ``source``:
     ``max(label) + 1`` over every label in the file — so both splits agree.  Augmentation
     ``'none'``.
 
+``tinyimagenet:FILE`` and ``imagenet64:FILE``
+    SortNet's 64×64 data sets (``zbh2047/SortNet``, ``dataset.py``) from a NumPy ``.npz`` with
+    ``x_train``, ``y_train``, ``x_test``, ``y_test``: images uint8 ``[N, 64, 64, 3]`` (0–255, or
+    float in [0, 1]), labels ``[N]`` integers.  ``tinyimagenet``: Tiny ImageNet, 200 classes,
+    ``train`` the 100,000 training images and ``test`` the 10,000 of the validation folder (the
+    official loader's ``val``), mean (0.4802, 0.4481, 0.3975) std 0.2276;
+    :func:`linf_jax.data_sources.pack_tinyimagenet` writes the file from the downloaded
+    ``tiny-imagenet-200`` folder (classes in sorted folder order, as ``ImageFolder``).
+    ``imagenet64``: ImageNet 64×64 (1,000 classes) for those who hold it as arrays rather than
+    in TFDS (the downsampled files' ``data`` rows are CHW: reshape to ``[N, 3, 64, 64]`` and
+    transpose to NHWC; their labels count from 1), mean (0.4815, 0.4578, 0.4082) std 0.2128.
+    The file's own ``mean``/``std`` keys, if any, are not read: these are the official
+    constants.  Augmentation ``'cifar'`` (crop and flip; SortNet pads by 5 pixels for Tiny
+    ImageNet and by 4 for ImageNet 64×64, with edge replication, which its presets set in
+    ``train.crop_padding`` / ``train.crop_mode``).
+
 ``data_dir`` is used by ``tfds:`` only (``None``: TFDS's default, ``$TFDS_DATA_DIR`` or
 ``~/tensorflow_datasets``).
 
@@ -65,7 +85,7 @@ every coordinate is divided by the same number, so ε in pixel units is exactly 
 network units (:func:`eps_to_normalized`), and the valid image box [0, 1] becomes
 :func:`pixel_bounds` (docs/METHOD.md §9).
 
-The readers of the four sources are in :mod:`linf_jax.data_sources`; the split slicing and array
+The readers of the sources are in :mod:`linf_jax.data_sources`; the split slicing and array
 checks they share are in :mod:`linf_jax.data_arrays`.
 """
 
@@ -76,11 +96,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from linf_jax.config import CROP_MODES
-from linf_jax.data_sources import load_digits, load_idx, load_npz, load_tfds
+from linf_jax.data_sources import load_digits, load_idx, load_named_npz, load_npz, load_tfds
 from linf_jax.dataset import (  # noqa: F401 - the data module's public names
     AUGMENTATIONS,
     DEFAULT_PADDING,
     KNOWN_TFDS,
+    NAMED_SOURCES,
     Dataset,
 )
 from linf_jax.errors import DataError
@@ -97,7 +118,8 @@ __all__ = [
     "pixel_bounds",
 ]
 
-_SOURCES_HELP = "'digits', 'tfds:NAME', 'idx:DIR' or 'npz:FILE'"
+_SOURCES_HELP = ("'digits', 'tfds:NAME', 'idx:DIR', 'npz:FILE', 'tinyimagenet:FILE' or "
+                 "'imagenet64:FILE'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +151,8 @@ def _load_source(source: str, split: str, data_dir: str | None) -> Dataset:
             return load_idx(source, arg, split)
         if kind == "npz":
             return load_npz(source, arg, split)
+        if kind in NAMED_SOURCES:
+            return load_named_npz(source, kind, arg, split)
     raise DataError(f"data.source: unknown source {source!r}; allowed: {_SOURCES_HELP}")
 
 

@@ -26,10 +26,11 @@ from linf_jax.dataset import (
     DIGITS_MEAN,
     DIGITS_NUM_TRAIN,
     DIGITS_STD,
-    KNOWN_TFDS,
     MNIST_MEAN,
     MNIST_STD,
+    NAMED_SOURCES,
     Dataset,
+    known_tfds,
 )
 from linf_jax.errors import DataError, first_line
 
@@ -160,28 +161,27 @@ def load_idx(source: str, directory: str, split: str) -> Dataset:
 # npz
 
 
-def load_npz(source: str, path: str, split: str) -> Dataset:
+def _read_npz(source: str, path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise DataError(
-            f"data.source: {source!r}: no file {path!r}; allowed: npz:FILE with an existing .npz"
+            f"data.source: {source!r}: no file {path!r}; allowed: {source.partition(':')[0]}:FILE "
+            "with an existing .npz"
         )
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+            return {k: f[k] for k in f.files}
     except Exception as e:  # noqa: BLE001 - any unreadable file is a data error
         raise DataError(
             f"data.source: cannot read {path!r} as .npz ({type(e).__name__}: {e}); "
             "allowed: a NumPy .npz"
         ) from None
 
-    def pick(*keys):
-        for k in keys:
-            if k in arrays:
-                return arrays[k]
-        return None
 
+def _split_arrays(arrays: dict, path: str, single_ok: bool = True) -> dict:
+    """``{'train': (images, labels), 'test': (...)}`` from x_train/y_train/x_test/y_test, or
+    (``single_ok``) from x/images + y/labels, the whole file being both splits."""
     if all(k in arrays for k in ("x_train", "y_train", "x_test", "y_test")):
-        splits = {
+        return {
             "train": (
                 as_images(arrays["x_train"], "data.x_train"),
                 as_labels(arrays["y_train"], "data.y_train"),
@@ -191,15 +191,25 @@ def load_npz(source: str, path: str, split: str) -> Dataset:
                 as_labels(arrays["y_test"], "data.y_test"),
             ),
         }
-    else:
-        x, y = pick("x", "images"), pick("y", "labels")
-        if x is None or y is None:
-            raise DataError(
-                f"data.source: {path!r} has arrays {sorted(arrays)}; allowed: x/images + y/labels, "
-                "or x_train + y_train + x_test + y_test"
-            )
-        whole = (as_images(x, "data.images"), as_labels(y, "data.labels"))
-        splits = {"train": whole, "test": whole}
+
+    def pick(*keys):
+        for k in keys:
+            if k in arrays:
+                return arrays[k]
+        return None
+
+    x, y = pick("x", "images"), pick("y", "labels")
+    if not single_ok or x is None or y is None:
+        allowed = ("x/images + y/labels, or " if single_ok else "") + \
+            "x_train + y_train + x_test + y_test"
+        raise DataError(f"data.source: {path!r} has arrays {sorted(arrays)}; allowed: {allowed}")
+    whole = (as_images(x, "data.images"), as_labels(y, "data.labels"))
+    return {"train": whole, "test": whole}
+
+
+def load_npz(source: str, path: str, split: str) -> Dataset:
+    arrays = _read_npz(source, path)
+    splits = _split_arrays(arrays, path)
 
     train_x = splits["train"][0]
     if "mean" in arrays or "std" in arrays:
@@ -222,6 +232,68 @@ def load_npz(source: str, path: str, split: str) -> Dataset:
         )
     x, y = select_rows(split, splits, splits.__getitem__, source)
     return make_dataset(source, x, y, num_classes, mean, std, "none")
+
+
+def load_named_npz(source: str, name: str, path: str, split: str) -> Dataset:
+    """``NAME:FILE`` for a data set of :data:`linf_jax.dataset.NAMED_SOURCES` (``tinyimagenet``,
+    ``imagenet64``): an ``.npz`` with ``x_train``, ``y_train``, ``x_test``, ``y_test`` (images
+    uint8 ``[N, H, W, C]`` of the data set's shape, labels ``0..num_classes − 1``), normalised
+    with the data set's official constants (any ``mean``/``std`` in the file are not read)."""
+    spec = NAMED_SOURCES[name]
+    splits = _split_arrays(_read_npz(source, path), path, single_ok=False)
+    for key, (x, _) in splits.items():
+        if x.shape[1:] != spec.image_shape:
+            raise DataError(
+                f"data.images: x_{key} of {path!r} is {x.shape[1:]}; allowed: "
+                f"{spec.image_shape} ({name})"
+            )
+    x, y = select_rows(split, splits, splits.__getitem__, source)
+    return make_dataset(source, x, y, spec.num_classes, spec.mean, spec.std, spec.augment)
+
+
+def pack_tinyimagenet(folder: str, out: str) -> str:
+    """Writes the Tiny ImageNet folder ``folder`` (``tiny-imagenet-200``, as downloaded) to the
+    ``.npz`` the ``tinyimagenet:FILE`` source reads, and returns ``out``.
+
+    Classes are the sorted folder names of ``train/`` (torchvision's ``ImageFolder`` order, as
+    SortNet's loader); ``train`` is every image under ``train/<wnid>/``, ``test`` the 10,000
+    images of ``val/``, labelled from ``val/val_annotations.txt`` (the download's layout) or by
+    their folder ``val/<wnid>/`` (a validation folder already sorted into classes). Images are
+    decoded with Pillow and converted to RGB (a few are grey), uint8 ``[N, 64, 64, 3]``, in
+    sorted file order per class."""
+    from PIL import Image
+
+    def images_under(d):
+        return sorted(os.path.join(root, f) for root, _, files in os.walk(d) for f in files
+                      if f.lower().endswith((".jpeg", ".jpg", ".png")))
+
+    def decode(paths):
+        arr = np.zeros((len(paths), 64, 64, 3), np.uint8)
+        for i, p in enumerate(paths):
+            with Image.open(p) as im:
+                arr[i] = np.asarray(im.convert("RGB"))
+        return arr
+
+    train_dir, val_dir = os.path.join(folder, "train"), os.path.join(folder, "val")
+    if not os.path.isdir(train_dir) or not os.path.isdir(val_dir):
+        raise DataError(f"data.source: {folder!r} has no train/ and val/ folders; allowed: the "
+                        "tiny-imagenet-200 folder")
+    classes = sorted(d for d in os.listdir(train_dir)
+                     if os.path.isdir(os.path.join(train_dir, d)))
+    index = {c: i for i, c in enumerate(classes)}
+    train = [(p, index[c]) for c in classes for p in images_under(os.path.join(train_dir, c))]
+    notes = os.path.join(val_dir, "val_annotations.txt")
+    if os.path.isfile(notes):
+        with open(notes) as f:
+            rows = [line.split("\t")[:2] for line in f if line.strip()]
+        test = [(os.path.join(val_dir, "images", fname), index[wnid])
+                for fname, wnid in sorted(rows)]
+    else:
+        test = [(p, index[c]) for c in classes for p in images_under(os.path.join(val_dir, c))]
+    np.savez(out, x_train=decode([p for p, _ in train]),
+             y_train=np.array([y for _, y in train], np.int32),
+             x_test=decode([p for p, _ in test]), y_test=np.array([y for _, y in test], np.int32))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,9 +448,9 @@ def load_tfds(source: str, name: str, split: str, data_dir: str | None) -> Datas
     if num_classes is None:
         num_classes = int(y.max()) + 1 if y.size else 1
 
-    base = _base_name(name)
-    if base in KNOWN_TFDS:
-        mean, std, aug = KNOWN_TFDS[base]
+    known = known_tfds(name)
+    if known is not None:
+        mean, std, aug = known
     else:
         aug = "none"
         if "train" in info.splits and split.strip() != "train":

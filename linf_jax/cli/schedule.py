@@ -51,18 +51,24 @@ def parse_epochs(text: str, total: int) -> list[float]:
 
 
 def _train_size_and_std(config) -> tuple[int, float | None]:
-    """Training-set size and std for the preview: the stock TFDS sets from a table, anything
-    else by loading the training split (DataError, one line, when it cannot be loaded)."""
+    """Training-set size and std for the preview: the stock TFDS sets and the named npz sources
+    (``tinyimagenet:FILE``) from a table, anything else by loading the training split
+    (DataError, one line, when it cannot be loaded)."""
     from linf_jax import data as data_lib
-    from linf_jax.dataset import KNOWN_TFDS, TFDS_TRAIN_SIZES
+    from linf_jax.dataset import NAMED_SOURCES, TFDS_TRAIN_SIZES, known_tfds
     from linf_jax.errors import first_line
 
     d = config.data
     source = str(d.source)
-    if source.startswith("tfds:") and d.train_split == "train":
-        name = source[len("tfds:"):].split(":")[0].split("/")[0]
-        if name in TFDS_TRAIN_SIZES:
-            return TFDS_TRAIN_SIZES[name], KNOWN_TFDS[name][1]
+    kind, _, arg = source.partition(":")
+    if d.train_split == "train":
+        if kind == "tfds":
+            versionless = arg.split(":")[0]
+            for name in (versionless, versionless.split("/")[0]):
+                if name in TFDS_TRAIN_SIZES:
+                    return TFDS_TRAIN_SIZES[name], known_tfds(versionless)[1]
+        if kind in NAMED_SOURCES:
+            return NAMED_SOURCES[kind].train_size, NAMED_SOURCES[kind].std
     try:
         ds = data_lib.load(source, d.train_split, d.get("data_dir"))
     except data_lib.DataError as err:
