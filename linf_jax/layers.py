@@ -143,7 +143,7 @@ def is_keep_all(q) -> bool:
 
 
 class SortDist(nn.Module):
-    """Dense SortNet layer (docs/METHOD.md §9): ``features`` neurons over ``in_features``
+    """Dense SortNet layer (docs/METHOD.md §10): ``features`` neurons over ``in_features``
     inputs (None: the input's last axis), weight ``linf_weight [features, in_features]``.
 
     * evaluation, and training without a ``'dropout'`` RNG (the statistics re-estimation), at
@@ -217,7 +217,7 @@ class MeanShift(nn.Module):
     caller makes that collection mutable): :mod:`linf_jax.recalibrate` averages it over the
     training set to re-estimate the running means of a SortNet.
 
-    SortNet's masked training (docs/METHOD.md §9) passes its outputs in blocks, ``x`` of shape
+    SortNet's masked training (docs/METHOD.md §10) passes its outputs in blocks, ``x`` of shape
     ``[S, R, m]`` where block s holds only the units ``index[s]`` (``[S, m]``) of its ``R`` rows;
     then a unit's mean is taken over the rows of the blocks that kept it (the official
     ``MeanShiftDropout``; 0 for a unit no block kept), and ``valid`` (``[S, R]``, 0/1) leaves

@@ -161,7 +161,7 @@ class LinfLeNet(_LinfModel):
 
 
 class _SortModel(_LinfModel):
-    """Shared logic of the SortNets (docs/METHOD.md §9): a trunk of :class:`SortDist` layers,
+    """Shared logic of the SortNets (docs/METHOD.md §10): a trunk of :class:`SortDist` layers,
     the first an ℓ∞-dist layer over the input, every later one a sort neuron with keep
     probability ``q`` over its ``top_k`` largest distances.
 

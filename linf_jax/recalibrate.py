@@ -2,7 +2,7 @@
 
 A SortNet trains with random masks and the ℓp relaxation, so the running means its MeanShifts
 keep during training (and their EMA) belong to that training network, not to the deterministic
-sort network at p = ∞ that is evaluated, certified and exported (docs/METHOD.md §9). Before any
+sort network at p = ∞ that is evaluated, certified and exported (docs/METHOD.md §10). Before any
 of those, the running means are re-estimated as the official ``update_bn`` does: the training
 set is passed once through the deterministic network at p = ∞ in training mode (batch means),
 and each running mean becomes the plain average of its batch means.
