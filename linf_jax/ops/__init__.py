@@ -46,6 +46,15 @@ from linf_jax.ops.dispatch import (
 )
 from linf_jax.ops.lp import lp_dist_with
 from linf_jax.ops.native_cpu import linf_native, on_cpu
+from linf_jax.ops.sort import (
+    conv_sort_bounds,
+    conv_sort_dist,
+    grouped_sort_bounds,
+    grouped_sort_dist,
+    sort_dist,
+    sort_dist_bounds,
+    sort_weights,
+)
 from linf_jax.ops.xla import (
     MAX_INT_P,
     bounds_scan,
@@ -61,6 +70,8 @@ __all__ = [
     "conv_dist", "dist", "extract_patches", "grouped_bounds", "grouped_dist", "kernel_backend",
     "kernel_request", "linf_dist", "linf_dist_bounds", "lp_decay_direction",
     "lp_dist", "native_ok", "on_cpu", "partitionable", "resolve", "use_kernels",
+    "conv_sort_bounds", "conv_sort_dist", "grouped_sort_bounds", "grouped_sort_dist",
+    "sort_dist", "sort_dist_bounds", "sort_weights",
 ]
 
 
