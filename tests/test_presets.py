@@ -4,7 +4,8 @@ preview against the official formulas and against values of the official schedul
 
 The values below were read from the official repositories' scripts and ``main.py`` (V1
 ``zbh2047/L_inf-dist-net``, EMA ``Theia-4869/EMA-and-Ensemble-Lip-Networks``, V2
-``zbh2047/L_inf-dist-net-v2``); a change to a preset that departs from its script fails here.
+``zbh2047/L_inf-dist-net-v2``, SortNet ``zbh2047/SortNet``); a change to a preset that departs
+from its script fails here.
 """
 
 import glob
@@ -21,17 +22,27 @@ from conftest import REPO
 from linf_jax import config as config_lib
 from linf_jax import data as data_lib
 from linf_jax import experiment, schedules
+from linf_jax.dataset import known_tfds
 from linf_jax.models import build_model
 
-V1, EMA, V2 = ("zbh2047/L_inf-dist-net", "Theia-4869/EMA-and-Ensemble-Lip-Networks",
-               "zbh2047/L_inf-dist-net-v2")
+V1, EMA, V2, SORT = ("zbh2047/L_inf-dist-net", "Theia-4869/EMA-and-Ensemble-Lip-Networks",
+                     "zbh2047/L_inf-dist-net-v2", "zbh2047/SortNet")
 
 # Normalisation of the official dataset.py files: per-channel mean, ONE scalar std.
 NORMALISATION = {"mnist": ((0.1307,), 0.3081), "fashion_mnist": ((0.2860,), 0.3520),
                  "cifar10": ((0.4914, 0.4822, 0.4465), 0.2009),
-                 "cifar100": ((0.5071, 0.4867, 0.4408), 0.2667)}
-TRAIN_SIZE = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000}
-STEPS_PER_EPOCH = {"mnist": 118, "fashion_mnist": 118, "cifar10": 98}  # ceil(N / 512)
+                 "cifar100": ((0.5071, 0.4867, 0.4408), 0.2667),
+                 "tinyimagenet": ((0.4802, 0.4481, 0.3975), 0.2276),
+                 "imagenet64": ((0.4815, 0.4578, 0.4082), 0.2128)}
+TRAIN_SIZE = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "tinyimagenet": 100000,
+              "imagenet64": 1281167}
+# ceil(N / batch): 512, and 1024 for ImageNet 64×64 (the official two GPUs of 512 examples
+# over ceil(N / 2) examples each give the same count)
+STEPS_PER_EPOCH = {"mnist": 118, "fashion_mnist": 118, "cifar10": 98, "tinyimagenet": 196,
+                   "imagenet64": 1252}
+# data.source and the evaluation split of each data set; the others are tfds:<name> and 'test'
+SOURCES = {"tinyimagenet": ("tinyimagenet:data/tinyimagenet.npz", "test"),
+           "imagenet64": ("tfds:imagenet_resized/64x64", "validation")}
 
 V1_COMMON = dict(schedule="v1", batch_size=512, drop_last=False, lr=0.02, logit_scale_lr=None,
                  weight_decay=5e-3, adam_eps=1e-10, p_start=8.0, p_end=1000.0, lam_start=0.0,
@@ -90,8 +101,83 @@ OFFICIAL = {
         epochs=(0, 0, 100, 1250, 1300), eps_train=0.03922, lam_start=0.05, lam_end=0.002,
         crop_padding=3, flip=True, eps_test=0.0078425)),
 }
-# Not paper presets: the quick digits default and the offline MNIST protocol of RESULTS.md.
-OWN = {"default.py", "mnist_local.py"}
+
+# SortNet (zbh2047/SortNet, commands/*.sh): the v2 schedule, eps-smooth 0.4, AdamW wd 0.02 with
+# no decay on the distance layers and decay on the scalar, one lr, PGD-100, edge crops.
+SORT_COMMON = dict(schedule="v2", batch_size=512, drop_last=False, lr=0.02, logit_scale_lr=None,
+                   weight_decay=0.02, dist_decay="none", decay_logit_scale=True, adam_eps=1e-10,
+                   p_start=8.0, p_end=1000.0, eps_smooth=0.4, augment=True, crop_mode="edge",
+                   pgd_steps=100, ensemble=1)
+SORT_MLP = dict(SORT_COMMON, loss="ce_hinge", lam_start=1.0, lam_end=0.01)
+
+
+def _sort(q, depth=6, identity=False):
+    return dict(name="sort_net", depth=depth, width=5120, q=q, identity_init=identity)
+
+
+def _sort_mlp(q, hidden, conv=False):
+    m = dict(name="sort_net_mlp", depth=7, width=5120, head_hidden=hidden, q=q,
+             identity_init=False)
+    return dict(m, name="sort_net_conv_mlp", stride=4) if conv else m
+
+
+OFFICIAL.update({
+    "sortnet_mnist_01.py": (SORT, "commands/mnist0.1.sh", dict(
+        SORT_COMMON, data="mnist", model=_sort(0.7, depth=5, identity=True),
+        epochs=(0, 0, 100, 1450, 1500), eps_train=0.3, loss="v2", lam_start=0.1,
+        lam_end=0.001, crop_padding=1, flip=False, eps_test=0.1)),
+    "sortnet_mnist_03.py": (SORT, "commands/mnist0.3.sh", dict(
+        SORT_COMMON, data="mnist", model=_sort(0.75, depth=5, identity=True),
+        epochs=(0, 0, 100, 1450, 1500), eps_train=0.45, loss="v2", lam_start=0.02,
+        lam_end=0.0002, crop_padding=1, flip=False, eps_test=0.3)),
+    "sortnet_cifar10_2.py": (SORT, "commands/cifar2_255.sh", dict(
+        SORT_COMMON, data="cifar10", model=_sort(0.75), epochs=(0, 0, 200, 2950, 3000),
+        eps_train=0.03137, loss="v2", lam_start=1.0, lam_end=0.01, crop_padding=3, flip=True,
+        eps_test=0.007843)),
+    "sortnet_cifar10_8.py": (SORT, "commands/cifar8_255.sh", dict(
+        SORT_COMMON, data="cifar10", model=_sort(0.85), epochs=(0, 0, 200, 2950, 3000),
+        eps_train=0.09411, loss="v2", lam_start=0.2, lam_end=0.002, crop_padding=3, flip=True,
+        eps_test=0.03137)),
+    "sortnet_cifar10_2_mlp.py": (SORT, "commands/cifar2_255_mlp.sh", dict(
+        SORT_MLP, data="cifar10", model=_sort_mlp(0.7, 512), epochs=(0, 500, 200, 2950, 3000),
+        eps_train=0.008627, crop_padding=3, flip=True, eps_test=0.007843)),
+    "sortnet_cifar10_8_mlp.py": (SORT, "commands/cifar8_255_mlp.sh", dict(
+        SORT_MLP, data="cifar10", model=_sort_mlp(0.6, 512), epochs=(0, 500, 200, 2950, 3000),
+        eps_train=0.03451, crop_padding=3, flip=True, eps_test=0.03137)),
+    "sortnet_tinyimagenet_1_mlp.py": (SORT, "commands/tinyimagenet1_255_mlp.sh", dict(
+        SORT_MLP, data="tinyimagenet", model=_sort_mlp(0.7, 512),
+        epochs=(0, 500, 100, 980, 1000), eps_train=0.00431, crop_padding=5, flip=True,
+        eps_test=0.00392)),
+    "sortnet_tinyimagenet_1_mlp2x.py": (SORT, "commands/tinyimagenet1_255_mlp2x.sh", dict(
+        SORT_MLP, data="tinyimagenet", model=_sort_mlp(0.7, 512, conv=True),
+        epochs=(0, 500, 100, 980, 1000), eps_train=0.00431, crop_padding=5, flip=True,
+        eps_test=0.00392)),
+    "sortnet_imagenet64_1_mlp.py": (SORT, "commands/imagenet1_255_mlp.sh", dict(
+        SORT_MLP, data="imagenet64", model=_sort_mlp(0.7, 2048), batch_size=1024, lr=0.01,
+        epochs=(0, 200, 30, 290, 300), eps_train=0.00431, crop_padding=4, flip=True,
+        eps_test=0.00392)),
+    "sortnet_imagenet64_1_mlp2x.py": (SORT, "commands/imagenet1_255_mlp2x.sh", dict(
+        SORT_MLP, data="imagenet64", model=_sort_mlp(0.7, 2048, conv=True), batch_size=1024,
+        lr=0.01, epochs=(0, 200, 50, 290, 300), eps_train=0.00431, crop_padding=4, flip=True,
+        eps_test=0.00392)),
+})
+# Not paper presets: the quick digits default, the offline MNIST protocol of RESULTS.md and its
+# SortNet counterpart.
+OWN = {"default.py", "mnist_local.py", "sortnet_mnist_local.py"}
+# The fields of the decay policy and the smooth ε ramp that the scripts before SortNet leave at
+# base_config's values.
+POLICY_DEFAULTS = dict(dist_decay="lp", decay_logit_scale=False, eps_smooth=0.0)
+
+
+def source_facts(data):
+    """``(data.source, test split, mean, std, augmentation kind)`` of a preset's data set."""
+    source, test = SOURCES.get(data, (f"tfds:{data}", "test"))
+    kind, _, name = source.partition(":")
+    if kind in data_lib.NAMED_SOURCES:
+        spec = data_lib.NAMED_SOURCES[kind]
+        return source, test, spec.mean, spec.std, spec.augment
+    mean, std, aug = known_tfds(name)
+    return source, test, mean, std, aug
 
 
 def load(name, overrides=()):
@@ -123,16 +209,22 @@ def test_preset_equals_official_script(name):
     assert "Deliberate differences" in doc and "Published" in doc
     config_lib.validate_config(c)
     t = c.train
-    assert c.data.source == f"tfds:{o['data']}" and c.data.train_split == "train"
+    source, test_split, mean, std, kind = source_facts(o["data"])
+    assert (c.data.source, c.data.train_split, c.data.test_split) == (source, "train",
+                                                                      test_split)
     model = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in c.model.items()}
+    if repo == SORT:  # a model section of its own, no field but the script's
+        assert set(model) == set(o["model"]), sorted(set(model) ^ set(o["model"]))
     for key, value in o["model"].items():
         assert model[key] == value, (key, model[key])
     for key in ("schedule", "batch_size", "drop_last", "lr", "logit_scale_lr", "weight_decay",
                 "adam_eps", "p_start", "p_end", "eps_train", "loss", "augment",
                 "crop_padding", "crop_mode", "flip"):
         assert t[key] == o[key], (key, t[key], o[key])
+    for key, default in POLICY_DEFAULTS.items():
+        assert t[key] == o.get(key, default), (key, t[key])
     assert tuple(t.epochs) == o["epochs"]
-    if o["loss"] == "v2":
+    if o["loss"] in config_lib.LAMBDA_LOSSES:
         assert (t.lam_start, t.lam_end) == (o["lam_start"], o["lam_end"])
     else:
         assert t.kappa == o["kappa"]
@@ -144,17 +236,15 @@ def test_preset_equals_official_script(name):
     assert t.ema_decay == o.get("ema_decay", 0.99)
     assert o["eps_test"] in tuple(c.eval.eps) and c.eval.pgd_steps == o["pgd_steps"]
     # Normalisation and steps per epoch as the official loaders give them.
-    mean, std = NORMALISATION[o["data"]]
-    assert data_lib.KNOWN_TFDS[o["data"]][:2] == (mean, std)
+    assert (mean, std) == NORMALISATION[o["data"]]
     assert experiment.steps_per_epoch(TRAIN_SIZE[o["data"]], t.batch_size, t.drop_last) == \
         STEPS_PER_EPOCH[o["data"]]
     # The augmentation the train step runs.
-    kind = data_lib.KNOWN_TFDS[o["data"]][2]
     assert experiment.augmentation(c, {"augment": kind}) == (o["crop_padding"], o["crop_mode"],
                                                              o["flip"])
     # The model builds with the head width of the script.
     m = build_model(c.model, 10)
-    if o["model"]["head"] == "mlp":
+    if "head_hidden" in o["model"]:
         assert m.head_hidden == o["model"]["head_hidden"]
 
 
@@ -172,8 +262,10 @@ def test_every_preset_model_section_builds(name):
 # ----------------------------------------------------------------------------------------------
 
 
-def reference(family, epochs, ef, lr0, eps_px, lam0, lam_end, p_start=8.0, p_end=1000.0):
-    """(p, eps_px, lr, lam) at the position ``ef`` (epochs) of the official code."""
+def reference(family, epochs, ef, lr0, eps_px, lam0, lam_end, p_start=8.0, p_end=1000.0,
+              smooth=0.0):
+    """(p, eps_px, lr, lam) at the position ``ef`` (epochs) of the official code (``smooth``:
+    SortNet's --eps-smooth, its create_schedule's 'smooth' ε)."""
     clip = lambda x: min(max(x, 0.0), 1.0)  # noqa: E731
     if family == "v1":
         e0, e1, e2, e3, total = epochs
@@ -187,7 +279,11 @@ def reference(family, epochs, ef, lr0, eps_px, lam0, lam_end, p_start=8.0, p_end
         lr = 0.5 * lr0 * (1 + math.cos(math.pi * ratio(0, total)))
         r = ratio(ps, pe)
         p = math.inf if (r >= 1 and p_end >= 100) else p_start * (p_end / p_start) ** r
-        eps = eps_px * ratio(es, ee)
+        t = ratio(es, ee)
+        if smooth > 0:  # SortNet main.py, create_schedule(..., 'smooth'), as written there
+            k = 1 / ((4 - 3 * smooth) * smooth ** 3)
+            t = k * t ** 4 if t < smooth else (1 - k * smooth ** 4) / (1 - smooth) * (t - 1) + 1
+        eps = eps_px * t
     lam = lam0 * (lam_end / lam0) ** r if lam0 > 0 else 0.0
     return p, eps, lr, lam
 
@@ -217,13 +313,20 @@ def test_preview_follows_the_official_formulas(name):
     for e in o["epochs"]:
         points |= {e * b - 1, e * b, e * b + 1, e * b + b // 2}
     points |= set(np.linspace(0, total, 300).round().astype(int).tolist())
+    smooth = o.get("eps_smooth", 0.0)
+    if smooth:  # the steps around the knee of the smooth ε ramp
+        es, ee = o["epochs"][:2]
+        knee = round((es + smooth * (ee - es)) * b)
+        points |= {knee - 1, knee, knee + 1}
     steps = sorted(s for s in points if 0 <= s <= total)
     c, s, got = preset_preview(name, steps)
+    assert got["eps_smooth"] == smooth
     std = NORMALISATION[o["data"]][1]
-    lam0, lam_end = (o["lam_start"], o["lam_end"]) if o["loss"] == "v2" else (0.0, 0.0)
+    lam0, lam_end = ((o["lam_start"], o["lam_end"]) if o["loss"] in config_lib.LAMBDA_LOSSES
+                     else (0.0, 0.0))
     for i, step in enumerate(steps):
         p, eps, lr, lam = reference(o["schedule"], o["epochs"], step / b, o["lr"],
-                                    o["eps_train"], lam0, lam_end)
+                                    o["eps_train"], lam0, lam_end, smooth=smooth)
         gp = math.inf if got["p"][i] == "inf" else got["p"][i]
         where = f"{name} step {step} (epoch {step / b:.4f})"
         assert close(gp, p, 2e-6), (where, "p", gp, p)
@@ -349,6 +452,24 @@ def test_preview_cli_writes_the_table_json_and_plot(tmp_path):
         assert close(got["lr"][i], lr, TABLE_REL) and close(got["lam"][i], lam, TABLE_REL)
     assert got["schedule"] == "v2" and got["steps_per_epoch"] == 98
     assert png.stat().st_size > 1000
+
+
+def test_preview_cli_shows_the_smooth_eps_ramp(tmp_path):
+    """A SortNet + MLP preset on Tiny ImageNet (its data file need not exist: the training-set
+    size is known): the header names r0, ε follows the smooth ramp (1/7 of ε_train at 40% of
+    it, epoch 200 of 0 → 500) and the JSON carries eps_smooth."""
+    out = tmp_path / "s.json"
+    proc = _preview_cli("--config", "configs/sortnet_tinyimagenet_1_mlp.py", "--epochs",
+                        "0,100,200,500,1000", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "196 steps per epoch" in proc.stdout and "smooth eps ramp r0 0.4" in proc.stdout
+    got = json.loads(out.read_text())
+    assert got["eps_smooth"] == 0.4 and got["loss"] == "ce_hinge"
+    k = 1 / (2.8 * 0.4 ** 3)
+    want = [0.0, k * 0.2 ** 4, 1 / 7, 1.0, 1.0]
+    for g, w in zip(got["eps_train"], want, strict=True):
+        assert close(g, 0.00431 * w, 1e-6), (g, w)
+    assert close(got["lam"][0], 1.0, 1e-6) and close(got["lam"][-1], 0.01, 1e-5)
 
 
 @pytest.mark.parametrize("args, words", [

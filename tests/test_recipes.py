@@ -113,7 +113,10 @@ def test_loss_family_lowers_its_loss(preset, epochs, n, width, eps0, tmp_path):
 
 @pytest.fixture(scope="module")
 def npz_data(tmp_path_factory):
-    """64 random 28×28×1 and 32×32×3 uint8 images with 10 classes: MNIST- and CIFAR-shaped."""
+    """64 random 28×28×1 and 32×32×3 uint8 images with 10 classes: MNIST- and CIFAR-shaped. The
+    64×64 data sets (Tiny ImageNet, ImageNet 64×64) are scaled down to the 32×32 images too: the
+    2x model's first kernel follows the image size (size − stride), and its 60×60 patches cost
+    about 10 s of CPU for a two-step run where 28×28 ones take 2 s."""
     tmp = tmp_path_factory.mktemp("npz")
     rng = np.random.default_rng(0)
     paths = {}
@@ -123,36 +126,55 @@ def npz_data(tmp_path_factory):
                  y=np.arange(64) % 10)
         paths[name] = path
     paths["fashion_mnist"] = paths["mnist"]
+    paths["tinyimagenet"] = paths["imagenet64"] = paths["cifar10"]
     return paths
 
 
 def scaled_down(name, npz_data):
     """Command-line overrides that make the preset ``name`` a 2-step run (batch 32 of 64 random
-    images of its data set's shape), keeping its schedule family and ε semantics."""
+    images of its data set's shape), keeping its schedule family and ε semantics. Returns the
+    overrides and whether ε ramps from 0 over the run."""
     c = load(name)
-    kind = c.data.source.split(":")[-1]
-    out = [f"--config.data.source=npz:{npz_data.get(kind, npz_data['mnist'])}",
+    kind = OFFICIAL[name][2]["data"] if name in OFFICIAL else "mnist"
+    out = [f"--config.data.source=npz:{npz_data[kind]}",
            "--config.data.train_split=train", "--config.train.batch_size=32",
            "--config.train.log_every=1"]
     if c.model.name == "linf_lenet":
         out += ["--config.model.channels=(2,3)", "--config.model.dense=(8,16)",
                 "--config.model.head_hidden=8"]
-    else:
-        out += ["--config.model.depth=3", "--config.model.width=16",
-                "--config.model.head_hidden=8"]
+    else:  # depth 4: a SortNet + MLP keeps a sort layer with its masks
+        out += [f"--config.model.depth={4 if 'head_hidden' in c.model else 3}",
+                "--config.model.width=16"]
+        if "head_hidden" in c.model:
+            out.append("--config.model.head_hidden=8")
     if c.ensemble.size > 1:
         out.append("--config.ensemble.size=2")
-    ramp = c.train.schedule == "v1" and c.train.epochs[2] > 0
+    e = c.train.epochs
+    ramp = e[2] > 0 if c.train.schedule == "v1" else e[1] > e[0]
     # one epoch in the p ramp (traced p from 8 towards 1000); v1 ++: ε from 0 over that epoch
-    out.append("--config.train.epochs=(0,0,1,1,1)" if ramp else
-               "--config.train.epochs=(0,0,0,1,1)")
+    # (e2 = 1), v2 with an ε ramp (SortNet + MLP): es = 0 -> ee = 1
+    if c.train.schedule == "v1":
+        out.append("--config.train.epochs=(0,0,1,1,1)" if ramp else
+                   "--config.train.epochs=(0,0,0,1,1)")
+    else:
+        out.append("--config.train.epochs=(0,1,0,1,1)" if ramp else
+                   "--config.train.epochs=(0,0,0,1,1)")
     return out, ramp
 
 
-@pytest.mark.parametrize("name", sorted(set(OFFICIAL) | OWN))
+# The SortNet presets that train here: one per model and loss (the others differ from these in
+# numbers only, which test_presets pins); the pure net, the + MLP net with the smooth ε ramp and
+# ce_hinge, and the convolutional 2x model on 64×64 images.
+SORTNET_TRAINED = {"sortnet_mnist_01.py", "sortnet_cifar10_8_mlp.py",
+                   "sortnet_tinyimagenet_1_mlp2x.py"}
+TRAINED = sorted(n for n in set(OFFICIAL) | OWN
+                 if OFFICIAL.get(n, ("",))[0] != "zbh2047/SortNet" or n in SORTNET_TRAINED)
+
+
+@pytest.mark.parametrize("name", TRAINED)
 def test_every_preset_trains_scaled_down(name, npz_data, tmp_path):
     overrides, ramp = scaled_down(name, npz_data)
-    if name == "mnist_local.py":  # its data is the offline MNIST folder; the npz stands in
+    if name.endswith("mnist_local.py"):  # its data is the offline MNIST folder; the npz stands in
         overrides.append("--config.data.test_split=train")
     config = load(name, overrides)
     config_lib.validate_config(config)
@@ -164,6 +186,10 @@ def test_every_preset_trains_scaled_down(name, npz_data, tmp_path):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in m)
     eps = config.train.eps_train
     assert m[0]["eps"] == pytest.approx(0.0 if ramp else eps, abs=1e-7)
+    if ramp and config.train.schedule == "v2":  # half-way through the ramp at the second step
+        t, r0 = 0.5, config.train.eps_smooth
+        want = 1 - 4 * (1 - t) / (4 - 3 * r0) if 0 < r0 <= t else t
+        assert m[1]["eps"] == pytest.approx(eps * want, rel=1e-6)
     assert all(math.isfinite(float(v)) for v in jax.tree.leaves(
         jax.tree.map(lambda a: jnp.abs(a).max(), result.state.params)))
 
