@@ -374,7 +374,7 @@ def plot_schedule(schedule, path: str, marks: dict | None = None,
     fig = figure(figsize=(6.4, 8.5), dpi=110)
     axes = fig.subplots(4, 1, sharex=True)
     keys = (("p", "p (∞ drawn at the top)"), ("eps_train", "training ε (pixels)"),
-            ("lr", "learning rate"), ("lam", "λ (v2 loss)"))
+            ("lr", "learning rate"), ("lam", "λ (v2, ce_hinge)"))
     for ax, (key, label) in zip(axes, keys, strict=True):
         def values(d, key=key):
             v = d[key]

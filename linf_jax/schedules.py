@@ -13,7 +13,8 @@ forward pass of its step, as in the official ``main.py``\\ s), ``clip(x) = min(m
 * p: ``r = clip((ef − e1)/(e3 − e1))``; ``p_start·(p_end/p_start)^r`` before e3, ∞ from e3 on;
 * ε: **e2 is a duration**: ``eps_train · clip((ef − e0)/e2)``, and ``eps_train`` from step 0
   when e2 = 0;
-* λ (only the v2 loss has one): ``lam_start·(lam_end/lam_start)^r`` with the r of p.
+* λ (only the v2 and ce_hinge losses have one): ``lam_start·(lam_end/lam_start)^r`` with the r
+  of p.
 
 ``schedule = 'v2'`` (ICLR 2022 code, ``zbh2047/L_inf-dist-net-v2``), ``(es, ee, ps, pe, T)``,
 with ``ratio(s, e) = 1 if e ≤ s else clip((ef − s)/(e − s))``:
@@ -193,8 +194,8 @@ class Schedule:
         return (self.eps_train * self.eps_ratio(step)).astype(jnp.float32)
 
     def lam(self, step):
-        """λ of the v2 loss: geometric ``lam_start → lam_end`` along the p ratio (0 when
-        lam_start = 0; constant lam_start when lam_end = 0)."""
+        """λ of the v2 and ce_hinge losses: geometric ``lam_start → lam_end`` along the p ratio
+        (0 when lam_start = 0; constant lam_start when lam_end = 0)."""
         if self.lam_start == 0:
             return jnp.zeros_like(jnp.asarray(step, jnp.float32))
         end = self.lam_end if self.lam_end > 0 else self.lam_start
