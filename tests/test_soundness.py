@@ -4,7 +4,8 @@ points inside it, at the evaluation radii and at each example's own certified ra
 rounding matters most); no attack may find a misclassified point.
 
 The models are tiny runs trained here: a pure ℓ∞-dist net (EMA and raw weights), a net with an
-MLP head, an ℓ∞-dist LeNet, and a joint ensemble of each of the last two. Point
+MLP head, an ℓ∞-dist LeNet, a joint ensemble of each of the last two, and SortNets (pure, EMA and
+raw weights; with an MLP head; a joint ensemble of pure ones). Point
 ``LINF_SOUNDNESS_WORKDIR`` at a trained pure-net run (e.g. ``runs/default`` after
 ``python train.py``) to stress that model instead of the tiny pure net, with
 ``LINF_SOUNDNESS_RESTARTS`` restarts (default 8); the count of attacked points is printed
@@ -40,10 +41,20 @@ MLP = {"model.name": "linf_dist_net_mlp", "model.depth": 2, "model.width": 32,
 LENET = {"model": ml_collections.ConfigDict(dict(name="linf_lenet", channels=(4,), kernel_size=3,
                                                  dense=(32, 32), head="mlp", head_hidden=16))}
 ENSEMBLE = {"ensemble.size": 2, "ensemble.mode": "joint"}
+# SortNets (sort neurons over the top 5 distances, trained with random masks): pure (1-Lipschitz),
+# with an MLP head, and a joint ensemble of two pure ones.
+SORT = {"model": ml_collections.ConfigDict(dict(name="sort_net", depth=3, width=32, q=0.75,
+                                                top_k=5, mask_block=16))}
+SORT_MLP = {"model": ml_collections.ConfigDict(dict(name="sort_net_mlp", depth=4, width=32,
+                                                    head_hidden=16, q=0.7, top_k=5,
+                                                    mask_block=16))}
 KINDS = {"pure": {}, "mlp": MLP, "mlp-ensemble": {**MLP, **ENSEMBLE}, "lenet": LENET,
-         "lenet-ensemble": {**LENET, **ENSEMBLE}}
+         "lenet-ensemble": {**LENET, **ENSEMBLE}, "sort": SORT, "sort-mlp": SORT_MLP,
+         "sort-ensemble": {**SORT, **ENSEMBLE}}
 CASES = [("pure", "ema"), ("pure", "raw"), ("mlp", "ema"), ("mlp-ensemble", "ema"),
-         ("lenet", "ema"), ("lenet-ensemble", "ema")]
+         ("lenet", "ema"), ("lenet-ensemble", "ema"), ("sort", "ema"), ("sort", "raw"),
+         ("sort-mlp", "ema"), ("sort-ensemble", "ema")]
+LIPSCHITZ = ("pure", "sort", "sort-ensemble")  # the kinds whose logits are 1-Lipschitz
 # The pure net is attacked on up to 500 test examples (all 360 of the digits) with RESTARTS
 # restarts; the other four on 240 examples with half the restarts, to keep the suite's time.
 EXAMPLES = {"pure": 500}
@@ -104,7 +115,7 @@ def test_no_attack_breaks_a_certified_example(trained, kind, weights):
     eval_eps = [float(e) for e in config.eval.eps]
     report = clf.evaluate(x, y, eps=eval_eps, pgd_steps=0, per_example=True)
     masks = report["per_example"]
-    lipschitz = kind == "pure"
+    lipschitz = kind in LIPSCHITZ
     assert report["lipschitz"] is lipschitz and clf.lipschitz is lipschitz
     assert report["radius_certificate"] == ("lipschitz" if lipschitz else "interval")
     for row in report["results"]:
