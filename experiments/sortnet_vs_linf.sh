@@ -4,7 +4,7 @@
 # last 5,000 at ε = 0.1 and 0.3): configs/sortnet_mnist_local.py (SortNet's MNIST ε = 0.3
 # recipe scaled to a depth-4, width-256 net, 50 epochs, batch 250), with q = 0.75 (SortNet) and
 # q = 1.0 (the ℓ∞-dist net, the same recipe otherwise); for each seed a single model (EMA and
-# raw weights certified) and a joint K = 3 ensemble (EMA weights); PGD-20.
+# raw weights certified) and a joint K = 3 ensemble (EMA weights); PGD-20 (in certify.py only).
 #   bash experiments/sortnet_vs_linf.sh [runs-folder] [seeds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ run() {  # name, seed, weights to certify, extra flags...
   local name=$1 seed=$2 weights=$3; shift 3
   if [ ! -f "$OUT/$name/results.json" ]; then
     /usr/bin/time -f "$name train wall %e s" "$PY" train.py --config configs/sortnet_mnist_local.py \
-      --workdir "$OUT/$name" --progress=false --config.seed="$seed" "$@"
+      --workdir "$OUT/$name" --progress=false --config.seed="$seed" --config.eval.pgd_steps=0 "$@"
   fi
   for w in $weights; do
     "$PY" certify.py --workdir "$OUT/$name" --eps 0.1,0.3 --weights "$w" --pgd_steps 20 \
