@@ -288,3 +288,9 @@ def preview(schedule: Schedule, steps, std: float | None = None,
         "ema_decay": [float(v) for v in np.asarray(schedule.ema_decay_at(arr), np.float64)],
         "eps_smooth": float(schedule.eps_smooth),
     }
+
+
+if __name__ == "__main__":  # python -m linf_jax.schedules --config <preset>: the preview command
+    from linf_jax.cli.schedule import command
+
+    command()

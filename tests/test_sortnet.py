@@ -286,3 +286,12 @@ def test_sortnet_field_on_a_linf_dist_net_is_one_line():
         env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "q" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_python_m_schedules_previews_a_sortnet_preset():
+    proc = subprocess.run([sys.executable, "-m", "linf_jax.schedules", "--config",
+                           "sortnet_cifar10_2_mlp"], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "smooth eps ramp r0 0.4, loss ce_hinge" in proc.stdout
+    assert "(0, 500, 200, 2950, 3000)" in proc.stdout
