@@ -1,7 +1,7 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=4 (tests/test_ensemble.py).
 
 Trains tiny configs on 1 device and on 4 devices (data parallel; an independent ensemble with
-its member axis sharded), and resumes a 4-device checkpoint on 2 devices (first phase); prints one
+its member axis sharded; a SortNet, data parallel), and resumes a 4-device checkpoint on 2 devices (first phase); prints one
 JSON line with the largest parameter difference of each case against the 1-device run.
 """
 
@@ -63,6 +63,17 @@ def main(root):
     leaf = e4.state.params["dists_0"]["linf_weight"]
     out["sharded_member_axis"] = (leaf.sharding.spec[0] == parallel.MEMBERS
                                   and len(leaf.sharding.device_set) == 4)
+    # a SortNet: the masks are drawn for blocks of the global batch, so data parallelism gives
+    # the same masks and parameters; the running means re-estimated at the save as well
+    sort = {"model": {"name": "sort_net", "depth": 3, "width": 32, "q": 0.75, "top_k": 5,
+                      "mask_block": 16}}
+    s1 = run(cfg(epochs, **sort, **{"parallel.num_devices": 1}), f"{root}/s1", max_steps=6)
+    s4 = run(cfg(epochs, **sort, **{"parallel.num_devices": 4}), f"{root}/s4", max_steps=6)
+    out["max_abs_diff"]["sortnet_data_parallel_4"] = diff(s1, s4)
+    out["max_abs_diff"]["sortnet_recalibrated_4"] = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(jax.tree.leaves(s1.state.recalibrated),
+                        jax.tree.leaves(s4.state.recalibrated), strict=True))
     print(json.dumps(out))
 
 
