@@ -295,3 +295,21 @@ def test_python_m_schedules_previews_a_sortnet_preset():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "smooth eps ramp r0 0.4, loss ce_hinge" in proc.stdout
     assert "(0, 500, 200, 2950, 3000)" in proc.stdout
+
+
+def test_export_of_a_sortnet_serves_its_logits_and_radii(sort_run, tmp_path):
+    """linf_jax.export lowers the SortNet (sort neurons, re-estimated means) for the CPU, CUDA
+    and TPU with a symbolic batch; the CPU program gives the classifier's logits and radii."""
+    from linf_jax import data as data_lib
+    from linf_jax import export
+
+    _, full, _, _, _ = sort_run
+    exp = export.export(full, str(tmp_path / "sort.jax"), platforms=("cpu", "cuda", "tpu"))
+    clf = load_classifier(full)
+    x = jnp.asarray(data_lib.as_pixels(data_lib.load("digits", "test[:37]").images))
+    logits, radii = exp.call(x)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(clf(x)), rtol=1e-5, atol=1e-5)
+    pred = jnp.argmax(logits, -1)
+    np.testing.assert_allclose(np.asarray(radii), np.asarray(clf.certified_radius(x, pred)),
+                               rtol=1e-4, atol=1e-5)
+    assert float(radii.max()) > 0
