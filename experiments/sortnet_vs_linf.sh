@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # SortNet against the ℓ∞-dist net at the same budget on the offline MNIST protocol of RESULTS.md
 # (train on the first 5,000 images of the MNIST test split in $LINF_JAX_MNIST_DIR, certify the
-# last 5,000 at ε = 0.1 and 0.3): configs/sortnet_mnist_local.py (SortNet's MNIST ε = 0.3
-# recipe scaled to a depth-4, width-256 net, 50 epochs, batch 250), with q = 0.75 (SortNet) and
-# q = 1.0 (the ℓ∞-dist net, the same recipe otherwise); for each seed a single model (EMA and
-# raw weights certified) and a joint K = 3 ensemble (EMA weights); PGD-20 (in certify.py only).
+# last 5,000 at ε = 0.1 and 0.3): configs/sortnet_mnist_local.py (mnist_local's recipe and
+# budget with a depth-4, width-256 SortNet, q = 0.75) against the same config with q = 1 and
+# the identity init, which is mnist_local's ℓ∞-dist Net; for each seed a single model (EMA and
+# raw weights certified), then for each seed a joint K = 3 ensemble (EMA weights); PGD-20 (in
+# certify.py only).
 #   bash experiments/sortnet_vs_linf.sh [runs-folder] [seeds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +26,16 @@ run() {  # name, seed, weights to certify, extra flags...
       --progress=false --output "$OUT/$name/certify_$w.json"
   done
 }
+SORT=(--config.model.q=0.75)
+LINF=(--config.model.q=1.0 --config.model.identity_init=True)
 for seed in $SEEDS; do
-  for q in 0.75 1.0; do
-    net=$([ "$q" = 1.0 ] && echo linf || echo sort)
-    run "${net}_single_seed$seed" "$seed" "ema raw" --config.model.q=$q
-    run "${net}_joint_k3_seed$seed" "$seed" "ema" --config.model.q=$q \
+  run "sort_single_seed$seed" "$seed" "ema raw" "${SORT[@]}"
+  run "linf_single_seed$seed" "$seed" "ema raw" "${LINF[@]}"
+done
+for seed in $SEEDS; do
+  for net in sort linf; do
+    if [ "$net" = sort ]; then flags=("${SORT[@]}"); else flags=("${LINF[@]}"); fi
+    run "${net}_joint_k3_seed$seed" "$seed" "ema" "${flags[@]}" \
       --config.ensemble.size=3 --config.ensemble.mode=joint
   done
 done
