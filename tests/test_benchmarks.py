@@ -64,3 +64,20 @@ def test_loop_count_prints_the_table_and_the_targets_hold():
     for part in last.split(": ", 1)[1].split("; "):
         value, target = part.split(": ")[1].split(" (target ")
         assert int(value.replace(",", "")) <= int(target.rstrip(")").replace(",", "")), part
+
+
+def test_sort_bench_prints_the_table_and_the_ratios():
+    """benchmarks/sort_bench.py on one tiny shape: every method agrees with the naive top_k
+    version, and the table and the ratios line are printed."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "sort_bench.py"), "--shapes",
+         "8x40x12", "--repeats", "1", "--no-torch"], capture_output=True, text=True,
+        timeout=300, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    agree = next(line for line in lines if line.startswith("agreement with naive at 8x40x12"))
+    for part in agree.split(": ", 1)[1].split(", "):
+        assert float(part.split()[1]) < 1e-5, agree
+    assert len([line for line in lines if line.startswith("| (8, 40, 12) |")]) == 4
+    assert lines[-1].startswith("RATIOS (ours faster by) 8x40x12 fwd: ")
+    assert "vs ours-xla" in lines[-1] and "vs naive" in lines[-1]

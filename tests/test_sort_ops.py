@@ -7,12 +7,14 @@ for, 1-Lipschitz continuity, exact and attained bounds, and lowering for GPUs an
 JAX runs in float32; every reference is computed in float64 from the same float32 inputs.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linf_jax import lowering, ops
+from linf_jax import lowering, native, ops
 from linf_jax.ops import sort, xla
 
 SHAPES = {
@@ -22,6 +24,24 @@ SHAPES = {
 Q = 0.75
 VAL_TOL = 2e-6
 GRAD_TOL = 2e-6
+
+
+#: The implementations: the native kernels (where they build), the XLA code in its CPU shape
+#: and in its GPU/TPU shape (run here through ``traced_in_shape``).
+IMPLS = ["native", "xla-cpu", "xla-accel"]
+
+
+@contextlib.contextmanager
+def implementation(name):
+    """Traces the code inside with implementation ``name`` of :data:`IMPLS` (programs jitted
+    inside must be fresh functions, traced there)."""
+    if name == "native" and not native.available():
+        pytest.skip(f"no native build: {native.unavailable_reason()}")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ops.use_kernels("native" if name == "native" else "xla"))
+        if name != "native":
+            stack.enter_context(xla.traced_in_shape(name[4:]))
+        yield
 
 
 def rand(rng, *shape, scale=2.0):
@@ -121,11 +141,11 @@ def _check(out, x, w, q, k, g):
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-@pytest.mark.parametrize("code", ["cpu", "accel"])
-def test_value_and_grads_match_float64(shape, code):
-    """Both shapes of the XLA code; k = 2, 10 and k > n; q = 0.75 and 0.3."""
+@pytest.mark.parametrize("impl", IMPLS)
+def test_value_and_grads_match_float64(shape, impl):
+    """Every implementation; k = 2, 10 and k > n; q = 0.75 and 0.3."""
     x, w, g = _inputs(shape, seed=sum(shape))
-    with xla.traced_in_shape(code):
+    with implementation(impl):
         for q, k in [(Q, 10), (0.3, 2), (Q, 64)]:
             # a fresh function: traced here, in the forced shape, not served from a cache
             fn = jax.jit(lambda x, w, g, q=q, k=k: _value_and_vjp(x, w, q, k, g))
@@ -162,11 +182,11 @@ def test_cpu_and_accelerator_shapes_pick_the_same_coordinates(monkeypatch):
     x, w, _ = _inputs((4, 29, 6), seed=5)
     x[:, 9], w[:, 9] = x[:, 2], w[:, 2]
     x[0], w[1] = 0.5, -0.5
-    with xla.traced_in_shape("cpu"):
+    with implementation("xla-cpu"):
         cpu = jax.jit(lambda x, w: sort._value_indexed(x, w, Q, 10))(x, w)
     for elements in (4 * 6 * 3, 4 * 6 * 11, 1 << 26):  # chunks of 3 and 11 coordinates, one
         monkeypatch.setattr(sort, "ACCEL_SORT_ELEMENTS", elements)
-        with xla.traced_in_shape("accel"):
+        with implementation("xla-accel"):
             acc = jax.jit(lambda x, w: sort._value_indexed(x, w, Q, 10))(x, w)
         np.testing.assert_array_equal(acc[1], cpu[1])
         np.testing.assert_allclose(acc[0], cpu[0], rtol=1e-6)
@@ -278,8 +298,8 @@ def _box(rng, b, n):
     return x - eps, x + eps
 
 
-@pytest.mark.parametrize("code", ["cpu", "accel"])
-def test_bounds_exact_attained_and_hold(code):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bounds_exact_attained_and_hold(impl):
     """[lo, hi] equals the float64 reference, holds every random point of each box and both
     corners, and is attained: lo at ``clip(w, l, u)``, hi at the far corner."""
     b, n, out, k = 4, 37, 9, 10
@@ -287,7 +307,7 @@ def test_bounds_exact_attained_and_hold(code):
     lo, hi = _box(rng, b, n)
     w = rand(rng, out, n)
     w[0] = (lo[0] + hi[0]) / 2  # w_0 inside the box of sample 0: lower bound 0
-    with xla.traced_in_shape(code):
+    with implementation(impl):
         lower, upper = (np.asarray(a) for a in jax.jit(
             lambda lo, hi, w: ops.sort_dist_bounds(lo, hi, w, Q, k))(lo, hi, w))
         neuron = jax.jit(lambda z: ops.sort_dist(z, w, Q, k))
@@ -444,6 +464,59 @@ def test_vmap_over_members_of_w_and_of_x():
 
 
 # --------------------------------------------------------------------------------------------
+# the native kernels against the XLA code
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "k"), [(37, 10), (37, 20), (100, 40), (5, 10), (16, 16)])
+def test_native_picks_the_xla_coordinates_and_signs(n, k):
+    """Raw kernel outputs: the K coordinates (rank order) and signs equal the XLA code's, with
+    ties, for K up to one vector of candidates (a bitonic sort), beyond it (insertion), and
+    beyond two vectors of lane maxima (no threshold); y to float32 rounding; the bounds too."""
+    if not native.available():
+        pytest.skip(f"no native build: {native.unavailable_reason()}")
+    x, w, _ = _inputs((6, n, 9), seed=n + k)
+    x[:, n // 2], w[:, n // 2] = x[:, 1], w[:, 1]  # ties everywhere
+    x[2], w[3] = 1.5, -0.5  # one pair of all-equal distances
+    w[4] = x[4]  # and one of zero distances
+    kk = min(k, n)
+    om = sort.sort_weights(Q, kk, kk)
+    y, idx, sign = (np.asarray(a) for a in jax.jit(native.sort_fwd)(x, w, om))
+    with implementation("xla-cpu"):
+        want_y, want_idx = jax.jit(lambda x, w: sort._value_indexed(x, w, Q, kk))(x, w)
+    np.testing.assert_array_equal(idx.reshape(6, 9, kk), np.moveaxis(np.asarray(want_idx), 0, -1))
+    diff = np.take_along_axis(np.float64(x)[:, None, :] - np.float64(w)[None], idx.reshape(
+        6, 9, kk), -1)
+    np.testing.assert_array_equal(sign.reshape(6, 9, kk), np.sign(diff))
+    np.testing.assert_allclose(y, want_y, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(native.sort_max)(x, w, om), y, rtol=1e-6)
+    lo, hi = x - 0.4, x + 0.3
+    got = jax.jit(native.sort_bounds)(lo, hi, w, om)
+    with implementation("xla-cpu"):
+        want = jax.jit(lambda *a: sort._bounds_value(*a, Q, kk))(lo, hi, w)
+    for a, c in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
+
+
+def test_native_nan_and_inf_follow_xla():
+    """Rows with a NaN or an infinity are redone in scalar code: NaN where a distance is NaN,
+    as in the XLA code; infinite distances rank first."""
+    if not native.available():
+        pytest.skip(f"no native build: {native.unavailable_reason()}")
+    x, w, _ = _inputs((4, 40, 6), seed=21)
+    x[1, 17] = np.nan
+    w[2, 3] = np.inf
+    x[3, 3] = np.inf  # inf - inf = nan at (3, 2)
+    with implementation("native"):
+        got = np.asarray(jax.jit(lambda x, w: ops.sort_dist(x, w, Q, 10))(x, w))
+    with implementation("xla-cpu"):
+        want = np.asarray(jax.jit(lambda x, w: ops.sort_dist(x, w, Q, 10))(x, w))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[1]).all() and np.isnan(got[3, 2]) and np.isinf(got[0, 2])
+    np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
 # accelerators, memory
 # --------------------------------------------------------------------------------------------
 
@@ -468,9 +541,10 @@ def test_lowers_for_accelerators_without_cpu_custom_calls(platform):
     assert count.unbounded == 0 and count.program <= 10, count
 
 
-def test_memory_bound():
-    """Forward+backward temporaries of the CPU program stay under an eighth of a
-    ``[B, out, in]`` float32 tensor (compile only)."""
+@pytest.mark.parametrize("impl", IMPLS)
+def test_memory_bound(impl):
+    """Forward+backward temporaries stay under an eighth of a ``[B, out, in]`` float32 tensor
+    (compile only; the GPU/TPU shape compiled for the CPU here)."""
     b, n, out = 512, 2048, 2048
     limit = b * n * out * 4 // 8
     sds = jax.ShapeDtypeStruct
@@ -480,7 +554,8 @@ def test_memory_bound():
         loss = lambda x, w: (ops.sort_dist(x, w, Q, 10) * g).sum()  # noqa: E731
         return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
 
-    stats = jax.jit(step).lower(x, w, g).compile().memory_analysis()
+    with implementation(impl):
+        stats = jax.jit(lambda *a: step(*a)).lower(x, w, g).compile().memory_analysis()
     if stats is None:
         pytest.skip("memory_analysis() is not available on this backend")
     assert stats.temp_size_in_bytes + stats.output_size_in_bytes < limit

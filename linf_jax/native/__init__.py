@@ -90,7 +90,9 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"LinfDistFwd": "linf_jax_linf_fwd", "LinfDistMax": "linf_jax_linf_max",
             "LinfDistBwd": "linf_jax_linf_bwd", "LinfBounds": "linf_jax_linf_bounds",
             "LpSum": "linf_jax_lp_sum", "LpBwd": "linf_jax_lp_bwd",
-            "LpDecay": "linf_jax_lp_decay"}
+            "LpDecay": "linf_jax_lp_decay", "SortDistFwd": "linf_jax_sort_fwd",
+            "SortDistMax": "linf_jax_sort_max", "SortDistBwd": "linf_jax_sort_bwd",
+            "SortBounds": "linf_jax_sort_bounds"}
 
 
 def find_compiler() -> str | None:
@@ -489,3 +491,39 @@ def lp_decay(w, p, k: int | None):
     p = jnp.asarray(p, jnp.float32).reshape(1, 1)
     return _call(_TARGETS["LpDecay"], jax.ShapeDtypeStruct(w.shape, jnp.float32), w, p,
                  k=np.int32(-1 if k is None else k))
+
+
+def _omega(omega):
+    """SortNet's weights as the kernels take them: float32 ``[1, K]``."""
+    return jnp.asarray(omega, jnp.float32).reshape(1, -1)
+
+
+def sort_max(x, w, omega):
+    """SortNet's inference neuron ``Σ_j ω_j d_(j)`` over the K = ``len(omega)`` largest
+    ``|x[b, i] − w[o, i]|`` (equal values: the first coordinate first) → ``[B, out]``."""
+    return _call(_TARGETS["SortDistMax"], _shape(x, w, jnp.float32), x, w, _omega(omega))
+
+
+def sort_fwd(x, w, omega):
+    """``(y, idx, sign)``: :func:`sort_max`, the K coordinates (int32, largest first) and
+    ``sign(x − w)`` there (int8), ``[B, out·K]`` each."""
+    k = np.shape(omega)[-1]
+    res = (x.shape[0], w.shape[0] * k)
+    return _call(_TARGETS["SortDistFwd"], (_shape(x, w, jnp.float32),
+                                           jax.ShapeDtypeStruct(res, jnp.int32),
+                                           jax.ShapeDtypeStruct(res, jnp.int8)),
+                 x, w, _omega(omega))
+
+
+def sort_bwd(idx, sign, g, omega, x_shape, w_shape):
+    """``(gx, gw)``: ``gx[b, i_j] += g·ω_j·sign_j``, ``gw[o, i_j] −= g·ω_j·sign_j``."""
+    return _call(_TARGETS["SortDistBwd"], (jax.ShapeDtypeStruct(x_shape, jnp.float32),
+                                           jax.ShapeDtypeStruct(w_shape, jnp.float32)),
+                 idx, sign, g.astype(jnp.float32), _omega(omega))
+
+
+def sort_bounds(lower, upper, w, omega):
+    """``(lo, hi)``: :func:`sort_max`'s weighted top K of ``max(l − w, w − u, 0)`` and of
+    ``max(u − w, w − l)``, the exact interval of the neuron over ``lower ≤ z ≤ upper``."""
+    shape = _shape(lower, w, jnp.float32)
+    return _call(_TARGETS["SortBounds"], (shape, shape), lower, upper, w, _omega(omega))

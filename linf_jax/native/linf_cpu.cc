@@ -9,6 +9,8 @@
 //   bounds.cc    LinfBounds: the interval bounds of certification
 //   lp.cc        LpSum, LpBwd: the l_p distance's sum pass and backward pass
 //   lp_decay.cc  LpDecay: the direction of the optimiser's l_p weight decay
+//   sort.cc      SortDistFwd, SortDistMax, SortDistBwd, SortBounds: SortNet's inference neuron
+//                (a weighted top K of |x - w|) and its interval bounds
 //   common.h     what they share: vector types and register tiles per instruction set, the tile
 //                sweep, the thread pool, padding, non-finite rows, leading (vmapped) dimensions
 //   powers.h     the vector powers of lp.cc and lp_decay.cc
@@ -19,3 +21,4 @@
 #include "bounds.cc"
 #include "lp.cc"
 #include "lp_decay.cc"
+#include "sort.cc"
