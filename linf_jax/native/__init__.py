@@ -7,10 +7,12 @@ this module, one file per kernel family, keep both in one register-tiled loop an
 backward scatter-adds in one pass (``linf.cc``), compute the interval bounds of certification
 the same way (``bounds.cc``), run the sum pass of the stable ℓp form and its analytic backward
 pass, computing each ``(|d|/y)^(p−1)`` once for both reductions (``lp.cc``; integer p by
-repeated squaring, other p by a vector exp/log, ``powers.h``), and the optimiser's ℓp weight
-decay (``lp_decay.cc``); ``common.h`` holds what they share, and ``linf_cpu.cc``, the one
-translation unit that is compiled, includes them all. :mod:`linf_jax.ops` uses the kernels on
-the CPU for float32 operands (``LINF_JAX_KERNELS``, see :func:`linf_jax.ops.kernel_backend`).
+repeated squaring, other p by a vector exp/log, ``powers.h``), the optimiser's ℓp weight
+decay (``lp_decay.cc``), and SortNet's inference neuron and its bounds, a weighted top K of
+``|x − w|`` per pair (``sort.cc``); ``common.h`` holds what they share, and ``linf_cpu.cc``,
+the one translation unit that is compiled, includes them all. :mod:`linf_jax.ops` uses the
+kernels on the CPU for float32 operands (``LINF_JAX_KERNELS``, see
+:func:`linf_jax.ops.kernel_backend`).
 Under ``jax.vmap`` (ensemble members, groups) the kernels take the vmapped axes as leading
 dimensions and loop over them inside one call.
 
