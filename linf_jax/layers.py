@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from linf_jax import ops
+from linf_jax.ops.blocks import block_weights
 
 Array = jax.Array
 IDENTITY_WEIGHT = -10.0
@@ -194,13 +195,11 @@ class SortDist(nn.Module):
                 y = ops.sort_dist(rows, w, self.q, self.top_k)
             y = y.reshape(*lead, self.features)
             return y if b is None else y + b
-        # masked training: gather each block's kept weight rows and columns
-        wb = w if out_index is None else jnp.take(w, out_index, axis=0)  # [S, m_out, n]
-        if in_index is not None:
-            if out_index is None:
-                wb = jnp.take(w, in_index, axis=1).swapaxes(0, 1)  # [S, out, m_in]
-            else:
-                wb = jnp.take_along_axis(wb, in_index[:, None, :], axis=2)
+        # masked training: each block's kept weight rows and columns, [S, m_out, m_in]
+        blocks = x.shape[0]
+        every = lambda size: jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (blocks, size))
+        wb = block_weights(w, every(self.features) if out_index is None else out_index,
+                           every(n) if in_index is None else in_index)
         y = jax.vmap(lambda xs, ws: ops.dist(xs, ws, p))(x, wb)
         if b is not None:
             y = y + (b if out_index is None else jnp.take(b, out_index)[:, None, :])

@@ -1,8 +1,9 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=4 (tests/test_ensemble.py).
 
 Trains tiny configs on 1 device and on 4 devices (data parallel; an independent ensemble with
-its member axis sharded; a SortNet, data parallel), and resumes a 4-device checkpoint on 2 devices (first phase); prints one
-JSON line with the largest parameter difference of each case against the 1-device run.
+its member axis sharded; a SortNet, data parallel), and resumes a 4-device checkpoint on 2
+devices (first phase); prints one JSON line with the largest parameter difference of each case
+against the 1-device run.
 """
 
 import json

@@ -313,3 +313,25 @@ def test_export_of_a_sortnet_serves_its_logits_and_radii(sort_run, tmp_path):
     np.testing.assert_allclose(np.asarray(radii), np.asarray(clf.certified_radius(x, pred)),
                                rtol=1e-4, atol=1e-5)
     assert float(radii.max()) > 0
+
+
+def test_block_weights_gather_gradient_equals_the_scatter_transpose():
+    """ops.blocks.block_weights: each block's kept rows and columns, and a gradient computed by
+    gathers equal to the plain take's scatter-add (rows or columns kept whole included)."""
+    from linf_jax.ops.blocks import block_weights
+
+    rng = np.random.default_rng(3)
+    out, n, s = 13, 11, 4
+    w = jnp.asarray(rng.normal(size=(out, n)), jnp.float32)
+    for m_out, m_in in ((7, 5), (out, 6), (9, n)):
+        oi = jnp.asarray(np.stack([np.sort(rng.choice(out, m_out, replace=False))
+                                   for _ in range(s)]), jnp.int32)
+        ii = jnp.asarray(np.stack([np.sort(rng.choice(n, m_in, replace=False))
+                                   for _ in range(s)]), jnp.int32)
+        g = jnp.asarray(rng.normal(size=(s, m_out, m_in)), jnp.float32)
+        plain = lambda w: jnp.take_along_axis(jnp.take(w, oi, axis=0), ii[:, None, :], axis=2)
+        got, vjp = jax.vjp(lambda w: block_weights(w, oi, ii), w)
+        want, vjp_plain = jax.vjp(plain, w)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_plain(g)[0]),
+                                   rtol=1e-6, atol=1e-6)
