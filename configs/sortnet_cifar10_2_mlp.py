@@ -27,7 +27,7 @@ Mirrors ``zbh2047/SortNet``, ``commands/cifar2_255_mlp.sh`` (``main.py``, ``data
 Deliberate differences: the parameter EMA (decay min(1 − 1/(epoch+1), 0.99)) is added and used for
 evaluation (``certify.py --weights raw`` for the raw weights; ``--config.train.ema_decay=0`` removes
 it); each block of 32 examples keeps exactly round(q · n) units of a layer where the official code
-draws that number from Binomial(n, q) per layer call (JAX needs the size static; docs/METHOD.md §9).
+draws that number from Binomial(n, q) per layer call (JAX needs the size static; docs/METHOD.md §10).
 
 Published: 56.49% certified (clean 67.42%) at 2/255, the mean of the eight runs in
 ``logs/cifar2_255_mlp/exp0-7/test_inf.log`` (certified 56.14–56.94%).

@@ -27,7 +27,7 @@ Mirrors ``zbh2047/SortNet``, ``commands/imagenet1_255_mlp2x.sh`` (``main.py``, `
 Deliberate differences: the parameter EMA (decay min(1 − 1/(epoch+1), 0.99)) is added and used for
 evaluation (``certify.py --weights raw`` for the raw weights; ``--config.train.ema_decay=0`` removes
 it); each block of 32 examples keeps exactly round(q · n) units of a layer where the official code
-draws that number from Binomial(n, q) per layer call (JAX needs the size static; docs/METHOD.md §9);
+draws that number from Binomial(n, q) per layer call (JAX needs the size static; docs/METHOD.md §10);
 the script trains on two GPUs (512 examples each, each GPU's own mean-shift statistics); here one
 batch of 1024; the data are TFDS's downsampled ImageNet where the official loader reads an
 ``Imagenet64`` image folder (the same images; the class indices may be ordered differently).

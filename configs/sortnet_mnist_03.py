@@ -23,7 +23,7 @@ Mirrors ``zbh2047/SortNet``, ``commands/mnist0.3.sh`` (``main.py``, ``dataset.py
 Deliberate differences: the parameter EMA (decay min(1 − 1/(epoch+1), 0.99)) is added and used for
 evaluation (``certify.py --weights raw`` for the raw weights; ``--config.train.ema_decay=0`` removes
 it); each block of 32 examples keeps exactly round(q · n) units of a layer where the official code
-draws that number from Binomial(n, q) per layer call (JAX needs the size static; docs/METHOD.md §9);
+draws that number from Binomial(n, q) per layer call (JAX needs the size static; docs/METHOD.md §10);
 ``train.eps_smooth = 0.4`` although the script passes no ``--eps-smooth`` (main.py's default 0): the
 logged runs of the published figures (``log.txt``) record 0.4, and with ε constant from step 0 both
 give the same schedule.

@@ -30,7 +30,7 @@ Mirrors ``zbh2047/SortNet``, ``commands/tinyimagenet1_255_mlp2x.sh`` (``main.py`
 Deliberate differences: the parameter EMA (decay min(1 − 1/(epoch+1), 0.99)) is added and used for
 evaluation (``certify.py --weights raw`` for the raw weights; ``--config.train.ema_decay=0`` removes
 it); each block of 32 examples keeps exactly round(q · n) units of a layer where the official code
-draws that number from Binomial(n, q) per layer call (JAX needs the size static; docs/METHOD.md §9).
+draws that number from Binomial(n, q) per layer call (JAX needs the size static; docs/METHOD.md §10).
 
 Published: 17.70% certified (clean 25.42%) at 1/255, the mean of the eight runs in
 ``logs/tinyimagenet1_255_mlp2x/exp0-7/test_inf.log`` (certified 17.50–18.18%).
