@@ -290,7 +290,10 @@ def preview(schedule: Schedule, steps, std: float | None = None,
     }
 
 
-if __name__ == "__main__":  # python -m linf_jax.schedules --config <preset>: the preview command
-    from linf_jax.cli.schedule import command
 
-    command()
+if __name__ == "__main__":
+    # `python -m linf_jax.schedules --config <preset>`: the preview command (linf-schedule). Run
+    # as a script, not imported, so linf_jax.schedules itself never depends on the command line.
+    import runpy
+
+    runpy.run_module("linf_jax.cli.schedule", run_name="__main__", alter_sys=True)
