@@ -166,50 +166,65 @@ inline vf reverse(vf v) { return __builtin_shuffle(v, lanes<2>()); }
 template <int k, int j>
 inline vi keeps_larger() { return lanes<3, k, j>(); }
 
-template <int k, int j>
-__attribute__((always_inline)) inline vf merge_down(vf v) {
-  if constexpr (j == 0) {
-    return v;
-  } else {
-    const vf p = partner<j>(v);
-    return merge_down<k, j / 2>(keeps_larger<k, j>() ? vmax(v, p) : vmin(v, p));
+// The networks run on the N lists of a register tile in lock step: N independent dependency
+// chains instead of one (each step's permutes and compares take several cycles of latency).
+template <int k, int j, int N>
+__attribute__((always_inline)) inline void merge_down(vf* v) {
+  if constexpr (j > 0) {
+    const vi keep = keeps_larger<k, j>();
+    for (int t = 0; t < N; ++t) {
+      const vf p = partner<j>(v[t]);
+      v[t] = keep ? vmax(v[t], p) : vmin(v[t], p);
+    }
+    merge_down<k, j / 2, N>(v);
   }
 }
 
-template <int k>
-__attribute__((always_inline)) inline vf sort_down(vf v) {
-  if constexpr (k > VW) return v;
-  else return sort_down<2 * k>(merge_down<k, k / 2>(v));
+template <int k, int N>
+__attribute__((always_inline)) inline void sort_down(vf* v) {
+  if constexpr (k <= VW) {
+    merge_down<k, k / 2, N>(v);
+    sort_down<2 * k, N>(v);
+  }
 }
 
-// The K-th largest of the 2 VW lanes of a and b (1 <= K <= 2 VW): both sorted, then the larger
-// (smaller) VW of the union, a bitonic sequence, merged.
-inline float kth_largest(vf a, vf b, int K) {
-  const vf s = sort_down<2>(a), r = reverse(sort_down<2>(b));
-  if (K <= VW) return merge_down<2 * VW, VW / 2>(vmax(s, r))[K - 1];
-  return merge_down<2 * VW, VW / 2>(vmin(s, r))[K - 1 - VW];
+// tau[t] = the K-th largest of the 2 VW lanes of a[t] and b[t] (1 <= K <= 2 VW): both sorted,
+// then the larger (smaller) VW of the union, a bitonic sequence, merged. a and b are clobbered.
+template <int N>
+inline void kth_largest(vf* a, vf* b, int K, float* tau) {
+  sort_down<2, N>(a);
+  sort_down<2, N>(b);
+  for (int t = 0; t < N; ++t) {
+    const vf r = reverse(b[t]);
+    a[t] = K <= VW ? vmax(a[t], r) : vmin(a[t], r);
+  }
+  merge_down<2 * VW, VW / 2, N>(a);
+  for (int t = 0; t < N; ++t) tau[t] = a[t][K <= VW ? K - 1 : K - 1 - VW];
 }
 
 // The same network on (value, coordinate) pairs, in rank order: the larger value first, on
 // equal values the smaller coordinate.
-template <int k, int j>
-__attribute__((always_inline)) inline void rank_merge(vf& v, vi& c) {
+template <int k, int j, int N>
+__attribute__((always_inline)) inline void rank_merge(vf* v, vi* c) {
   if constexpr (j > 0) {
-    const vf pv = partner<j>(v);
-    const vi pc = partner<j>(c);
-    const vi first = (v > pv) | ((v == pv) & (c < pc));  // this lane's pair ranks first
-    const vi keep = keeps_larger<k, j>() == first;
-    v = keep ? v : pv;
-    c = keep ? c : pc;
-    rank_merge<k, j / 2>(v, c);
+    const vi larger = keeps_larger<k, j>();
+    for (int t = 0; t < N; ++t) {
+      const vf pv = partner<j>(v[t]);
+      const vi pc = partner<j>(c[t]);
+      const vi first = (v[t] > pv) | ((v[t] == pv) & (c[t] < pc));  // this lane ranks first
+      const vi keep = larger == first;
+      v[t] = keep ? v[t] : pv;
+      c[t] = keep ? c[t] : pc;
+    }
+    rank_merge<k, j / 2, N>(v, c);
   }
 }
 
-template <int k>
-__attribute__((always_inline)) inline void rank_sort(vf& v, vi& c) {
+template <int k, int N>
+__attribute__((always_inline)) inline void rank_sort(vf* v, vi* c) {
   if constexpr (k <= VW) {
-    rank_merge<k, k / 2>(v, c);
-    rank_sort<2 * k>(v, c);
+    rank_merge<k, k / 2, N>(v, c);
+    rank_sort<2 * k, N>(v, c);
   }
 }
 
@@ -229,27 +244,36 @@ inline float insert(float* v, int32_t* ix, int K, float a, int32_t c) {
   return v[K - 1];
 }
 
-// The top K of n candidates (values cv, coordinates ci, in coordinate order, n >= K) into vals,
-// idx, rank order; both have room for max(K, VW) values. cv and ci are readable for VW values
-// past n.
-inline void select_top(const float* cv, const int32_t* ci, int64_t n, int K, float* vals,
-                       int32_t* idx) {
-  if (n <= VW) {
-    const vi live = lane_ids() < (int32_t)n;
-    vi c;
-    std::memcpy(&c, ci, sizeof(c));
-    vf v = live ? loadv(cv) : splat(-2.f);  // below every term: padding lanes rank last
-    c = live ? c : vi{} + INT32_MAX;
-    rank_sort<2>(v, c);
-    std::memcpy(vals, &v, sizeof(v));
-    std::memcpy(idx, &c, sizeof(c));
-    return;
+// The top K of each of N lists of candidates (values cv, coordinates ci, in coordinate order,
+// counts[t] >= K, cap apart) into vals, idx (ks apart, ks >= max(K, VW)), rank order. A list
+// of at most VW candidates is ranked by the vector network (all N at once), a longer one by
+// insertion. cv and ci are readable for VW values past each count.
+template <int N>
+inline void select_top(const float* cv, const int32_t* ci, int64_t cap, const int64_t* counts,
+                       int K, float* vals, int32_t* idx, int64_t ks) {
+  vf v[N];
+  vi c[N];
+  for (int t = 0; t < N; ++t) {
+    const vi live = lane_ids() < (int32_t)std::min<int64_t>(counts[t], VW);
+    std::memcpy(&c[t], ci + t * cap, sizeof(vi));
+    v[t] = live ? loadv(cv + t * cap) : splat(-2.f);  // below every term: padding ranks last
+    c[t] = live ? c[t] : vi{} + INT32_MAX;
   }
-  std::fill(vals, vals + K, -1.f);
-  std::fill(idx, idx + K, 0);
-  float t = -1.f;
-  for (int64_t i = 0; i < n; ++i)
-    if (cv[i] > t) t = insert(vals, idx, K, cv[i], ci[i]);
+  rank_sort<2, N>(v, c);
+  for (int t = 0; t < N; ++t) {
+    float* lv = vals + t * ks;
+    int32_t* li = idx + t * ks;
+    if (counts[t] <= VW) {
+      std::memcpy(lv, &v[t], sizeof(vf));
+      std::memcpy(li, &c[t], sizeof(vi));
+      continue;
+    }
+    std::fill(lv, lv + K, -1.f);
+    std::fill(li, li + K, 0);
+    float th = -1.f;
+    for (int64_t i = 0; i < counts[t]; ++i)
+      if (cv[t * cap + i] > th) th = insert(lv, li, K, cv[t * cap + i], ci[t * cap + i]);
+  }
 }
 
 // The distances of SortDist*: one input array, one list per pair.
@@ -308,14 +332,26 @@ inline void topk_tile(const float* const* xs, const float* w, int64_t ld, int64_
       }
     }
   }
+  constexpr int kLists = tb * to * NL;
+  float th[kLists];
+  if (K <= 2 * VW) {
+    vf a[kLists], b[kLists];  // copies: m1 and m2 stay in registers through the pass above
+    for (int r = 0; r < tb; ++r)
+      for (int c = 0; c < to; ++c)
+        for (int l = 0; l < NL; ++l) {
+          a[(r * to + c) * NL + l] = m1[r][c][l];
+          b[(r * to + c) * NL + l] = m2[r][c][l];
+        }
+    kth_largest<kLists>(a, b, K, th);
+  } else {
+    std::fill(th, th + kLists, -1.f);
+  }
   vf tau[tb][to][NL];
   for (int r = 0; r < tb; ++r)
     for (int c = 0; c < to; ++c)
-      for (int l = 0; l < NL; ++l)
-        tau[r][c][l] = splat(K <= 2 * VW ? kth_largest(m1[r][c][l], m2[r][c][l], K) : -1.f);
+      for (int l = 0; l < NL; ++l) tau[r][c][l] = splat(th[(r * to + c) * NL + l]);
   // 2. per vector, the lanes at or above tau (a mask each); then the candidates of the vectors
   //    that have any, recomputed there, in coordinate order
-  constexpr int kLists = tb * to * NL;
   for (int64_t v = 0; v < nv; ++v) {
     vf wv[to];
     for (int c = 0; c < to; ++c) wv[c] = loadv(w + c * ld + v * VW);
@@ -332,6 +368,7 @@ inline void topk_tile(const float* const* xs, const float* w, int64_t ld, int64_
     }
   }
   const vi ids = lane_ids();
+  int64_t counts[kLists];
   for (int list = 0; list < kLists; ++list) {
     const int r = list / (to * NL), c = list / NL % to, l = list % NL;
     float* lv = cv + list * cap;
@@ -344,8 +381,9 @@ inline void topk_tile(const float* const* xs, const float* w, int64_t ld, int64_
       count += append_lanes(lv + count, li + count, a[l], ids + (int32_t)(v * VW),
                             masks[list * mcap + v]);
     });
-    select_top(lv, li, count, K, vals + list * ks, idx + list * ks);
+    counts[list] = count;
   }
+  select_top<kLists>(cv, ci, cap, counts, K, vals, idx, ks);
 }
 
 // The tiles of tb x to pairs covering [b0, b1) x [o0, o1), with 1-wide edges (for_tiles with
