@@ -17,8 +17,8 @@ are static (Python numbers). On the CPU, float32 operands take the native kernel
 (``linf_jax/native/sort.cc``: per pair a threshold from the two largest distances of each
 vector lane, then only the coordinates at or above it sorted) where the ℓ∞ pass family runs
 native, the bounds where the bounds family does (:mod:`linf_jax.ops.dispatch`); the native
-kernel is this neuron's top K in the ℓ∞ kernel's register tiles, and was measured about 9×
-faster than the XLA code's forward pass and 25× its forward+backward at 512 × 1024 × 1024
+kernel is this neuron's top K in the ℓ∞ kernel's register tiles, and was measured about 17×
+faster than the XLA code's forward pass and 27× its forward+backward at 512 × 1024 × 1024
 (``benchmarks/sort_bench.py``). The XLA code has two shapes, by the platform a program is
 lowered for (:func:`linf_jax.ops.xla.switch`):
 
