@@ -260,6 +260,84 @@ def test_lp_negligible_terms_match_float64_within_the_bound(p, kind):
                                        atol=grad_tol * np.abs(b).max(), err_msg=kernels)
 
 
+def _np_lp(x, w, g, p):
+    """float64 y, dx and dw of the ℓp distance (every term)."""
+    d = np.float64(x)[:, None, :] - np.float64(w)[None, :, :]
+    a = np.abs(d)
+    m = a.max(-1, keepdims=True)
+    y = m[..., 0] * ((a / m) ** p).sum(-1) ** (1 / p)
+    big_g = np.sign(d) * (a / y[..., None]) ** (p - 1) * np.float64(g)[..., None]
+    return y, big_g.sum(1), -big_g.sum(0)
+
+
+def _bump_inputs(seed=4, b=7, n=1100, out=13):
+    """Pairs with from none to hundreds of terms that matter at large p: x[b] is about 1 on a
+    set S_b and w[o] about -1 on S_o (densities from 1% to 60%), both below 0.01 elsewhere, so
+    |d| is about 2 on S_b & S_o (the terms that matter), 1 on the rest of S_b | S_o (u about
+    1/2: negligible from p = 37.5 on) and small elsewhere. n spans several segments of the
+    sparse sweeps and is no multiple of their vectors; B and out are ragged for the tiles."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, n)) * 0.01
+    w = rng.standard_normal((out, n)) * 0.01
+    for r, rho in enumerate(np.linspace(0.01, 0.6, b)):
+        on = rng.uniform(size=n) < rho
+        x[r, on] = 1.0 + 0.05 * rng.uniform(size=on.sum())
+    for r, rho in enumerate(np.linspace(0.02, 0.5, out)):
+        on = rng.uniform(size=n) < rho
+        w[r, on] = -1.0 - 0.05 * rng.uniform(size=on.sum())
+    g = rng.standard_normal((b, out))
+    return x.astype(np.float32), w.astype(np.float32), g.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["bumps", "long_gaussian"])
+@pytest.mark.parametrize("p", [3.5, 37.5, 100.0, 1000.0])
+def test_lp_negligible_sparse_sweeps_match_float64(p, kind):
+    """The sparse sweeps of the native kernels at a general p (linf_jax/native/lp.cc): per pair
+    every count of terms that matter, from one (the maximum) to all of them, so that the packed
+    buffers flush at odd counts and vectors come with one lane, some lanes or all of them, over
+    rows of several segments (bumps: n = 1100, 7 x 13 pairs; long_gaussian: n = 3000, about one
+    term per pair at p = 1000). y and both gradients equal float64 within float32 rounding."""
+    if kind == "bumps":
+        x, w, g = _bump_inputs()
+    else:
+        x, w, g = _rand(8, 6, 3000, 5, scale=1.0)
+    want = _np_lp(x, w, g, p)
+
+    def f(x, w, g):
+        y, vjp = jax.vjp(lambda x, w: ops.dist(x, w, p), x, w)
+        return (y, *vjp(g))
+
+    got = _with("native", f)(x, w, g)
+    np.testing.assert_allclose(np.asarray(got[0]), want[0], rtol=2e-6)
+    grad_tol = max(2e-6, 8 * (p - 1) * 2.0**-24)
+    for a, b in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=grad_tol,
+                                   atol=grad_tol * np.abs(b).max())
+
+
+@pytest.mark.parametrize("p", [3.5, 100.0])
+def test_lp_negligible_sweeps_with_a_nan_input_row(p):
+    """A NaN in one input row: that row's distances are those of the XLA code, and the other
+    rows' values and input gradients are those of float64 (the NaN row's terms all count as
+    mattering; p = 100 takes the sparse sweeps, p = 3.5 the whole-vector backward pass)."""
+    x, w, g = _rand(12, 6, 300, 9)
+    x[2, 123] = np.nan
+
+    def f(x, w, g):
+        y, vjp = jax.vjp(lambda x, w: ops.dist(x, w, p), x, w)
+        return (y, *vjp(g))
+
+    got = [np.asarray(a) for a in _with("native", f)(x, w, g)]
+    xla_y = np.asarray(_with("xla", f)(x, w, g)[0])
+    np.testing.assert_array_equal(got[0][2], xla_y[2])
+    keep = np.arange(6) != 2
+    want = _np_lp(x[keep], w, g[keep], p)
+    np.testing.assert_allclose(got[0][keep], want[0], rtol=2e-6)
+    grad_tol = max(2e-6, 8 * (p - 1) * 2.0**-24)
+    np.testing.assert_allclose(got[1][keep], want[1], rtol=grad_tol,
+                               atol=grad_tol * np.abs(want[1]).max())
+
+
 def test_lp_nested_vmap_matches_slices():
     rng = np.random.default_rng(12)
     xs = rng.standard_normal((2, 3, 4, 20)).astype(np.float32)
@@ -521,6 +599,25 @@ def test_lp_decay_matches_float64_and_xla(shape, p, k):
     with ops.use_kernels("xla"):
         ref = np.asarray(jax.jit(optim.lp_decay_direction)(jnp.asarray(w), jnp.float32(p)))
     np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("p", [37.5, 100.0, 1000.0])
+def test_lp_negligible_decay_terms_within_the_bound(p):
+    """The ℓp decay drops the entries whose (|w|/m)^(p-1) is below 2^-24/n at a general p
+    (linf_jax/native/lp_decay.cc): what it drops, per row, sums to less than 2^-24 of the row's
+    largest entry, and the rest equals float64 within float32 rounding; gaussian rows and
+    heavy-tailed ones (most entries far below the maximum), n ragged and over two jobs."""
+    rng = np.random.default_rng(int(p))
+    w = rng.standard_normal((40, 1030))
+    w[20:] = rng.standard_t(1.5, (20, 1030))
+    w = w.astype(np.float32)
+    got = np.asarray(jax.jit(lambda v: native.lp_decay(v, p, None))(jnp.asarray(w)))
+    ref = _np_decay(w, p)
+    top = np.abs(ref).max(1)
+    dropped = np.where((got == 0) & (ref != 0), np.abs(ref), 0.0).sum(1)
+    assert (dropped <= 2.0**-24 * top * 1.01).all()
+    rtol = max(2e-5, 4 * p * 2.0**-24)
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=2.0**-24 * top.max())
 
 
 def test_lp_decay_non_finite_rows_and_ties_follow_xla():

@@ -79,6 +79,162 @@ inline bool all_below(vf u, vf t) {
 #endif
 }
 
+// tau = delta^(1/e) with delta = 2^-24 / n: in a sum of n terms t^e (t <= 1) that is >= 1, a
+// term with t < tau is negligible (below float32's resolution of the sum, all n together; the
+// l_p kernels, lp.cc and lp_decay.cc); 0 (nothing negligible) for e <= 0 or a non-finite e.
+inline float negligible_below(float e, int64_t n) {
+  if (!(e > 0.f) || !std::isfinite(e) || n <= 0) return 0.f;
+  return static_cast<float>(std::exp2((-24.0 - std::log2(static_cast<double>(n))) / e));
+}
+
+// Lane mask of the lanes of u that are not below t (bit k for lane k; NaN lanes included): the
+// l_p kernels' terms that are not negligible (lp.cc).
+inline uint32_t lanes_not_below(vf u, vf t) {
+#if defined(__AVX512F__) && LINF_VW == 16
+  return _mm512_cmp_ps_mask((__m512)u, (__m512)t, _CMP_NLT_UQ);
+#elif defined(__AVX__) && LINF_VW == 8
+  return _mm256_movemask_ps(_mm256_cmp_ps((__m256)u, (__m256)t, _CMP_NLT_UQ));
+#elif defined(__SSE__) && LINF_VW == 4
+  return _mm_movemask_ps(_mm_cmpnlt_ps((__m128)u, (__m128)t));
+#else
+  uint32_t m = 0;
+  for (int k = 0; k < VW; ++k) m |= (uint32_t)!(u[k] < t[k]) << k;
+  return m;
+#endif
+}
+
+#if defined(__AVX2__) && LINF_VW == 8
+// Per 8-bit lane mask, 3 bits per lane: pack, the lanes it selects in order (the permutation
+// that moves them to the front); expand, for each lane, how many selected lanes precede it
+// (the permutation that moves them back). AVX2 has no compress or expand instruction.
+struct LaneTables {
+  uint32_t pack[256], expand[256];
+  constexpr LaneTables() : pack(), expand() {
+    for (int m = 0; m < 256; ++m) {
+      uint32_t v = 0, e = 0;
+      int k = 0;
+      for (int l = 0; l < 8; ++l) {
+        e |= (uint32_t)k << (3 * l);
+        if (m >> l & 1) v |= (uint32_t)l << (3 * k++);
+      }
+      pack[m] = v;
+      expand[m] = e;
+    }
+  }
+};
+constexpr LaneTables kLanes{};
+
+inline __m256i lane_permutation(uint32_t packed) {
+  const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)packed), shifts),
+                          _mm256_set1_epi32(7));
+}
+#endif
+
+// Stores the lanes of v that mask selects, in lane order, at dst and returns how many: dst must
+// have room for VW values (the rest of them are overwritten with junk). AVX-512: one compress in
+// a register and a full store (the compressing store to memory is far slower on AMD CPUs); AVX2:
+// a permutation from a table; else lane by lane, without branches.
+template <typename V, typename T>
+inline int pack_lanes(T* dst, V v, uint32_t mask) {
+  static_assert(sizeof(T) == 4 && sizeof(V) == VW * 4, "32-bit lanes");
+#if defined(__AVX512F__) && LINF_VW == 16
+  _mm512_storeu_si512(dst, _mm512_maskz_compress_epi32((__mmask16)mask, (__m512i)v));
+  return __builtin_popcount(mask);
+#elif defined(__AVX2__) && LINF_VW == 8
+  _mm256_storeu_si256((__m256i*)dst, _mm256_permutevar8x32_epi32(
+                                         (__m256i)v, lane_permutation(kLanes.pack[mask])));
+  return __builtin_popcount(mask);
+#else
+  int n = 0;
+  for (int k = 0; k < VW; ++k) {
+    std::memcpy(dst + n, (const char*)&v + 4 * k, 4);
+    n += (mask >> k) & 1;
+  }
+  return n;
+#endif
+}
+
+// Whether pack_lanes and expand_lanes are a few instructions (AVX-512, AVX2) rather than lane by
+// lane.
+#if (defined(__AVX512F__) && LINF_VW == 16) || (defined(__AVX2__) && LINF_VW == 8)
+constexpr bool kLaneInstructions = true;
+#else
+constexpr bool kLaneInstructions = false;
+#endif
+
+// The inverse of pack_lanes: the first popcount(mask) values at src, in order, into the lanes
+// that mask selects, 0 in the others (reads VW values at src).
+inline vf expand_lanes(const float* src, uint32_t mask) {
+#if defined(__AVX512F__) && LINF_VW == 16
+  return (vf)_mm512_maskz_expand_ps((__mmask16)mask, _mm512_loadu_ps(src));
+#elif defined(__AVX2__) && LINF_VW == 8
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)mask), bit), bit);
+  const __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src),
+                                            lane_permutation(kLanes.expand[mask]));
+  return (vf)_mm256_and_ps(v, _mm256_castsi256_ps(on));
+#else
+  vf v;
+  int n = 0;
+  for (int k = 0; k < VW; ++k) {
+    const int on = mask >> k & 1;
+    v[k] = on ? src[n] : 0.f;
+    n += on;
+  }
+  return v;
+#endif
+}
+
+// One lane mask per vector, as stored by the l_p kernels: 16 bits for 16 lanes, else 8.
+#if LINF_VW == 16
+typedef uint16_t lane_mask;
+#else
+typedef uint8_t lane_mask;
+#endif
+constexpr int64_t kMaskRun = 32;  // masks scanned at once by for_each_hit
+
+// *dst = lanes_not_below(u, t); on AVX-512 straight from the mask register to memory.
+inline void store_lanes_not_below(lane_mask* dst, vf u, vf t) {
+#if defined(__AVX512F__) && LINF_VW == 16
+  _store_mask16((__mmask16*)dst, _mm512_cmp_ps_mask((__m512)u, (__m512)t, _CMP_NLT_UQ));
+#else
+  *dst = (lane_mask)lanes_not_below(u, t);
+#endif
+}
+
+// Bit k set where m[k] != 0, for k < kMaskRun (reads m[0, kMaskRun)).
+inline uint32_t nonzero_masks(const lane_mask* m) {
+#if defined(__AVX512BW__) && LINF_VW == 16
+  const __m512i v = _mm512_loadu_si512(m);
+  return _mm512_test_epi16_mask(v, v);
+#elif defined(__AVX2__) && LINF_VW != 16
+  const __m256i v = _mm256_loadu_si256((const __m256i*)m);
+  return ~(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256()));
+#elif defined(__SSE2__) && LINF_VW != 16
+  const __m128i z = _mm_setzero_si128();
+  const uint32_t lo = _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_loadu_si128((const __m128i*)m), z));
+  const uint32_t hi =
+      _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_loadu_si128((const __m128i*)(m + 16)), z));
+  return ~(lo | hi << 16);
+#else
+  uint32_t bits = 0;
+  for (int k = 0; k < kMaskRun; ++k) bits |= (uint32_t)(m[k] != 0) << k;
+  return bits;
+#endif
+}
+
+// Calls f(k) for each k in [0, count) with m[k] != 0, in increasing order. m must be readable up
+// to count rounded up to kMaskRun (what lies beyond count is ignored).
+template <typename F>
+inline void for_each_hit(const lane_mask* m, int64_t count, const F& f) {
+  for (int64_t k0 = 0; k0 < count; k0 += kMaskRun) {
+    uint32_t bits = nonzero_masks(m + k0);
+    if (count - k0 < kMaskRun) bits &= (1u << (count - k0)) - 1;
+    for (; bits; bits &= bits - 1) f(k0 + __builtin_ctz(bits));
+  }
+}
+
 // Calls f(tb, to, b, o) for the register tiles covering [b0, b1) x [o0, o1): TB x TO tiles and
 // 1-wide edges; tb and to are std::integral_constant, so each tile shape is its own inlined
 // code. kOutputsOuter sweeps the weight rows in the outer loop (the l_p backward pass, whose

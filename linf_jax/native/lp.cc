@@ -8,49 +8,93 @@
 // Negligible terms (general p). Every term of the sum is u^p with u = |d_i| / m <= 1, and the
 // sum is >= 1 (the max term is 1). A term with u^p < delta = 2^-24 / n is skipped: the n terms
 // of a sum drop less than n delta = 2^-24 <= 2^-24 s in all, below the rounding of the float32
-// sum, and y = m s^(1/p) moves by less than 2^-24 / p relative. A vector of VW terms is skipped
-// when every u < tau = delta^(1/p) (0.79 at p = 100 and n = 1024, 0.98 at p = 1000), without
-// computing a power. Likewise in the backward pass with t = |d_i| / y <= 1: for each (b, o),
-// sum_i t^(p-1) >= sum_i t^p = 1, so skipping the terms with t^(p-1) < delta' = 2^-24 / n drops
-// less than 2^-24 of that pair's gradient, measured in its l1 norm (each dropped term of gx or
-// gw is below delta' |g[b, o]|). A NaN never counts as negligible. The integer-p path (p <= 8,
-// where tau is 0.053 at p = 8 and n = 1024, and little would be skipped) computes every term.
+// sum, and y = m s^(1/p) moves by less than 2^-24 / p relative. That is u < tau = delta^(1/p)
+// (negligible_below, common.h: 0.79 at p = 100 and n = 1024, 0.98 at p = 1000), tested without
+// computing a power. Likewise
+// in the backward pass with t = |d_i| / y <= 1: for each (b, o), sum_i t^(p-1) >= sum_i t^p = 1,
+// so skipping the terms with t^(p-1) < delta' = 2^-24 / n drops less than 2^-24 of that pair's
+// gradient, measured in its l1 norm (each dropped term of gx or gw is below delta' |g[b, o]|).
+// A NaN never counts as negligible. The integer-p path (p <= 8, where tau is 0.053 at p = 8 and
+// n = 1024, and little would be skipped) computes every term.
+//
+// Sparse sweeps (general p). At large p few terms matter (about 8 of 1024 per pair at p = 100
+// for gaussian differences, one or two at p = 1000), scattered so that a vector of VW lanes
+// holds one now and then. So the sweep over a tile's coordinates only compares and stores, per
+// pair and vector, the mask of the lanes that matter (no branch on the data); then the vectors
+// with such lanes are computed again (the tile's rows are still in L1) and only those lanes
+// are packed (pack_lanes) into a buffer shared by the tile's pairs, whose powers are taken on
+// whole vectors. A pair whose only term that matters is its maximum so costs a fraction of one
+// power, and no chain of work per pair stands between the data-dependent branches. The sum
+// pass always sweeps so (no slower even where every term matters: its powers then run in a
+// tight loop); the backward pass does below a share of terms that matter, estimated on a
+// sample of pairs (kSparseBelow), and above it computes whole vectors as before.
 #include "powers.h"
 
 namespace {
 
-// tau = delta^(1/e) with delta = 2^-24 / n: a term t^e with t < tau is negligible (see the
-// top); 0 (nothing skipped) for e <= 0 or a non-finite e.
-inline float negligible_below(float e, int64_t n) {
-  if (!(e > 0.f) || !std::isfinite(e) || n <= 0) return 0.f;
-  return static_cast<float>(std::exp2((-24.0 - std::log2(static_cast<double>(n))) / e));
+// The sum of a vector's lanes, as a tree.
+inline float hsum(vf v) {
+  float t[VW];
+  std::memcpy(t, &v, sizeof(v));
+  for (int h = VW / 2; h >= 1; h /= 2)
+    for (int k = 0; k < h; ++k) t[k] += t[k + h];
+  return t[0];
 }
 
-// Sum pass: one register tile of tb x to pairs.
+// The sparse sweeps take the coordinates in segments of kSegment vectors (the masks of a tile's
+// pairs at a fixed stride) and empty their shared buffer once it holds kFlush lanes.
+constexpr int64_t kSegment = 64, kFlush = 8 * VW;
+constexpr uint32_t kAllLanes = (1u << VW) - 1;
+
+// A thread's buffers for the sparse sweeps.
+struct SparseScratch {
+  std::vector<lane_mask> masks;  // per pair of a tile, kSegment masks
+  std::vector<float> stage;      // one pair's packed lanes in a segment (sum pass)
+  std::vector<float> vals;       // the shared buffer of packed lanes
+  std::vector<int32_t> pairs;    // sum pass: each lane's pair
+  std::vector<int64_t> tags;     // backward pass: each vector's coordinate, pair and lane mask
+  SparseScratch()
+      : masks(TB * TO * kSegment),
+        stage((kSegment + 1) * VW),
+        vals(kFlush + 2 * VW),
+        pairs(kFlush + 2 * VW),
+        tags(kFlush + VW) {}
+};
+
+// Records, per pair k of a tile and vector v of the segment [xs, xs + len * VW), whether each
+// lane's |x - w| is not below thr[k]: masks[k * kSegment + v].
+template <int tb, int to>
+inline void sweep_masks(const float* xs, const float* ws, int64_t ld, int64_t len, const vf* thr,
+                        lane_mask* masks) {
+  for (int64_t v = 0; v < len; ++v) {
+    vf wv[to];
+    for (int c = 0; c < to; ++c) wv[c] = loadv(ws + c * ld + v * VW);
+    for (int r = 0; r < tb; ++r) {
+      const vf xv = loadv(xs + r * ld + v * VW);
+      for (int c = 0; c < to; ++c)
+        store_lanes_not_below(masks + (r * to + c) * kSegment + v, absv(xv - wv[c]),
+                              thr[r * to + c]);
+    }
+  }
+}
+
+// Sum pass at an integer p: one register tile of tb x to pairs, every term.
 template <int K, int tb, int to>
 inline void lp_sum_tile(const float* x, const float* w, int64_t ld, int64_t nv, const float* im,
-                        float* s, int64_t ldy, float p, float tau) {
-  // thr = tau m: |d| < thr is u < tau, tested before the scaling; 0 (never skipped) where m
-  // is 0, NaN or infinite
-  vf acc[tb][to], thr[tb][to];
+                        float* s, int64_t ldy, float p) {
+  vf acc[tb][to];
   float scale[tb][to];
   for (int r = 0; r < tb; ++r)
     for (int c = 0; c < to; ++c) {
       acc[r][c] = vf{};
       scale[r][c] = im[r * ldy + c];
-      thr[r][c] = vf{} + (scale[r][c] > 0.f ? tau / scale[r][c] : 0.f);
     }
   for (int64_t v = 0; v < nv; ++v) {
     vf wv[to];
     for (int c = 0; c < to; ++c) wv[c] = loadv(w + c * ld + v * VW);
     for (int r = 0; r < tb; ++r) {
       const vf xv = loadv(x + r * ld + v * VW);
-      for (int c = 0; c < to; ++c) {
-        const vf a = absv(xv - wv[c]);
-        if constexpr (K < 0)
-          if (all_below(a, thr[r][c])) continue;  // every term below delta (see the top)
-        acc[r][c] += vpow<K>(a * scale[r][c], p);
-      }
+      for (int c = 0; c < to; ++c) acc[r][c] += vpow<K>(absv(xv - wv[c]) * scale[r][c], p);
     }
   }
   for (int r = 0; r < tb; ++r)
@@ -59,6 +103,73 @@ inline void lp_sum_tile(const float* x, const float* w, int64_t ld, int64_t nv, 
       for (int k = 0; k < VW; ++k) t += acc[r][c][k];
       s[r * ldy + c] = t;
     }
+}
+
+// Sum pass at a general p, sparse (see the top). A pair's packed lanes of a segment go to a
+// staging buffer, whose whole vectors take their powers at once; the fewer than VW left over
+// join the shared buffer, each with its pair's number, and each of its powers is added to its
+// pair's sum.
+template <int tb, int to>
+inline void lp_sum_tile_sparse(const float* x, const float* w, int64_t ld, int64_t nv,
+                               const float* im, float* s, int64_t ldy, float p, float tau,
+                               SparseScratch& scr) {
+  constexpr int np = tb * to;
+  lane_mask* const masks = scr.masks.data();
+  float* const stage = scr.stage.data();
+  float* const vals = scr.vals.data();
+  int32_t* const pairs = scr.pairs.data();
+  // thr = tau m: |d| < thr is u < tau, tested before the scaling; 0 (nothing skipped) where m
+  // is 0, NaN or infinite
+  vf thr[np], acc[np];
+  float scale[np];
+  for (int r = 0; r < tb; ++r)
+    for (int c = 0; c < to; ++c) {
+      const int k = r * to + c;
+      scale[k] = im[r * ldy + c];
+      thr[k] = vf{} + (scale[k] > 0.f ? tau / scale[k] : 0.f);
+      acc[k] = vf{};
+    }
+  vi lane;
+  for (int k = 0; k < VW; ++k) lane[k] = k;
+  int64_t q = 0;  // lanes in vals and pairs
+  auto flush = [&]() {
+    for (int64_t j = 0; j < q; j += VW) {
+      const vf t = vpow<-1>(loadv(vals + j), p);
+      vi pair;
+      std::memcpy(&pair, pairs + j, sizeof(pair));
+      pair = lane < (int32_t)(q - j) ? pair : -1;
+      for (int k = 0; k < np; ++k) acc[k] += (vf)((vi)t & (pair == k));
+    }
+    q = 0;
+  };
+  for (int64_t v0 = 0; v0 < nv; v0 += kSegment) {
+    const int64_t len = std::min(kSegment, nv - v0);
+    const float* xs = x + v0 * VW;
+    const float* ws = w + v0 * VW;
+    sweep_masks<tb, to>(xs, ws, ld, len, thr, masks);
+    for (int k = 0; k < np; ++k) {
+      const lane_mask* mb = masks + k * kSegment;
+      const float* xr = xs + (k / to) * ld;
+      const float* wr = ws + (k % to) * ld;
+      int64_t h = 0;
+      for_each_hit(mb, len, [&](int64_t v) {
+        h += pack_lanes(stage + h, absv(loadv(xr + v * VW) - loadv(wr + v * VW)) * scale[k],
+                        mb[v]);
+      });
+      int64_t j = 0;
+      for (; j + VW <= h; j += VW) acc[k] += vpow<-1>(loadv(stage + j), p);
+      if (j < h) {
+        if (q + (h - j) > kFlush) flush();
+        const vf rest = loadv(stage + j);
+        const vi pair = vi{} + k;
+        std::memcpy(vals + q, &rest, sizeof(rest));
+        std::memcpy(pairs + q, &pair, sizeof(pair));
+        q += h - j;
+      }
+    }
+  }
+  flush();
+  for (int k = 0; k < np; ++k) s[(k / to) * ldy + k % to] = hsum(acc[k]);
 }
 
 template <int K>
@@ -75,18 +186,29 @@ void lp_sum_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, cons
   const float* w = padded(w0, out, n, ld, wbuf);
   const float tau = negligible_below(p, n);
   run_jobs(pool, B, out, ld, [&](int64_t b0, int64_t b1, int64_t o0, int64_t o1) {
-    for_tiles(b0, b1, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
-      lp_sum_tile<K, tb, to>(x + b * ld, w + o * ld, ld, nv, im + b * out + o, s + b * out + o,
-                             out, p, tau);
-    });
+    if constexpr (K < 0) {
+      SparseScratch scr;
+      for_tiles(b0, b1, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
+        lp_sum_tile_sparse<tb, to>(x + b * ld, w + o * ld, ld, nv, im + b * out + o,
+                                   s + b * out + o, out, p, tau, scr);
+      });
+    } else {
+      for_tiles(b0, b1, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
+        lp_sum_tile<K, tb, to>(x + b * ld, w + o * ld, ld, nv, im + b * out + o,
+                               s + b * out + o, out, p);
+      });
+    }
   });
 }
 
 // Backward pass. Output rows are split into kParts fixed parts (whole weight rows each, so
 // gw is written by one part only); each part sums its gx terms into its own [B, n] buffer and
 // the buffers are added in a fixed order: deterministic whatever thread runs which part.
-// Inputs are taken in blocks of kIBlock coordinates, so that a part's x and gx blocks stay in
-// cache while it sweeps its weight rows.
+//
+// Every term (an integer p, or a general p where most terms matter): inputs are taken in
+// blocks of kIBlock coordinates, so that a part's x and gx blocks stay in cache while it sweeps
+// its weight rows, and each tile computes a vector's terms at once (skipping a vector whose
+// terms are all negligible at a general p).
 constexpr int kIBlock = 256;
 
 template <int K, int tb, int to>
@@ -145,6 +267,117 @@ inline void lp_bwd_tile(const float* x, const float* w, const float* iy, const f
   }
 }
 
+// Sparse (a general p where few terms matter; see the top): a tile sweeps whole rows, and each
+// vector with lanes that matter is recorded (coordinate, pair, lane mask) beside its packed
+// scaled differences u = d / y. At a flush the gradients G = sign(u) max(|u|, 1e-30)^(p-1) are
+// taken on whole vectors of the buffer, then put back in place vector by vector (expand_lanes)
+// and added to gx and gw. Where pack_lanes and expand_lanes are not a few instructions
+// (kLaneInstructions false), a vector with kWholeFrom lanes or more that matter is taken whole
+// instead, and a lone lane is added by itself.
+constexpr int kWholeFrom = 2;
+
+template <int tb, int to>
+inline void lp_bwd_tile_sparse(const float* x, const float* w, const float* iy, const float* g,
+                               int64_t ldy, int64_t nv, float pm1, float tau, float* gx,
+                               float* gw, int64_t ld, SparseScratch& scr) {
+  constexpr int np = tb * to;
+  lane_mask* const masks = scr.masks.data();
+  float* const vals = scr.vals.data();
+  int64_t* const tags = scr.tags.data();  // coordinate << 24 | pair << 16 | lane mask
+  float sc[np], gg[np];
+  vf thr[np];
+  for (int r = 0; r < tb; ++r)
+    for (int c = 0; c < to; ++c) {
+      const int k = r * to + c;
+      sc[k] = iy[r * ldy + c];
+      gg[k] = g[r * ldy + c];
+      thr[k] = vf{} + (sc[k] > 0.f ? tau / sc[k] : 0.f);
+    }
+  int64_t q = 0, nt = 0;  // lanes in vals, vectors in tags
+  auto flush = [&]() {
+    for (int64_t j = 0; j < q; j += VW) {
+      const vf u = loadv(vals + j);
+      vf t = absv(u);
+      t = t > 1e-30f ? t : vf{} + 1e-30f;
+      vf G = vpow<-1>(t, pm1);
+      // sign(u) * G: 0 where u == 0, the sign bit of u otherwise
+      const vi nz = u != 0.f;
+      G = (vf)(((vi)G ^ ((vi)u & (int32_t)0x80000000)) & nz);
+      std::memcpy(vals + j, &G, sizeof(G));
+    }
+    int64_t pos = 0;
+    for (int64_t e = 0; e < nt; ++e) {
+      const uint32_t m = tags[e] & 0xffff;
+      const int k = (tags[e] >> 16) & 0xff;
+      const int64_t i = tags[e] >> 24;
+      float* gxr = gx + (k / to) * ld + i;
+      float* gwr = gw + (k % to) * ld + i;
+      if (kLaneInstructions || m == kAllLanes) {
+        const vf G = (m == kAllLanes ? loadv(vals + pos) : expand_lanes(vals + pos, m)) * gg[k];
+        vf cur = loadv(gxr) + G;
+        std::memcpy(gxr, &cur, sizeof(cur));
+        cur = loadv(gwr) - G;
+        std::memcpy(gwr, &cur, sizeof(cur));
+      } else {
+        int64_t at = pos;
+        for (uint32_t bits = m; bits; bits &= bits - 1) {
+          const int l = __builtin_ctz(bits);
+          const float G = vals[at++] * gg[k];
+          gxr[l] += G;
+          gwr[l] -= G;
+        }
+      }
+      pos += __builtin_popcount(m);
+    }
+    q = nt = 0;
+  };
+  for (int64_t v0 = 0; v0 < nv; v0 += kSegment) {
+    const int64_t len = std::min(kSegment, nv - v0);
+    const float* xs = x + v0 * VW;
+    const float* ws = w + v0 * VW;
+    sweep_masks<tb, to>(xs, ws, ld, len, thr, masks);
+    for (int k = 0; k < np; ++k) {
+      const lane_mask* mb = masks + k * kSegment;
+      const int r = k / to, c = k % to;
+      for_each_hit(mb, len, [&](int64_t v) {
+        const int64_t i = (v0 + v) * VW;
+        // the gradient rows' lines, wanted at the flush
+        __builtin_prefetch(gx + r * ld + i, 1);
+        __builtin_prefetch(gw + c * ld + i, 1);
+        const vf u = (loadv(xs + r * ld + v * VW) - loadv(ws + c * ld + v * VW)) * sc[k];
+        uint32_t m = mb[v];
+        if (!kLaneInstructions && __builtin_popcount(m) >= kWholeFrom) m = kAllLanes;
+        q += pack_lanes(vals + q, u, m);
+        tags[nt++] = i << 24 | (int64_t)k << 16 | m;
+        if (q >= kFlush) flush();
+      });
+    }
+  }
+  flush();
+}
+
+// The share of the terms of the backward pass that are not negligible, estimated on up to 64
+// pairs spread over [0, B) x [0, out) in a fixed order (deterministic).
+inline double sampled_share(const float* x, const float* w, const float* iy, int64_t B,
+                            int64_t out, int64_t n, float tau) {
+  const int64_t pairs = std::min<int64_t>(64, B * out);
+  int64_t hits = 0;
+  for (int64_t k = 0; k < pairs; ++k) {
+    const int64_t b = pairs == B * out ? k / out : k * B / pairs;
+    const int64_t o = pairs == B * out ? k % out : (int64_t)((uint64_t)k * 2654435761u % out);
+    const float sc = iy[b * out + o];
+    const float thr = sc > 0.f ? tau / sc : 0.f;
+    for (int64_t i = 0; i < n; ++i) hits += !(std::fabs(x[b * n + i] - w[o * n + i]) < thr);
+  }
+  return pairs ? (double)hits / (double)(pairs * n) : 1.0;
+}
+
+// Below this share of terms that matter, the sparse tiles; above it, with most lanes of most
+// vectors to compute, whole vectors cost less (the crossover, measured on gaussian
+// differences: about half where pack_lanes and expand_lanes are instructions, about 0.3 where
+// they go lane by lane).
+constexpr double kSparseBelow = kLaneInstructions ? 0.5 : 0.3;
+
 constexpr int64_t kParts = 4;
 
 template <int K>
@@ -174,17 +407,38 @@ void lp_bwd_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, cons
   }
   const int64_t vb = kIBlock / VW;
   const float pm1 = p - 1.f, tau = negligible_below(pm1, n);
-  parallel_for(pool, parts, [&](int64_t part) {
-    const int64_t o0 = std::min(out, part * per), o1 = std::min(out, o0 + per);
-    float* gxp = gx.data() + part * B * ld;
-    for (int64_t v0 = 0; v0 < nv; v0 += vb) {
-      const int64_t v1 = std::min(nv, v0 + vb);
-      for_tiles<true>(0, B, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
-        lp_bwd_tile<K, tb, to>(x + b * ld, w + o * ld, iy + b * out + o, g + b * out + o, out,
-                               v0, v1, pm1, tau, gxp + b * ld, gwp + o * ld, ld);
-      });
-    }
-  });
+  if (K < 0 && sampled_share(x0, w0, iy, B, out, n, tau) < kSparseBelow) {
+    // Sparse tiles over groups of input rows and chunks of weight rows of about 256 KiB each
+    // (the way of run_jobs), so that the gx rows a tile adds to stay in L2 while the weight
+    // rows pass.
+    const int64_t rows = std::max<int64_t>(TB, (256 * 1024) / (ld * 4) / TB * TB);
+    const int64_t chunk = std::max<int64_t>(TO, (256 * 1024) / (ld * 4) / TO * TO);
+    parallel_for(pool, parts, [&](int64_t part) {
+      const int64_t o0 = std::min(out, part * per), o1 = std::min(out, o0 + per);
+      float* gxp = gx.data() + part * B * ld;
+      SparseScratch scr;
+      for (int64_t b0 = 0; b0 < B; b0 += rows)
+        for (int64_t c0 = o0; c0 < o1; c0 += chunk)
+          for_tiles(b0, std::min(B, b0 + rows), c0, std::min(o1, c0 + chunk),
+                    [&](auto tb, auto to, int64_t b, int64_t o) {
+                      lp_bwd_tile_sparse<tb, to>(x + b * ld, w + o * ld, iy + b * out + o,
+                                                 g + b * out + o, out, nv, pm1, tau,
+                                                 gxp + b * ld, gwp + o * ld, ld, scr);
+                    });
+    });
+  } else {
+    parallel_for(pool, parts, [&](int64_t part) {
+      const int64_t o0 = std::min(out, part * per), o1 = std::min(out, o0 + per);
+      float* gxp = gx.data() + part * B * ld;
+      for (int64_t v0 = 0; v0 < nv; v0 += vb) {
+        const int64_t v1 = std::min(nv, v0 + vb);
+        for_tiles<true>(0, B, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
+          lp_bwd_tile<K, tb, to>(x + b * ld, w + o * ld, iy + b * out + o, g + b * out + o, out,
+                                 v0, v1, pm1, tau, gxp + b * ld, gwp + o * ld, ld);
+        });
+      }
+    });
+  }
   // gx = sum of the parts in order; gw copied out of its padded rows.
   parallel_for(pool, (B + kScatterRows - 1) / kScatterRows, [&](int64_t job) {
     const int64_t b1 = std::min(B, (job + 1) * kScatterRows);
