@@ -181,17 +181,7 @@ def scan_coordinates(step, init, xs: tuple[Array, ...], w: Array, tile: int | No
         (carry, _), _ = lax.scan(body, (init_tile, jnp.int32(0)), (xt, w_tile.T))
         return carry
 
-    out = w.shape[0]
-    if out <= tile:
-        return run(w, init)
-    pad = (-out) % tile
-    n_tiles = (out + pad) // tile
-    w_tiles = jnp.pad(w, ((0, pad), (0, 0))).reshape(n_tiles, tile, w.shape[1])
-    init_tiles = jax.tree.map(
-        lambda a: jnp.pad(a, ((0, 0), (0, pad))).reshape(b, n_tiles, tile).swapaxes(0, 1),
-        init)
-    tiles = lax.map(lambda t: run(*t), (w_tiles, init_tiles))  # leaves [n_tiles, B, tile]
-    return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(b, -1)[:, :out], tiles)
+    return xla.over_out_tiles(run, w, init, tile)
 
 
 def _topk_cpu(terms, xs, w, kk, indexed):

@@ -152,14 +152,21 @@ def scan_blocks(step, init, x: Array, w: Array, with_index: bool = False):
         carry, _ = lax.scan(body, init_tile, (xb, _blocks(w_tile), starts))
         return carry
 
+    return over_out_tiles(run, w, init, _OUT_TILE)
+
+
+def over_out_tiles(run, w: Array, init, tile: int):
+    """``run(w_tile, init_tile)`` over tiles of ``tile`` weight rows (the last zero-padded),
+    each with its columns of the ``[B, out]`` carry ``init`` (a pytree), one tile after the
+    other (``lax.map``); the results joined back to ``[B, out]``. One call when out ≤ tile."""
     b, out = jax.tree.leaves(init)[0].shape[0], w.shape[0]
-    if out <= _OUT_TILE:
+    if out <= tile:
         return run(w, init)
-    pad = (-out) % _OUT_TILE
-    n_tiles = (out + pad) // _OUT_TILE
-    w_tiles = jnp.pad(w, ((0, pad), (0, 0))).reshape(n_tiles, _OUT_TILE, w.shape[1])
+    pad = (-out) % tile
+    n_tiles = (out + pad) // tile
+    w_tiles = jnp.pad(w, ((0, pad), (0, 0))).reshape(n_tiles, tile, w.shape[1])
     init_tiles = jax.tree.map(
-        lambda a: jnp.pad(a, ((0, 0), (0, pad))).reshape(b, n_tiles, _OUT_TILE).swapaxes(0, 1),
+        lambda a: jnp.pad(a, ((0, 0), (0, pad))).reshape(b, n_tiles, tile).swapaxes(0, 1),
         init)
     tiles = lax.map(lambda t: run(*t), (w_tiles, init_tiles))  # leaves [n_tiles, B, tile]
     return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(b, -1)[:, :out], tiles)
