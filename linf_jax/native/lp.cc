@@ -185,20 +185,22 @@ void lp_sum_matrix(ffi::ThreadPool& pool, const float* x0, const float* w0, cons
   const float* x = padded(x0, B, n, ld, xbuf);
   const float* w = padded(w0, out, n, ld, wbuf);
   const float tau = negligible_below(p, n);
-  run_jobs(pool, B, out, ld, [&](int64_t b0, int64_t b1, int64_t o0, int64_t o1) {
-    if constexpr (K < 0) {
+  if constexpr (K < 0) {
+    run_jobs(pool, B, out, ld, [&](int64_t b0, int64_t b1, int64_t o0, int64_t o1) {
       SparseScratch scr;
       for_tiles(b0, b1, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
         lp_sum_tile_sparse<tb, to>(x + b * ld, w + o * ld, ld, nv, im + b * out + o,
                                    s + b * out + o, out, p, tau, scr);
       });
-    } else {
+    });
+  } else {
+    run_jobs(pool, B, out, ld, [&](int64_t b0, int64_t b1, int64_t o0, int64_t o1) {
       for_tiles(b0, b1, o0, o1, [&](auto tb, auto to, int64_t b, int64_t o) {
         lp_sum_tile<K, tb, to>(x + b * ld, w + o * ld, ld, nv, im + b * out + o,
                                s + b * out + o, out, p);
       });
-    }
-  });
+    });
+  }
 }
 
 // Backward pass. Output rows are split into kParts fixed parts (whole weight rows each, so
