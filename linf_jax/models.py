@@ -197,27 +197,16 @@ class _SortModel(_LinfModel):
         return dists, [MeanShift(units=w) for w in widths[:shifted]]
 
     def _rows(self, x):
-        """The trunk's input as ``[B, P, F]``: P rows per example of F features."""
-        raise NotImplementedError
-
-    def _features(self, f, batch: int):
-        """The trunk's output ``[B, P, W]`` as the head's input."""
-        raise NotImplementedError
+        """The trunk's input as ``[B, P, F]``: P rows per example of F features (dense models:
+        one row, the flattened input)."""
+        return x.reshape(x.shape[0], 1, -1)
 
     def trunk(self, x, p, train):
-        rows = Box(*(self._rows(v) for v in x)) if isinstance(x, Box) else self._rows(x)
-        masked = (train and not isinstance(x, Box) and not is_keep_all(self.q)
-                  and self.has_rng("dropout"))
-        if not masked:
-            for i, dist in enumerate(self.dists):
-                rows = dist(rows, p)
-                if i < len(self.norms):
-                    rows = self.norms[i](rows, train)
-            batch = (rows.lo if isinstance(rows, Box) else rows).shape[0]
-            if isinstance(rows, Box):
-                return Box(self._features(rows.lo, batch), self._features(rows.hi, batch))
-            return self._features(rows, batch)
-        return self._features(*self._masked_trunk(rows, p))
+        rows = Box(*map(self._rows, x)) if isinstance(x, Box) else self._rows(x)
+        if (train and not isinstance(x, Box) and not is_keep_all(self.q)
+                and self.has_rng("dropout")):
+            return _flatten(self._masked_trunk(rows, p))
+        return _flatten(_run_dense(self.dists, self.norms, rows, p, train))
 
     def _masked_trunk(self, x, p):
         b, per, f = x.shape
@@ -237,7 +226,7 @@ class _SortModel(_LinfModel):
             x = dist(x, p, in_index=index[i], out_index=out_index)
             if i < len(self.norms):
                 x = self.norms[i](x, True, index=out_index, valid=valid)
-        return x.reshape(s * blk, per, x.shape[-1])[:b], b
+        return x.reshape(s * blk, per, x.shape[-1])[:b]
 
 
 class SortNet(_SortModel):
@@ -254,12 +243,6 @@ class SortNet(_SortModel):
     def setup_trunk(self):
         widths = [self.width] * (self.depth - 1) + [self.num_classes]
         self.dists, self.norms = self._sort_layers(widths, True, self.depth - 1)
-
-    def _rows(self, x):
-        return x.reshape(x.shape[0], 1, -1)
-
-    def _features(self, f, batch):
-        return f.reshape(batch, -1)
 
 
 class SortNetMLP(_SortModel):
@@ -278,12 +261,6 @@ class SortNetMLP(_SortModel):
     def setup_trunk(self):
         widths = [self.width] * (self.depth - 2)
         self.dists, self.norms = self._sort_layers(widths, False, len(widths))
-
-    def _rows(self, x):
-        return x.reshape(x.shape[0], 1, -1)
-
-    def _features(self, f, batch):
-        return f.reshape(batch, -1)
 
 
 class SortNetConvMLP(SortNetMLP):
@@ -306,9 +283,6 @@ class SortNetConvMLP(SortNetMLP):
                              "square images larger than the stride")
         k = h - self.stride
         return ops.extract_patches(x, k, self.stride).reshape(b, 4, -1)
-
-    def _features(self, f, batch):
-        return f.reshape(batch, -1)
 
 
 def _dense_trunk(widths: list[int], head: str, num_classes: int):

@@ -45,7 +45,8 @@ def needs_recalibration(model) -> bool:
 
 def initial(batch_stats) -> dict:
     """The ``recalibrated`` field of a fresh SortNet state: the training statistics, marked as
-    not re-estimated (``step = -1``)."""
+    not re-estimated (``step = -1``). Copies: no buffer of the state may appear twice, as the
+    train step donates the state."""
     return {"raw": jax.tree.map(jnp.copy, batch_stats), "ema": jax.tree.map(jnp.copy, batch_stats),
             "step": jnp.asarray(NOT_YET, jnp.int32)}
 
