@@ -52,46 +52,25 @@ from linf_jax.schedules import Schedule
 LINF_WEIGHT, DIST_BIAS, LOGIT_SCALE, OTHER = "linf_weight", "dist_bias", "logit_scale", "other"
 
 
-def _key(entry) -> str:
-    return str(getattr(entry, "key", getattr(entry, "name", entry)))
-
-
 def _leaf_name(path) -> str:
-    return _key(path[-1])
-
-
-def _module_of(tree, path):
-    """The node holding the leaf at ``path`` (its module's parameters), or None."""
-    node = tree
-    for entry in path[:-1]:
-        try:
-            if hasattr(entry, "key"):
-                node = node[entry.key]
-            elif hasattr(entry, "idx"):
-                node = node[entry.idx]
-            else:
-                node = getattr(node, entry.name)
-        except (KeyError, TypeError, IndexError, AttributeError):
-            return None
-    return node
+    last = path[-1]
+    return str(getattr(last, "key", getattr(last, "name", last)))
 
 
 def param_labels(params):
     """A pytree of the structure of ``params`` with one label per leaf: ``'linf_weight'`` for the
     ℓ∞-dist weights, ``'dist_bias'`` for a ``bias`` beside a ``linf_weight`` (a distance layer's
     bias), ``'logit_scale'`` for the v2 logit scale, ``'other'`` for the rest (head kernels and
-    biases). Any tree of that structure works (gradients and updates too): only the paths and
-    the names of each module's leaves are read."""
+    biases). Any tree of that structure works (gradients and updates too): only the paths are
+    read."""
+    paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    dist_modules = {path[:-1] for path in paths if _leaf_name(path) == LINF_WEIGHT}
 
     def label(path, _):
         name = _leaf_name(path)
         if name in (LINF_WEIGHT, LOGIT_SCALE):
             return name
-        if name == "bias":
-            module = _module_of(params, path)
-            if hasattr(module, "keys") and LINF_WEIGHT in module.keys():
-                return DIST_BIAS
-        return OTHER
+        return DIST_BIAS if name == "bias" and path[:-1] in dist_modules else OTHER
 
     return jax.tree_util.tree_map_with_path(label, params)
 
