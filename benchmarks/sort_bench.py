@@ -27,6 +27,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -34,17 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from linf_jax import ops
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from layer_bench import parse_shape, speedup  # noqa: E402  (this folder: the script's own path)
+
+from linf_jax import ops  # noqa: E402
 
 SHAPES = [(512, 1024, 1024)]
 QUICK_SHAPES = [(128, 256, 256), (256, 512, 512)]
 METHODS = ["ours", "ours-xla", "naive", "torch"]
 PASSES = ["fwd", "fwd+bwd"]
-
-
-def parse_shape(s: str) -> tuple[int, int, int]:
-    b, n, out = (int(v) for v in s.lower().split("x"))
-    return b, n, out
 
 
 def out_chunk(b: int, n: int, out: int, elements: float) -> int:
@@ -239,10 +238,6 @@ def fmt_cell(cell, elems, repeats):
     sec, runs = cell
     ms = f"{sec * 1e3:.1f}" + ("" if runs == repeats else f" (x{runs})")
     return ms, f"{elems / sec / 1e9:.2f}"
-
-
-def speedup(ours, other) -> str:
-    return f"{other[0] / ours[0]:.1f}x"
 
 
 def table_lines(rows, methods, repeats):

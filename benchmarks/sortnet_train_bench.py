@@ -18,16 +18,21 @@ the SortNet layer is faster).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linf_jax import ops
-from linf_jax.layers import SortDist
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from layer_bench import parse_shape  # noqa: E402  (this folder: the script's own path)
+
+from linf_jax import ops  # noqa: E402
+from linf_jax.layers import SortDist  # noqa: E402
 
 
 def masked_layer(b, n, out, q, block, seed=0):
@@ -73,7 +78,7 @@ def main():
     ap.add_argument("--block", type=int, default=32, help="examples per mask block")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    b, n, out = (int(v) for v in args.shape.lower().split("x"))
+    b, n, out = parse_shape(args.shape)
     rng = np.random.default_rng(1)
     w = jnp.asarray(rng.normal(size=(out, n)), jnp.float32)
     x_full = jnp.asarray(rng.normal(size=(b, n)), jnp.float32)
