@@ -154,6 +154,24 @@ def init_with_running_means(cfg, shape, seed=0, num_classes=10):
     return model, {**v, **upd}
 
 
+def np_patches(x, k, stride, padding, dilation):
+    """NHWC → ``[B, H', W', C·k·k]`` with feature order (C, kh, kw), by an explicit loop (the
+    float64 reference of the convolutional ops)."""
+    import numpy as np
+
+    x = np.pad(np.float64(x), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    b, h, wd, c = x.shape
+    span = dilation * (k - 1) + 1
+    ho, wo = (h - span) // stride + 1, (wd - span) // stride + 1
+    out = np.zeros((b, ho, wo, c * k * k))
+    for i in range(ho):
+        for j in range(wo):
+            r, c = i * stride, j * stride
+            patch = x[:, r:r + span:dilation, c:c + span:dilation]
+            out[:, i, j] = patch.transpose(0, 3, 1, 2).reshape(b, -1)  # (C, kh, kw)
+    return out
+
+
 class StepSetup:
     """What a test needs to call one train step of ``cfg`` directly: the data set, its meta,
     the schedule, optimiser, model, a fresh state and the jitted step."""

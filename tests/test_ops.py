@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import np_patches
 
 from linf_jax import ops
 
@@ -72,21 +73,6 @@ def np_bounds(lo, hi, w):
     lower = np.maximum(np.maximum(l_ - w_, w_ - u_), 0.0).max(-1)
     upper = np.maximum(np.abs(l_ - w_), np.abs(u_ - w_)).max(-1)
     return lower, upper
-
-
-def np_patches(x, k, stride, padding, dilation):
-    """NHWC → ``[B, H', W', C·k·k]`` with feature order (C, kh, kw), by an explicit loop."""
-    x = np.pad(np.float64(x), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    b, h, wd, c = x.shape
-    span = dilation * (k - 1) + 1
-    ho, wo = (h - span) // stride + 1, (wd - span) // stride + 1
-    out = np.zeros((b, ho, wo, c * k * k))
-    for i in range(ho):
-        for j in range(wo):
-            r, c = i * stride, j * stride
-            patch = x[:, r:r + span:dilation, c:c + span:dilation]
-            out[:, i, j] = patch.transpose(0, 3, 1, 2).reshape(b, -1)  # (C, kh, kw)
-    return out
 
 
 def np_grouped(fn, x, w, groups):

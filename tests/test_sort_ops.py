@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import np_patches
 
 from linf_jax import lowering, native, ops
 from linf_jax.ops import sort, xla
@@ -95,21 +96,6 @@ def np_grouped(fn, x, w, groups):
     n, out = x.shape[1] // groups, w.shape[0] // groups
     parts = [fn(x[:, g * n:(g + 1) * n], w[g * out:(g + 1) * out]) for g in range(groups)]
     return tuple(np.concatenate(t, axis=1) for t in zip(*parts, strict=True))
-
-
-def np_patches(x, k, stride, padding, dilation):
-    """NHWC → ``[B, H', W', C·k·k]``, feature order (C, kh, kw), by an explicit loop."""
-    x = np.pad(np.float64(x), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    b, h, wd, c = x.shape
-    span = dilation * (k - 1) + 1
-    ho, wo = (h - span) // stride + 1, (wd - span) // stride + 1
-    out = np.zeros((b, ho, wo, c * k * k))
-    for i in range(ho):
-        for j in range(wo):
-            r, s = i * stride, j * stride
-            patch = x[:, r:r + span:dilation, s:s + span:dilation]
-            out[:, i, j] = patch.transpose(0, 3, 1, 2).reshape(b, -1)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
